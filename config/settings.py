@@ -1,0 +1,151 @@
+"""Service settings, read from ``JOBRESULTS_*`` environment variables and validated at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+
+PREFIX = "JOBRESULTS_"
+
+
+class SettingsError(ValueError):
+    """A ``JOBRESULTS_*`` variable is missing or invalid; the message names the variable."""
+
+
+class DatabaseURL(msgspec.Struct, frozen=True):
+    """Parts of a ``mysql://user:password@host:port/database`` URL."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+
+    @classmethod
+    def parse(cls, url: str) -> DatabaseURL:
+        """Parse ``mysql://user:password@host:port/database`` (port defaults to 3306).
+
+        Raises:
+            ValueError: the scheme is not ``mysql`` or the host or database is missing.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in {"mysql", "mariadb"}:
+            raise ValueError("must look like mysql://user:password@host:port/database")
+        database = parts.path.lstrip("/")
+        if not parts.hostname or not database or "/" in database:
+            raise ValueError("must look like mysql://user:password@host:port/database")
+        try:
+            port = parts.port or 3306
+        except ValueError as exc:
+            raise ValueError("port must be a number from 1 to 65535") from exc
+        return cls(
+            host=parts.hostname,
+            port=port,
+            user=unquote(parts.username or "root"),
+            password=unquote(parts.password or ""),
+            database=unquote(database),
+        )
+
+    def redacted(self) -> str:
+        """The URL with the password replaced by ``***``, safe to log."""
+        return f"mysql://{self.user}:***@{self.host}:{self.port}/{self.database}"
+
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    """Typed settings. Each field ``name`` is read from ``JOBRESULTS_<NAME>``."""
+
+    database_url: str
+    """``JOBRESULTS_DATABASE_URL``: ``mysql://user:password@host:port/database`` (required)."""
+    pool_min_size: Annotated[int, msgspec.Meta(ge=0)] = 1
+    """``JOBRESULTS_POOL_MIN_SIZE``: connections each worker opens at start-up."""
+    pool_max_size: Positive = 8
+    """``JOBRESULTS_POOL_MAX_SIZE``: most connections one worker holds at once."""
+    pool_recycle_s: Positive = 3600
+    """``JOBRESULTS_POOL_RECYCLE_S``: seconds after which an idle pooled connection is reopened.
+    Keep it below the server's ``wait_timeout`` (28800 s by default)."""
+    connect_timeout_s: Seconds = 5.0
+    """``JOBRESULTS_CONNECT_TIMEOUT_S``: seconds to wait for a new MySQL connection."""
+    query_timeout_s: Seconds = 30.0
+    """``JOBRESULTS_QUERY_TIMEOUT_S``: seconds one unit of work may take before it is cancelled
+    and its connection closed."""
+    exports_dir: Path = Path("./data/exports")
+    """``JOBRESULTS_EXPORTS_DIR``: directory that holds export files (created if missing)."""
+    host: str = "127.0.0.1"
+    """``JOBRESULTS_HOST``: address Granian binds."""
+    port: Port = 8000
+    """``JOBRESULTS_PORT``: TCP port Granian binds."""
+    workers: Positive = 1
+    """``JOBRESULTS_WORKERS``: Granian worker processes."""
+    max_body_bytes: Positive = 16 * 1024 * 1024
+    """``JOBRESULTS_MAX_BODY_BYTES``: largest accepted request body; larger bodies get 413."""
+    log_level: str = "info"
+    """``JOBRESULTS_LOG_LEVEL``: debug, info, warning or error."""
+    docs_enabled: bool = True
+    """``JOBRESULTS_DOCS_ENABLED``: serve ``/schema`` and the Swagger UI."""
+
+    @property
+    def database(self) -> DatabaseURL:
+        """The parsed ``database_url``."""
+        return DatabaseURL.parse(self.database_url)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``) plus keyword overrides.
+
+        Raises:
+            SettingsError: a variable is missing or invalid; the message names it and says what
+                is allowed.
+        """
+        env = os.environ if environ is None else environ
+        raw: dict[str, object] = {}
+        for name in cls.__struct_fields__:
+            key = PREFIX + name.upper()
+            if key in env:
+                raw[name] = env[key]
+        raw.update(overrides)
+        if "database_url" not in raw:
+            raise SettingsError(f"{PREFIX}DATABASE_URL is required, e.g. mysql://root:@127.0.0.1:3306/test")
+        for name, value in raw.items():
+            try:
+                msgspec.convert({name: value}, type=_single_field(name), strict=False)
+            except msgspec.ValidationError as exc:
+                raise SettingsError(f"{PREFIX}{name.upper()}={value!r} is invalid: {_why(exc)}") from None
+        settings = msgspec.convert(raw, type=cls, strict=False)
+        try:
+            DatabaseURL.parse(settings.database_url)
+        except ValueError as exc:
+            raise SettingsError(f"{PREFIX}DATABASE_URL is invalid: {exc}") from None
+        if settings.pool_min_size > settings.pool_max_size:
+            raise SettingsError(
+                f"{PREFIX}POOL_MIN_SIZE ({settings.pool_min_size}) must not exceed "
+                f"{PREFIX}POOL_MAX_SIZE ({settings.pool_max_size})"
+            )
+        if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
+            raise SettingsError(f"{PREFIX}LOG_LEVEL must be one of debug, info, warning, error")
+        return settings
+
+
+def _why(exc: msgspec.ValidationError) -> str:
+    message = str(exc)
+    return message.split(" - at ")[0]
+
+
+_SINGLE: dict[str, type] = {}
+
+
+def _single_field(name: str) -> type:
+    """A one-field Struct with the same type and constraints as ``Settings.<name>``."""
+    if name not in _SINGLE:
+        annotation = Settings.__annotations__[name]
+        _SINGLE[name] = msgspec.defstruct(f"_{name}", [(name, annotation)])
+    return _SINGLE[name]

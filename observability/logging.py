@@ -1,0 +1,60 @@
+"""structlog set-up: JSON lines on stdout (console format on a terminal), stdlib logs in the same stream.
+
+Follows structlog's production recipe: a bytes logger, msgspec for JSON, cached bound loggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import msgspec
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _msgspec_dumps(obj: object, default: object = None) -> bytes:
+    return msgspec.json.encode(obj, enc_hook=str)
+
+
+def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
+    """Configure structlog and route stdlib loggers (granian, litestar, aiomysql) through it.
+
+    Args:
+        level: debug, info, warning or error.
+        json: force JSON (True) or console (False) output; default: console only on a terminal.
+    """
+    numeric = _LEVELS.get(level.lower(), logging.INFO)
+    use_json = (not sys.stdout.isatty()) if json is None else json
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if use_json:
+        renderer: structlog.typing.Processor = structlog.processors.JSONRenderer(serializer=_msgspec_dumps)
+        processors = [*shared, structlog.processors.dict_tracebacks, renderer]
+        logger_factory: structlog.typing.WrapperClass | object = structlog.BytesLoggerFactory(sys.stdout.buffer)
+    else:
+        processors = [*shared, structlog.dev.ConsoleRenderer()]
+        logger_factory = structlog.PrintLoggerFactory(sys.stdout)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=logger_factory,  # type: ignore[arg-type]
+        cache_logger_on_first_use=True,
+    )
+    # stdlib records (granian, litestar, aiomysql) are rendered by the same processors.
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(),
+        ],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)

@@ -1,0 +1,171 @@
+"""The aiomysql pool and the unit of work: one connection, one transaction, retried as a whole.
+
+Every connection goes back to the pool clean: committed or rolled back, and closed (never reused)
+when a query was cancelled, timed out or lost its server mid-flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiomysql
+import pymysql
+import stamina
+
+from config.settings import Settings
+
+T = TypeVar("T")
+Connection = aiomysql.Connection
+
+ER_LOCK_WAIT_TIMEOUT = 1205
+"""MySQL error 1205: lock wait timeout exceeded; the statement (not the transaction) failed."""
+ER_LOCK_DEADLOCK = 1213
+"""MySQL error 1213: deadlock found; InnoDB rolled the transaction back."""
+CR_SERVER_GONE_ERROR = 2006
+"""Client error 2006: MySQL server has gone away."""
+CR_SERVER_LOST = 2013
+"""Client error 2013: lost connection to MySQL server during query."""
+ER_DUP_ENTRY = 1062
+"""MySQL error 1062: duplicate entry for a unique key."""
+
+TRANSIENT_ERRORS = frozenset({ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK, CR_SERVER_GONE_ERROR, CR_SERVER_LOST})
+"""Error codes after which the whole transaction is retried from BEGIN; nothing else is retried."""
+_CONNECTION_LOST = frozenset({CR_SERVER_GONE_ERROR, CR_SERVER_LOST})
+
+RETRY_ATTEMPTS = 3
+RETRY_TIMEOUT_S = 2.0
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "sql" / "migrations"
+
+
+def error_code(exc: BaseException) -> int | None:
+    """The MySQL error number of a PyMySQL error (``exc.args[0]``), or None for anything else."""
+    if isinstance(exc, pymysql.MySQLError) and exc.args and isinstance(exc.args[0], int):
+        return exc.args[0]
+    return None
+
+
+def is_transient(exc: Exception) -> bool:
+    """True for the errors a retry can cure: deadlock 1213, lock wait 1205, lost connection 2006/2013."""
+    # stamina logs each scheduled retry itself (``stamina.retry_scheduled``) through structlog.
+    return error_code(exc) in TRANSIENT_ERRORS
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached, or a transient error outlived its retries (maps to 503)."""
+
+
+class Database:
+    """An aiomysql pool plus helpers that run units of work on it.
+
+    Build one per process with :meth:`open` and close it with :meth:`close`.
+    """
+
+    def __init__(self, pool: aiomysql.Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Database:
+        """Create the pool: utf8mb4, session time zone UTC, autocommit on, recycled connections.
+
+        Raises:
+            pymysql.err.OperationalError: the server cannot be reached (e.g. error 2003).
+        """
+        url = settings.database
+        pool = await aiomysql.create_pool(
+            minsize=settings.pool_min_size,
+            maxsize=settings.pool_max_size,
+            pool_recycle=settings.pool_recycle_s,
+            host=url.host,
+            port=url.port,
+            user=url.user,
+            password=url.password,
+            db=url.database,
+            charset="utf8mb4",
+            autocommit=True,
+            connect_timeout=settings.connect_timeout_s,
+            init_command="SET time_zone = '+00:00'",
+        )
+        return cls(pool, settings)
+
+    async def close(self) -> None:
+        """Close every pooled connection and wait until they are gone."""
+        self.pool.close()
+        await self.pool.wait_closed()
+
+    async def run(self, work: Callable[[Connection], Awaitable[T]], *, transaction: bool = True) -> T:
+        """Run ``work(conn)`` on a pooled connection, inside one transaction unless told otherwise.
+
+        The unit is retried from BEGIN on transient errors (see :data:`TRANSIENT_ERRORS`): at most
+        3 attempts within 2 s, with exponential backoff and jitter (stamina).
+
+        Raises:
+            DatabaseUnavailable: the server is unreachable or the retries ran out.
+            Exception: whatever ``work`` raises, after the transaction was rolled back.
+        """
+        try:
+            return await self._run_with_retries(work, transaction)
+        except pymysql.err.OperationalError as exc:
+            code = error_code(exc)
+            if code in TRANSIENT_ERRORS or code == 2003 or code == 1040:
+                raise DatabaseUnavailable(f"database unavailable (error {code})") from exc
+            raise
+
+    @stamina.retry(on=is_transient, attempts=RETRY_ATTEMPTS, timeout=RETRY_TIMEOUT_S, wait_initial=0.05)
+    async def _run_with_retries(self, work: Callable[[Connection], Awaitable[T]], transaction: bool) -> T:
+        return await self._run_once(work, transaction)
+
+    async def _run_once(self, work: Callable[[Connection], Awaitable[T]], transaction: bool) -> T:
+        conn: Connection = await self.pool.acquire()
+        try:
+            async with asyncio.timeout(self.settings.query_timeout_s):
+                if transaction:
+                    await conn.begin()
+                result = await work(conn)
+                if transaction:
+                    await conn.commit()
+            return result
+        except BaseException as exc:
+            await _discard_or_rollback(conn, exc)
+            raise
+        finally:
+            self.pool.release(conn)
+
+
+async def _discard_or_rollback(conn: Connection, exc: BaseException) -> None:
+    """Leave ``conn`` clean: roll back after a server-side error, close it after anything else.
+
+    A connection whose query was cancelled or timed out may still have a result in flight, so it
+    is closed rather than reused; so is one that lost its server (2006/2013).
+    """
+    if isinstance(exc, pymysql.MySQLError) and error_code(exc) not in _CONNECTION_LOST:
+        try:
+            await asyncio.shield(conn.rollback())
+            return
+        except Exception:  # noqa: BLE001 - any failure here means the connection is unusable
+            pass
+    conn.close()
+
+
+async def fetch_applied_migrations(conn: Connection) -> set[str]:
+    """Ids of the migrations yoyo has applied (table ``_yoyo_migration``); empty if none."""
+    async with conn.cursor() as cur:
+        try:
+            await cur.execute("SELECT migration_id FROM _yoyo_migration")
+        except pymysql.err.ProgrammingError:
+            return set()
+        rows: list[tuple[Any, ...]] = await cur.fetchall()
+    return {row[0] for row in rows}
+
+
+def expected_migrations() -> set[str]:
+    """Ids of the migrations shipped with this build (``sql/migrations/*.sql``, rollbacks excluded)."""
+    return {
+        path.name.removesuffix(".sql")
+        for path in MIGRATIONS_DIR.glob("*.sql")
+        if not path.name.endswith(".rollback.sql")
+    }

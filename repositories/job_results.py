@@ -1,0 +1,246 @@
+"""Hand-written SQL for the ``job_results`` aggregate.
+
+Repositories work on a connection handed to them by the unit of work
+(:meth:`repositories.database.Database.run`); they never open or end transactions.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+import pymysql
+
+from repositories.database import ER_DUP_ENTRY, Connection, error_code
+
+Status = Literal["succeeded", "failed", "cancelled"]
+STATUSES: tuple[Status, ...] = ("succeeded", "failed", "cancelled")
+
+
+class JobResultNotFound(Exception):
+    """No job result has this job id."""
+
+
+class JobResultExists(Exception):
+    """A create-only write found the job id taken."""
+
+
+class PreconditionFailed(Exception):
+    """The stored version is not the one the client named (``If-Match``)."""
+
+
+class JobResultMeta(msgspec.Struct, frozen=True):
+    """A stored job result without its document. Timestamps are naive UTC ``datetime``."""
+
+    id: int
+    job_id: str
+    status: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class JobResultRow(msgspec.Struct, frozen=True):
+    """A stored job result; ``result`` is the stored JSON text, never decoded."""
+
+    meta: JobResultMeta
+    result: bytes
+
+
+class Cursor(msgspec.Struct, array_like=True, frozen=True):
+    """Keyset position: the (created_at, id) of the last row a page returned."""
+
+    created_at: datetime
+    id: int
+
+
+def utcnow() -> datetime:
+    """Current UTC time as a naive ``datetime`` (the form ``DATETIME(6)`` columns hold)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+_META_COLUMNS = "id, job_id, status, version, created_at, updated_at"
+
+SQL_GET = f"SELECT {_META_COLUMNS}, result_data FROM job_results WHERE job_id = %(job_id)s"
+SQL_GET_META = f"SELECT {_META_COLUMNS} FROM job_results WHERE job_id = %(job_id)s"
+SQL_INSERT = (
+    "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) "
+    "VALUES (%(job_id)s, %(status)s, %(result)s, 1, %(now)s, %(now)s)"
+)
+SQL_UPDATE = (
+    "UPDATE job_results SET status = %(status)s, result_data = %(result)s, "
+    "version = version + 1, updated_at = %(now)s WHERE job_id = %(job_id)s"
+)
+SQL_DELETE = "DELETE FROM job_results WHERE job_id = %(job_id)s"
+
+
+def _meta(row: tuple[object, ...]) -> JobResultMeta:
+    job_id = row[1]
+    return JobResultMeta(
+        id=row[0],  # type: ignore[arg-type]
+        job_id=job_id.decode("ascii") if isinstance(job_id, bytes) else str(job_id),
+        status=row[2],  # type: ignore[arg-type]
+        version=row[3],  # type: ignore[arg-type]
+        created_at=row[4],  # type: ignore[arg-type]
+        updated_at=row[5],  # type: ignore[arg-type]
+    )
+
+
+class JobResultRepository:
+    """Reads and writes ``job_results`` rows on one connection."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    async def get(self, job_id: str) -> JobResultRow:
+        """The job result with ``job_id``; the document comes back as stored JSON text (bytes).
+
+        Raises:
+            JobResultNotFound: no such job id.
+        """
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_GET, {"job_id": job_id})
+            row = await cur.fetchone()
+        if row is None:
+            raise JobResultNotFound(job_id)
+        document = row[6]
+        return JobResultRow(meta=_meta(row), result=document.encode() if isinstance(document, str) else document)
+
+    async def get_meta(self, job_id: str) -> JobResultMeta:
+        """The job result's metadata, without its document.
+
+        Raises:
+            JobResultNotFound: no such job id.
+        """
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_GET_META, {"job_id": job_id})
+            row = await cur.fetchone()
+        if row is None:
+            raise JobResultNotFound(job_id)
+        return _meta(row)
+
+    async def create(self, job_id: str, status: str, result: str) -> JobResultMeta:
+        """Insert a new job result; ``result`` is JSON text already checked for fidelity.
+
+        Raises:
+            JobResultExists: the job id is taken (MySQL error 1062).
+        """
+        now = utcnow()
+        async with self.conn.cursor() as cur:
+            try:
+                await cur.execute(SQL_INSERT, {"job_id": job_id, "status": status, "result": result, "now": now})
+            except pymysql.err.IntegrityError as exc:
+                if error_code(exc) == ER_DUP_ENTRY:
+                    raise JobResultExists(job_id) from None
+                raise
+            row_id = cur.lastrowid
+        return JobResultMeta(
+            id=row_id, job_id=job_id, status=status, version=1, created_at=now, updated_at=now
+        )
+
+    async def lock_meta(self, job_id: str) -> JobResultMeta:
+        """The job result's metadata, row-locked (``FOR UPDATE``) until the transaction ends.
+
+        Raises:
+            JobResultNotFound: no such job id.
+        """
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_GET_META + " FOR UPDATE", {"job_id": job_id})
+            row = await cur.fetchone()
+        if row is None:
+            raise JobResultNotFound(job_id)
+        return _meta(row)
+
+    async def replace(self, job_id: str, status: str, result: str) -> JobResultMeta:
+        """Replace an existing job result, bumping its version; returns the new metadata.
+
+        Raises:
+            JobResultNotFound: no such job id.
+        """
+        params = {"job_id": job_id, "status": status, "result": result, "now": utcnow()}
+        async with self.conn.cursor() as cur:
+            changed = await cur.execute(SQL_UPDATE, params)
+        if not changed:
+            raise JobResultNotFound(job_id)
+        return await self.get_meta(job_id)
+
+    async def upsert(self, job_id: str, status: str, result: str) -> tuple[JobResultMeta, bool]:
+        """Create or replace; returns the stored metadata and True when the row is new.
+
+        INSERT comes first: a new job takes no gap lock, so concurrent uploads of new jobs do not
+        deadlock under REPEATABLE READ. A concurrent delete between the two statements makes the
+        UPDATE miss; that is reported as :class:`JobResultNotFound` only if it repeats.
+        """
+        for _ in range(2):
+            try:
+                return await self.create(job_id, status, result), True
+            except JobResultExists:
+                pass
+            try:
+                return await self.replace(job_id, status, result), False
+            except JobResultNotFound:
+                continue
+        raise JobResultNotFound(job_id)
+
+    async def delete(self, job_id: str) -> None:
+        """Delete the job result.
+
+        Raises:
+            JobResultNotFound: no such job id.
+        """
+        async with self.conn.cursor() as cur:
+            deleted = await cur.execute(SQL_DELETE, {"job_id": job_id})
+        if not deleted:
+            raise JobResultNotFound(job_id)
+
+    async def list(
+        self,
+        *,
+        created_from: datetime | None,
+        created_to: datetime | None,
+        status: str | None,
+        after: Cursor | None,
+        limit: int,
+        include_result: bool,
+    ) -> list[JobResultRow]:
+        """Job results with ``created_from <= created_at < created_to``, oldest first.
+
+        Keyset pagination on ``(created_at, id)``: rows strictly after ``after``. Returns at most
+        ``limit`` rows; ``result`` is empty bytes unless ``include_result``. Bounds are naive UTC.
+        """
+        columns = _META_COLUMNS + (", result_data" if include_result else "")
+        where: list[str] = []
+        params: dict[str, object] = {"limit": limit}
+        if created_from is not None:
+            where.append("created_at >= %(created_from)s")
+            params["created_from"] = created_from
+        if created_to is not None:
+            where.append("created_at < %(created_to)s")
+            params["created_to"] = created_to
+        if status is not None:
+            where.append("status = %(status)s")
+            params["status"] = status
+        if after is not None:
+            # Expanded form of (created_at, id) > (%s, %s): both engines use idx_created for it.
+            where.append(
+                "(created_at > %(after_created)s OR (created_at = %(after_created)s AND id > %(after_id)s))"
+            )
+            params["after_created"] = after.created_at
+            params["after_id"] = after.id
+        sql = f"SELECT {columns} FROM job_results"  # noqa: S608 - only fixed fragments are joined
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at, id LIMIT %(limit)s"
+        async with self.conn.cursor() as cur:
+            await cur.execute(sql, params)
+            rows = await cur.fetchall()
+        out = []
+        for row in rows:
+            document = row[6] if include_result else b""
+            out.append(
+                JobResultRow(
+                    meta=_meta(row), result=document.encode() if isinstance(document, str) else document
+                )
+            )
+        return out

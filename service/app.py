@@ -1,0 +1,87 @@
+"""The Litestar application factory: ``granian --interface asgi --factory service.app:create_app``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import pymysql
+import structlog
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.static_files import create_static_files_router
+
+from config.settings import Settings
+from observability.logging import configure_logging
+from repositories.database import Database
+from service.controllers.health import healthz, readyz
+from service.controllers.job_results import JobResultController
+from service.openapi import SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
+from service.problems import EXCEPTION_HANDLERS
+
+log = structlog.get_logger("jobresults.app")
+
+
+def _version() -> str:
+    try:
+        return version("jobresults")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0.0.0"
+
+
+def _provide_db(state: State) -> Database:
+    db: Database = state.db
+    return db
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the app. Settings come from the environment unless given (tests pass their own).
+
+    Raises:
+        config.settings.SettingsError: a ``JOBRESULTS_*`` variable is missing or invalid.
+    """
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        settings.exports_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            db = await Database.open(settings)
+        except pymysql.err.OperationalError as exc:
+            # Start anyway: /readyz reports 503 until the database answers; connections open on demand.
+            log.warning("db.unreachable_at_startup", error=str(exc), database=settings.database.redacted())
+            db = await Database.open(msgspec_replace(settings, pool_min_size=0))
+        app.state.db = db
+        try:
+            yield
+        finally:
+            await db.close()
+
+    route_handlers: list[object] = [healthz, readyz, JobResultController]
+    if settings.docs_enabled:
+        route_handlers.append(
+            create_static_files_router(
+                path=SWAGGER_STATIC_PATH, directories=[swagger_static_dir()], include_in_schema=False
+            )
+        )
+    return Litestar(
+        route_handlers=route_handlers,  # type: ignore[arg-type]
+        lifespan=[lifespan],
+        dependencies={"db": Provide(_provide_db, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=openapi_config(_version()) if settings.docs_enabled else None,
+        plugins=[RawJSONSchemaPlugin()],
+        request_max_body_size=settings.max_body_bytes,
+        state=State({"settings": settings}),
+        debug=False,
+    )
+
+
+def msgspec_replace(settings: Settings, **changes: object) -> Settings:
+    """A copy of ``settings`` with ``changes`` applied."""
+    import msgspec
+
+    return msgspec.structs.replace(settings, **changes)

@@ -1,0 +1,53 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from litestar import Response, get
+from litestar.openapi.datastructures import ResponseSpec
+
+from repositories.database import Database, expected_migrations, fetch_applied_migrations
+from service.schemas import Health
+
+READY_TIMEOUT_S = 1.0
+"""``/readyz`` reports 503 if the database takes longer than this to answer (seconds)."""
+
+
+
+@get("/healthz", tags=["health"], summary="Liveness: the process is up (no database call)", cache=False)
+async def healthz() -> Health:
+    """Always 200 while the process serves requests."""
+    return Health(status="ok")
+
+
+@get(
+    "/readyz",
+    tags=["health"],
+    summary="Readiness: the database answers within 1 s and the schema is current",
+    responses={503: ResponseSpec(data_container=Health, description="Not ready")},
+)
+async def readyz(db: Database) -> Response[Health]:
+    """200 when ready, else 503 with the reason."""
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            conn = await db.pool.acquire()
+            try:
+                applied = await fetch_applied_migrations(conn)
+            except BaseException:
+                conn.close()
+                raise
+            finally:
+                db.pool.release(conn)
+    except TimeoutError:
+        return _unready("database did not answer within 1 s")
+    except Exception:  # noqa: BLE001 - any failure to reach the database means not ready
+        return _unready("database unreachable")
+    missing = expected_migrations() - applied
+    if missing:
+        return _unready(f"schema is not current: {len(missing)} migration(s) pending; run `jobresults migrate`")
+    return Response(Health(status="ok"))
+
+
+def _unready(detail: str) -> Response[Health]:
+    return Response(Health(status="unavailable", detail=detail), status_code=503, headers={"Retry-After": "5"})

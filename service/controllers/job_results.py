@@ -1,0 +1,289 @@
+"""API v1: store, read, list and delete job results."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, put
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+
+from repositories.database import Connection, Database
+from repositories.job_results import (
+    Cursor,
+    JobResultMeta,
+    JobResultNotFound,
+    JobResultRepository,
+    PreconditionFailed,
+)
+from service.json_fidelity import MalformedJSON, check_document
+from service.openapi import json_request_body
+from service.problems import ApiError
+from service.schemas import (
+    JOB_ID_RULE,
+    JobResult,
+    JobResultPage,
+    JobResultSummary,
+    JobResultWrite,
+    Problem,
+    etag_of,
+    format_timestamp,
+    is_valid_job_id,
+)
+
+JSON = "application/json"
+_WRITE_DECODER = msgspec.json.Decoder(JobResultWrite)
+_CURSOR_DECODER = msgspec.json.Decoder(Cursor)
+_ENCODER = msgspec.json.Encoder()
+_WRITE_SHAPE = 'expected {"status": "succeeded" | "failed" | "cancelled", "result": <any JSON value>}'
+
+
+def _problems(*statuses: int) -> dict[int, ResponseSpec]:
+    return {
+        status: ResponseSpec(data_container=Problem, media_type="application/problem+json", description="Problem")
+        for status in statuses
+    }
+
+
+def _checked_job_id(job_id: str) -> str:
+    if not is_valid_job_id(job_id):
+        raise ApiError(400, JOB_ID_RULE, slug="invalid-job-id")
+    return job_id
+
+
+def _entity_tags(header: str | None) -> set[str] | Literal["*"] | None:
+    """Parse ``If-Match`` / ``If-None-Match`` (RFC 9110 section 13.1): ``*`` or opaque tags, weakness dropped."""
+    if header is None:
+        return None
+    header = header.strip()
+    if header == "*":
+        return "*"
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+
+
+def _parse_timestamp(value: str | None, name: str) -> datetime | None:
+    """RFC 3339 with an offset, converted to naive UTC. A '+' sent unencoded arrives as ' '."""
+    if value is None:
+        return None
+    text = value.strip()
+    if len(text) > 19 and text[-6] == " ":
+        text = text[:-6] + "+" + text[-5:]
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None or len(text) < 20 or text[10] not in "Tt ":
+        raise ApiError(
+            400,
+            f"{name} must be an RFC 3339 timestamp with a UTC offset, e.g. 2026-11-29T00:00:00Z "
+            "or 2026-11-29T01:00:00+01:00",
+            slug="invalid-request",
+        )
+    return parsed.astimezone(UTC).replace(tzinfo=None)
+
+
+def _encode_cursor(meta: JobResultMeta) -> str:
+    raw = _ENCODER.encode(Cursor(created_at=meta.created_at, id=meta.id))
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(value: str) -> Cursor:
+    try:
+        return _CURSOR_DECODER.decode(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise ApiError(
+            400, "cursor is not valid: pass the next_cursor of a previous page unchanged", slug="invalid-request"
+        ) from None
+
+
+def _decode_write(body: bytes) -> tuple[JobResultWrite, str]:
+    """Decode a PUT body; returns it with the result as checked JSON text.
+
+    Raises:
+        ApiError: 400 when the body does not fit the API.
+        MalformedJSON: 400, not JSON or not UTF-8.
+        UnfaithfulJSON: 422, with the JSON path of the offending value.
+    """
+    try:
+        write = _WRITE_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid body: {exc}; {_WRITE_SHAPE}", slug="invalid-body") from None
+    except msgspec.DecodeError:
+        # Tell malformed JSON (400) from JSON that cannot be kept, e.g. a lone surrogate (422).
+        check_document(body)
+        raise MalformedJSON("the body is not one JSON document") from None
+    return write, check_document(bytes(write.result), root="$.result")
+
+
+class JobResultController(Controller):
+    """``/v1/job-results``: one JSON document per job id."""
+
+    path = "/v1/job-results"
+    tags = ["job results"]
+
+    @put(
+        "/{job_id:str}",
+        operation_class=json_request_body(JobResultWrite),
+        summary="Store a job result",
+        description=(
+            "201 when created, 200 when replaced. `If-None-Match: *` creates only; `If-Match: <etag>` "
+            "replaces only if unchanged (412 otherwise). 422 names the JSON path of a value that "
+            "cannot be stored faithfully."
+        ),
+        responses={
+            201: ResponseSpec(data_container=JobResult, description="Created"),
+            **_problems(400, 412, 413, 415, 422, 503),
+        },
+        status_code=200,
+    )
+    async def put_job_result(
+        self,
+        request: Request[Any, Any, Any],
+        db: Database,
+        job_id: Annotated[str, Parameter(description=JOB_ID_RULE)],
+        if_match: Annotated[str | None, Parameter(header="If-Match")] = None,
+        if_none_match: Annotated[str | None, Parameter(header="If-None-Match")] = None,
+    ) -> Response[JobResult]:
+        """Create or replace the job result of ``job_id``."""
+        _checked_job_id(job_id)
+        media_type = request.content_type[0]
+        if media_type != JSON and not media_type.endswith("+json"):
+            raise ApiError(415, f"Content-Type must be {JSON}", slug="unsupported-media-type")
+        write, text = _decode_write(await request.body())
+        match_tags = _entity_tags(if_match)
+        none_match_tags = _entity_tags(if_none_match)
+
+        async def unit(conn: Connection) -> tuple[JobResultMeta, bool]:
+            repo = JobResultRepository(conn)
+            if none_match_tags == "*":
+                return await repo.create(job_id, write.status, text), True
+            if match_tags is not None or none_match_tags:
+                try:
+                    current = await repo.lock_meta(job_id)
+                except JobResultNotFound:
+                    if match_tags is not None:
+                        raise PreconditionFailed(job_id) from None
+                    return await repo.create(job_id, write.status, text), True
+                if match_tags not in (None, "*") and etag_of(current) not in match_tags:
+                    raise PreconditionFailed(job_id)
+                if isinstance(none_match_tags, set) and etag_of(current) in none_match_tags:
+                    raise PreconditionFailed(job_id)
+                return await repo.replace(job_id, write.status, text), False
+            return await repo.upsert(job_id, write.status, text)
+
+        meta, created = await db.run(unit)
+        headers = {"ETag": etag_of(meta)}
+        if created:
+            headers["Location"] = f"{self.path}/{job_id}"
+        return Response(
+            content=_ENCODER.encode(JobResult.build(meta, write.result)),
+            status_code=201 if created else 200,
+            media_type=JSON,
+            headers=headers,
+        )
+
+    @get(
+        "/{job_id:str}",
+        summary="Read a job result",
+        description="`If-None-Match` with the current ETag gives 304. The result comes back as stored.",
+        responses=_problems(400, 404, 503),
+    )
+    async def get_job_result(
+        self,
+        db: Database,
+        job_id: Annotated[str, Parameter(description=JOB_ID_RULE)],
+        if_none_match: Annotated[str | None, Parameter(header="If-None-Match")] = None,
+    ) -> Response[JobResult]:
+        """The stored job result; its JSON passes through as stored, never decoded."""
+        _checked_job_id(job_id)
+        row = await db.run(lambda conn: JobResultRepository(conn).get(job_id), transaction=False)
+        etag = etag_of(row.meta)
+        tags = _entity_tags(if_none_match)
+        if tags == "*" or (tags and etag in tags):
+            return Response(content=b"", status_code=304, headers={"ETag": etag})
+        return Response(
+            content=_ENCODER.encode(JobResult.build(row.meta, row.result)),
+            media_type=JSON,
+            headers={"ETag": etag},
+        )
+
+    @get(
+        "/",
+        summary="List job results by time range",
+        description=(
+            "Half-open range `created_from <= created_at < created_to` (RFC 3339, any offset), oldest "
+            "first, keyset-paginated: pass `next_cursor` back as `cursor`. Items carry metadata only "
+            "unless `include=result`."
+        ),
+        responses=_problems(400, 503),
+    )
+    async def list_job_results(
+        self,
+        db: Database,
+        created_from: Annotated[
+            str | None, Parameter(description="Inclusive lower bound, RFC 3339 with offset.")
+        ] = None,
+        created_to: Annotated[
+            str | None, Parameter(description="Exclusive upper bound, RFC 3339 with offset.")
+        ] = None,
+        status: Literal["succeeded", "failed", "cancelled"] | None = None,
+        limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size, 1..1000.")] = 100,
+        cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page.")] = None,
+        include: Literal["result"] | None = None,
+    ) -> Response[JobResultPage]:
+        """A page of job results in ``[created_from, created_to)``."""
+        lower = _parse_timestamp(created_from, "created_from")
+        upper = _parse_timestamp(created_to, "created_to")
+        if lower is not None and upper is not None and lower >= upper:
+            raise ApiError(400, "created_from must be earlier than created_to", slug="invalid-request")
+        after = _decode_cursor(cursor) if cursor is not None else None
+        include_result = include == "result"
+        rows = await db.run(
+            lambda conn: JobResultRepository(conn).list(
+                created_from=lower,
+                created_to=upper,
+                status=status,
+                after=after,
+                limit=limit + 1,
+                include_result=include_result,
+            ),
+            transaction=False,
+        )
+        page = rows[:limit]
+        items = [
+            JobResultSummary(
+                job_id=row.meta.job_id,
+                status=row.meta.status,  # type: ignore[arg-type]
+                created_at=format_timestamp(row.meta.created_at),
+                updated_at=format_timestamp(row.meta.updated_at),
+                etag=etag_of(row.meta),
+                result=msgspec.Raw(row.result) if include_result else msgspec.UNSET,
+            )
+            for row in page
+        ]
+        next_cursor = _encode_cursor(page[-1].meta) if len(rows) > limit else None
+        return Response(
+            content=_ENCODER.encode(JobResultPage(items=items, next_cursor=next_cursor)), media_type=JSON
+        )
+
+    @delete("/{job_id:str}", summary="Delete a job result", responses=_problems(400, 404, 503))
+    async def delete_job_result(
+        self, db: Database, job_id: Annotated[str, Parameter(description=JOB_ID_RULE)]
+    ) -> None:
+        """Delete the job result; 204, or 404 if there is none."""
+        _checked_job_id(job_id)
+        await db.run(lambda conn: JobResultRepository(conn).delete(job_id))
+
+    @put("/", include_in_schema=False)
+    async def put_without_id(self) -> None:
+        """``PUT /v1/job-results/`` names no job: 400 saying what a job id is."""
+        raise ApiError(400, JOB_ID_RULE, slug="invalid-job-id")
+
+    @delete("/", include_in_schema=False)
+    async def delete_without_id(self) -> None:
+        """``DELETE /v1/job-results/`` names no job: 400 saying what a job id is."""
+        raise ApiError(400, JOB_ID_RULE, slug="invalid-job-id")

@@ -1,0 +1,181 @@
+"""One error contract: domain exceptions and framework errors mapped to RFC 9457 problem details.
+
+5xx details go to the log, never to the response body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.types import ExceptionHandlersMap
+
+from repositories.database import DatabaseUnavailable
+from repositories.job_results import JobResultExists, JobResultNotFound, PreconditionFailed
+from service.json_fidelity import MalformedJSON, UnfaithfulJSON
+from service.schemas import JOB_ID_RULE, Problem
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+log = structlog.get_logger("jobresults.errors")
+
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    412: "Precondition Failed",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    507: "Insufficient Storage",
+}
+
+
+class ApiError(Exception):
+    """An error raised by a controller that maps directly to a problem response."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        slug: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.slug = slug
+        self.headers = headers or {}
+        self.extensions = extensions
+
+
+def problem_response(
+    request: Request[Any, Any, Any],
+    status: int,
+    detail: str | None,
+    *,
+    slug: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> Response[bytes]:
+    """Build an ``application/problem+json`` response.
+
+    ``type`` is a ``tag:`` URI (RFC 4151, as RFC 9457 section 3.1.1 suggests for identifiers that
+    are not meant to be dereferenced) when ``slug`` is given, else ``about:blank``.
+    """
+    problem = Problem(
+        type=f"tag:jobresults,2026:problem/{slug}" if slug else "about:blank",
+        title=_TITLES.get(status, "Error"),
+        status=status,
+        detail=detail,
+        instance=request.url.path,
+        **extensions,
+    )
+    return Response(
+        content=msgspec.json.encode(problem),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def _api_error(request: Request[Any, Any, Any], exc: ApiError) -> Response[bytes]:
+    return problem_response(request, exc.status, exc.detail, slug=exc.slug, headers=exc.headers, **exc.extensions)
+
+
+def _validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
+    errors = []
+    for item in exc.extra or []:
+        if isinstance(item, dict):
+            errors.append(
+                {
+                    "name": str(item.get("key", "")),
+                    "source": str(item.get("source", "")),
+                    "message": str(item.get("message", "")),
+                }
+            )
+    detail = "; ".join(f"{e['name']}: {e['message']}" for e in errors) or "the request does not fit the API"
+    return problem_response(request, 400, detail, slug="invalid-request", errors=errors or None)
+
+
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code
+    if isinstance(exc, NotFoundException) and _is_job_result_subpath(request.url.path):
+        # /v1/job-results/a/b: a job id with a slash never matches a route; say what is allowed.
+        return problem_response(request, 400, JOB_ID_RULE, slug="invalid-job-id")
+    if status >= 500:
+        log.error("http.server_error", status=status, error=exc.detail)
+        return problem_response(request, status, None)
+    detail = exc.detail if exc.detail and exc.detail != _TITLES.get(status) else None
+    if status == 404 and detail is None:
+        detail = "no such resource"
+    if status == 413:
+        detail = "request body is larger than the configured limit"
+    headers = dict(exc.headers or {})
+    return problem_response(request, status, detail, headers=headers or None)
+
+
+def _is_job_result_subpath(path: str) -> bool:
+    prefix = "/v1/job-results/"
+    return path.startswith(prefix) and "/" in path[len(prefix) :].strip("/")
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.exception("http.unhandled_exception", path=request.url.path, method=request.method)
+    return problem_response(request, 500, None)
+
+
+def _not_found(request: Request[Any, Any, Any], exc: JobResultNotFound) -> Response[bytes]:
+    return problem_response(request, 404, f"no job result with job_id {exc.args[0]!r}", slug="job-result-not-found")
+
+
+def _precondition(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if isinstance(exc, JobResultExists):
+        detail = "a job result with this job_id already exists (If-None-Match: * allows create only)"
+    else:
+        detail = "the stored job result does not match the If-Match / If-None-Match condition"
+    return problem_response(request, 412, detail, slug="precondition-failed")
+
+
+def _unavailable(request: Request[Any, Any, Any], exc: DatabaseUnavailable) -> Response[bytes]:
+    log.error("db.unavailable", error=str(exc), cause=repr(exc.__cause__))
+    return problem_response(
+        request, 503, "the database is unavailable; retry later", slug="database-unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _malformed(request: Request[Any, Any, Any], exc: MalformedJSON) -> Response[bytes]:
+    return problem_response(request, 400, f"malformed JSON: {exc}", slug="malformed-json")
+
+
+def _unfaithful(request: Request[Any, Any, Any], exc: UnfaithfulJSON) -> Response[bytes]:
+    return problem_response(
+        request, 422, f"cannot be stored faithfully: {exc.path}: {exc.reason}", slug="unfaithful-json",
+        json_path=exc.path,
+    )
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    ApiError: _api_error,
+    ValidationException: _validation_error,
+    HTTPException: _http_error,
+    JobResultNotFound: _not_found,
+    JobResultExists: _precondition,
+    PreconditionFailed: _precondition,
+    DatabaseUnavailable: _unavailable,
+    MalformedJSON: _malformed,
+    UnfaithfulJSON: _unfaithful,
+    Exception: _unexpected,
+}
+"""Exception type to handler; Litestar picks the most specific entry along the MRO."""

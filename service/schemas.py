@@ -1,0 +1,111 @@
+"""msgspec types for every request and response body of API v1."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+from repositories.job_results import JobResultMeta
+
+JOB_ID_RULE = (
+    "job_id must be 1 to 128 characters from A-Z a-z 0-9 . _ : - and start with a letter or digit"
+)
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+Timestamp = Annotated[
+    str,
+    msgspec.Meta(
+        description="RFC 3339 timestamp in UTC with microseconds, e.g. 2026-11-29T14:01:46.123456Z",
+        examples=["2026-11-29T14:01:46.123456Z"],
+    ),
+]
+JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=JOB_ID_PATTERN.pattern)]
+AnyJSON = Annotated[msgspec.Raw, msgspec.Meta(description="Any JSON value, returned as it was stored.")]
+
+
+def is_valid_job_id(job_id: str) -> bool:
+    """True if ``job_id`` follows :data:`JOB_ID_RULE` (ASCII only, so no case folding questions)."""
+    return JOB_ID_PATTERN.fullmatch(job_id) is not None
+
+
+def format_timestamp(value: datetime) -> str:
+    """RFC 3339 UTC with exactly six fractional digits; naive values are taken as UTC."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def etag_of(meta: JobResultMeta) -> str:
+    """Strong entity tag of a stored job result: changes on every write, and on delete + re-create."""
+    return f'"{meta.id:x}.{meta.version}"'
+
+
+class JobResultWrite(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``PUT /v1/job-results/{job_id}``."""
+
+    status: Literal["succeeded", "failed", "cancelled"]
+    result: AnyJSON
+
+
+class JobResult(msgspec.Struct):
+    """A stored job result."""
+
+    job_id: JobId
+    status: Literal["succeeded", "failed", "cancelled"]
+    result: AnyJSON
+    created_at: Timestamp
+    updated_at: Timestamp
+
+    @classmethod
+    def build(cls, meta: JobResultMeta, result: bytes | msgspec.Raw) -> JobResult:
+        """From stored metadata and the stored JSON text (passed through, never decoded)."""
+        return cls(
+            job_id=meta.job_id,
+            status=meta.status,  # type: ignore[arg-type]
+            result=result if isinstance(result, msgspec.Raw) else msgspec.Raw(result),
+            created_at=format_timestamp(meta.created_at),
+            updated_at=format_timestamp(meta.updated_at),
+        )
+
+
+class JobResultSummary(msgspec.Struct, omit_defaults=True):
+    """One item of a job result list; ``result`` only with ``include=result``."""
+
+    job_id: JobId
+    status: Literal["succeeded", "failed", "cancelled"]
+    created_at: Timestamp
+    updated_at: Timestamp
+    etag: str
+    result: AnyJSON | msgspec.UnsetType = msgspec.UNSET
+
+
+class JobResultPage(msgspec.Struct):
+    """A page of job results, oldest first. Pass ``next_cursor`` as ``cursor`` for the next page;
+    it is null on the last page."""
+
+    items: list[JobResultSummary]
+    next_cursor: str | None
+
+
+class Health(msgspec.Struct, omit_defaults=True):
+    """Liveness or readiness report."""
+
+    status: Literal["ok", "unavailable"]
+    detail: str | None = None
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details (``application/problem+json``)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    json_path: str | None = None
+    """For 422: JSONPath of the value that cannot be stored faithfully."""
+    errors: list[dict[str, str]] | None = None
+    """For 400: one entry per invalid parameter (``name``, ``source``, ``message``)."""
