@@ -78,8 +78,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     query_timeout_s: Seconds = 30.0
     """``JOBRESULTS_QUERY_TIMEOUT_S``: seconds one unit of work may take before it is cancelled
     and its connection closed."""
-    exports_dir: Path = Path("./data/exports")
-    """``JOBRESULTS_EXPORTS_DIR``: directory that holds export files (created if missing)."""
+    exports_dir: str = "./data/exports"
+    """``JOBRESULTS_EXPORTS_DIR``: directory that holds export files (created if missing, mode 0700)."""
     host: str = "127.0.0.1"
     """``JOBRESULTS_HOST``: address Granian binds."""
     port: Port = 8000
@@ -92,6 +92,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """``JOBRESULTS_LOG_LEVEL``: debug, info, warning or error."""
     docs_enabled: bool = True
     """``JOBRESULTS_DOCS_ENABLED``: serve ``/schema`` and the Swagger UI."""
+
+    @property
+    def exports_path(self) -> Path:
+        """``exports_dir`` as an absolute path."""
+        return Path(self.exports_dir).resolve()
 
     @property
     def database(self) -> DatabaseURL:

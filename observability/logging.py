@@ -34,7 +34,11 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     ]
     if use_json:
         renderer: structlog.typing.Processor = structlog.processors.JSONRenderer(serializer=_msgspec_dumps)
-        processors = [*shared, structlog.processors.dict_tracebacks, renderer]
+        # Tracebacks as data, without local variables (they may hold settings or payloads).
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        processors = [*shared, tracebacks, renderer]
         logger_factory: structlog.typing.WrapperClass | object = structlog.BytesLoggerFactory(sys.stdout.buffer)
     else:
         processors = [*shared, structlog.dev.ConsoleRenderer()]

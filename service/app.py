@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        settings.exports_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        settings.exports_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             db = await Database.open(settings)
         except pymysql.err.OperationalError as exc:

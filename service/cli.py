@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from config.settings import Settings, SettingsError
@@ -51,12 +52,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_openapi(args: argparse.Namespace) -> int:
+    """Print the OpenAPI document (or write it to ``--out``); needs no database."""
+    from pathlib import Path
+
+    from litestar.serialization import encode_json
+
+    from service.app import create_app
+
+    settings = Settings.from_env({}, database_url="mysql://unused@localhost/unused", log_level="error")
+    schema = create_app(settings).openapi_schema.to_schema()
+    text = json.dumps(json.loads(encode_json(schema)), indent=2, sort_keys=True) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jobresults`` command."""
     parser = argparse.ArgumentParser(prog="jobresults", description="Job Result Service operator commands.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply pending schema migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("serve", help="serve the API with Granian").set_defaults(func=cmd_serve)
+    openapi = sub.add_parser("openapi", help="print the OpenAPI document")
+    openapi.add_argument("--out", help="write to this file instead of stdout")
+    openapi.set_defaults(func=cmd_openapi)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from litestar import Response, get
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 
 from repositories.database import Database, expected_migrations, fetch_applied_migrations
@@ -27,7 +28,7 @@ async def healthz() -> Health:
     summary="Readiness: the database answers within 1 s and the schema is current",
     responses={503: ResponseSpec(data_container=Health, description="Not ready")},
 )
-async def readyz(db: Database) -> Response[Health]:
+async def readyz(db: NamedDependency[Database]) -> Response[Health]:
     """200 when ready, else 503 with the reason."""
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):

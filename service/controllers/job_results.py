@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Controller, Request, Response, delete, get, put
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import HeaderParameter, PathParameter, QueryParameter
 
 from repositories.database import Connection, Database
 from repositories.job_results import (
@@ -20,7 +21,7 @@ from repositories.job_results import (
     JobResultRepository,
     PreconditionFailed,
 )
-from service.json_fidelity import MalformedJSON, check_document
+from service.json_fidelity import MAX_DEPTH, MalformedJSON, UnfaithfulJSON, check_document
 from service.openapi import json_request_body
 from service.problems import ApiError
 from service.schemas import (
@@ -110,6 +111,8 @@ def _decode_write(body: bytes) -> tuple[JobResultWrite, str]:
     """
     try:
         write = _WRITE_DECODER.decode(body)
+    except RecursionError:
+        raise UnfaithfulJSON("$.result", f"nesting is deeper than {MAX_DEPTH} levels") from None
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid body: {exc}; {_WRITE_SHAPE}", slug="invalid-body") from None
     except msgspec.DecodeError:
@@ -143,10 +146,10 @@ class JobResultController(Controller):
     async def put_job_result(
         self,
         request: Request[Any, Any, Any],
-        db: Database,
-        job_id: Annotated[str, Parameter(description=JOB_ID_RULE)],
-        if_match: Annotated[str | None, Parameter(header="If-Match")] = None,
-        if_none_match: Annotated[str | None, Parameter(header="If-None-Match")] = None,
+        db: NamedDependency[Database],
+        job_id: Annotated[str, PathParameter(description=JOB_ID_RULE)],
+        if_match: Annotated[str | None, HeaderParameter(name="If-Match")] = None,
+        if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
     ) -> Response[JobResult]:
         """Create or replace the job result of ``job_id``."""
         _checked_job_id(job_id)
@@ -194,9 +197,9 @@ class JobResultController(Controller):
     )
     async def get_job_result(
         self,
-        db: Database,
-        job_id: Annotated[str, Parameter(description=JOB_ID_RULE)],
-        if_none_match: Annotated[str | None, Parameter(header="If-None-Match")] = None,
+        db: NamedDependency[Database],
+        job_id: Annotated[str, PathParameter(description=JOB_ID_RULE)],
+        if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
     ) -> Response[JobResult]:
         """The stored job result; its JSON passes through as stored, never decoded."""
         _checked_job_id(job_id)
@@ -223,17 +226,21 @@ class JobResultController(Controller):
     )
     async def list_job_results(
         self,
-        db: Database,
+        db: NamedDependency[Database],
         created_from: Annotated[
-            str | None, Parameter(description="Inclusive lower bound, RFC 3339 with offset.")
+            str | None, QueryParameter(description="Inclusive lower bound, RFC 3339 with offset.")
         ] = None,
         created_to: Annotated[
-            str | None, Parameter(description="Exclusive upper bound, RFC 3339 with offset.")
+            str | None, QueryParameter(description="Exclusive upper bound, RFC 3339 with offset.")
         ] = None,
-        status: Literal["succeeded", "failed", "cancelled"] | None = None,
-        limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size, 1..1000.")] = 100,
-        cursor: Annotated[str | None, Parameter(description="next_cursor of the previous page.")] = None,
-        include: Literal["result"] | None = None,
+        status: Annotated[
+            Literal["succeeded", "failed", "cancelled"] | None, QueryParameter(description="Only this status.")
+        ] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000, description="Page size, 1..1000.")] = 100,
+        cursor: Annotated[str | None, QueryParameter(description="next_cursor of the previous page.")] = None,
+        include: Annotated[
+            Literal["result"] | None, QueryParameter(description="`result` adds each job's document.")
+        ] = None,
     ) -> Response[JobResultPage]:
         """A page of job results in ``[created_from, created_to)``."""
         lower = _parse_timestamp(created_from, "created_from")
@@ -272,7 +279,7 @@ class JobResultController(Controller):
 
     @delete("/{job_id:str}", summary="Delete a job result", responses=_problems(400, 404, 503))
     async def delete_job_result(
-        self, db: Database, job_id: Annotated[str, Parameter(description=JOB_ID_RULE)]
+        self, db: NamedDependency[Database], job_id: Annotated[str, PathParameter(description=JOB_ID_RULE)]
     ) -> None:
         """Delete the job result; 204, or 404 if there is none."""
         _checked_job_id(job_id)

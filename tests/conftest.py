@@ -1,0 +1,137 @@
+"""Test set-up: a real MySQL or MariaDB server, a fresh database per test session, the app in-process.
+
+The server comes from testcontainers (image ``mysql:8.4``) when a Docker engine answers, else from
+``JOBRESULTS_TEST_DATABASE_URL`` (e.g. ``mysql://root:@127.0.0.1:3306/test``). Either way the suite
+creates its own database ``jr_test_<random>``, migrates it with ``jobresults migrate``'s code, and
+drops it at the end, so nothing else on the server is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pymysql
+import pytest
+import stamina
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from config.settings import DatabaseURL, Settings
+from repositories.database import Database
+from repositories.migrations import apply_migrations
+from service.app import create_app
+
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+if not REALDATA.is_dir():
+    REALDATA = Path(os.environ.get("JOBRESULTS_REALDATA", "/work/shared/realdata"))
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        client.ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """URL of a real MySQL/MariaDB server with rights to create databases."""
+    url = os.environ.get("JOBRESULTS_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    if not _docker_answers():
+        pytest.exit(
+            "no database: set JOBRESULTS_TEST_DATABASE_URL=mysql://root:@127.0.0.1:3306/test "
+            "or run a Docker engine for testcontainers",
+            returncode=2,
+        )
+    from testcontainers.mysql import MySqlContainer
+
+    with MySqlContainer("mysql:8.4", username="root", password="test", dbname="test") as mysql:
+        host = mysql.get_container_host_ip()
+        port = mysql.get_exposed_port(3306)
+        yield f"mysql://root:test@{host}:{port}/test"
+
+
+def _admin(url: DatabaseURL) -> pymysql.connections.Connection:
+    return pymysql.connect(
+        host=url.host, port=url.port, user=url.user, password=url.password, autocommit=True, charset="utf8mb4"
+    )
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test session; dropped afterwards."""
+    server = DatabaseURL.parse(server_url)
+    name = f"jr_test_{uuid.uuid4().hex[:12]}"
+    with _admin(server) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+    url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/{name}"
+    apply_migrations(Settings.from_env({}, database_url=url))
+    try:
+        yield url
+    finally:
+        with _admin(server) as conn, conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fast_retries() -> Iterator[None]:
+    stamina.set_testing(True, attempts=3)
+    yield
+    stamina.set_testing(False)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings.from_env(
+        {},
+        database_url=database_url,
+        exports_dir=str(tmp_path_factory.mktemp("exports")),
+        pool_min_size=1,
+        pool_max_size=4,
+        log_level="warning",
+    )
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> Litestar:
+    return create_app(settings)
+
+
+@pytest.fixture(scope="session")
+async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    async with AsyncTestClient(app=app) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+async def db(settings: Settings) -> AsyncIterator[Database]:
+    database = await Database.open(settings)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+def job_id() -> str:
+    """A job id no other test uses."""
+    return f"t-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def engine(server_url: str) -> str:
+    """'mariadb' or 'mysql', from the server's version string."""
+    with _admin(DatabaseURL.parse(server_url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT VERSION()")
+        (version,) = cur.fetchone()  # type: ignore[misc]
+    return "mariadb" if "mariadb" in str(version).lower() else "mysql"
