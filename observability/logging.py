@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import msgspec
 import structlog
@@ -38,15 +39,15 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         tracebacks = structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
         )
-        processors = [*shared, tracebacks, renderer]
-        logger_factory: structlog.typing.WrapperClass | object = structlog.BytesLoggerFactory(sys.stdout.buffer)
+        processors: list[structlog.typing.Processor] = [*shared, tracebacks, renderer]
+        logger_factory: Any = structlog.BytesLoggerFactory(sys.stdout.buffer)
     else:
         processors = [*shared, structlog.dev.ConsoleRenderer()]
         logger_factory = structlog.PrintLoggerFactory(sys.stdout)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=logger_factory,  # type: ignore[arg-type]
+        logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
     # stdlib records (granian, litestar, aiomysql) are rendered by the same processors.

@@ -7,9 +7,10 @@ when a query was cancelled, timed out or lost its server mid-flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import aiomysql
 import pymysql
@@ -18,7 +19,8 @@ import stamina
 from config.settings import Settings
 
 T = TypeVar("T")
-Connection = aiomysql.Connection
+Connection: TypeAlias = Any
+"""An ``aiomysql.Connection`` (aiomysql ships no type hints)."""
 
 ER_LOCK_WAIT_TIMEOUT = 1205
 """MySQL error 1205: lock wait timeout exceeded; the statement (not the transaction) failed."""
@@ -143,11 +145,9 @@ async def _discard_or_rollback(conn: Connection, exc: BaseException) -> None:
     is closed rather than reused; so is one that lost its server (2006/2013).
     """
     if isinstance(exc, pymysql.MySQLError) and error_code(exc) not in _CONNECTION_LOST:
-        try:
+        with contextlib.suppress(Exception):  # a failed rollback leaves the connection unusable
             await asyncio.shield(conn.rollback())
             return
-        except Exception:  # noqa: BLE001 - any failure here means the connection is unusable
-            pass
     conn.close()
 
 

@@ -62,8 +62,8 @@ def utcnow() -> datetime:
 
 _META_COLUMNS = "id, job_id, status, version, created_at, updated_at"
 
-SQL_GET = f"SELECT {_META_COLUMNS}, result_data FROM job_results WHERE job_id = %(job_id)s"
-SQL_GET_META = f"SELECT {_META_COLUMNS} FROM job_results WHERE job_id = %(job_id)s"
+SQL_GET = f"SELECT {_META_COLUMNS}, result_data FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
+SQL_GET_META = f"SELECT {_META_COLUMNS} FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
 SQL_INSERT = (
     "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) "
     "VALUES (%(job_id)s, %(status)s, %(result)s, 1, %(now)s, %(now)s)"
@@ -135,9 +135,7 @@ class JobResultRepository:
                     raise JobResultExists(job_id) from None
                 raise
             row_id = cur.lastrowid
-        return JobResultMeta(
-            id=row_id, job_id=job_id, status=status, version=1, created_at=now, updated_at=now
-        )
+        return JobResultMeta(id=row_id, job_id=job_id, status=status, version=1, created_at=now, updated_at=now)
 
     async def lock_meta(self, job_id: str) -> JobResultMeta:
         """The job result's metadata, row-locked (``FOR UPDATE``) until the transaction ends.
@@ -223,9 +221,7 @@ class JobResultRepository:
             params["status"] = status
         if after is not None:
             # Expanded form of (created_at, id) > (%s, %s): both engines use idx_created for it.
-            where.append(
-                "(created_at > %(after_created)s OR (created_at = %(after_created)s AND id > %(after_id)s))"
-            )
+            where.append("(created_at > %(after_created)s OR (created_at = %(after_created)s AND id > %(after_id)s))")
             params["after_created"] = after.created_at
             params["after_id"] = after.id
         sql = f"SELECT {columns} FROM job_results"  # noqa: S608 - only fixed fragments are joined
@@ -239,8 +235,6 @@ class JobResultRepository:
         for row in rows:
             document = row[6] if include_result else b""
             out.append(
-                JobResultRow(
-                    meta=_meta(row), result=document.encode() if isinstance(document, str) else document
-                )
+                JobResultRow(meta=_meta(row), result=document.encode() if isinstance(document, str) else document)
             )
         return out

@@ -1,11 +1,11 @@
-"""Checks that a JSON document can be stored in MySQL or MariaDB and read back unchanged.
+r"""Checks that a JSON document can be stored in MySQL or MariaDB and read back unchanged.
 
 MySQL parses JSON into its own binary form, MariaDB keeps the text; both lose something silently:
 
 * integers outside [-2**63, 2**64 - 1] become doubles on MySQL;
 * duplicate object keys: MySQL keeps the last, MariaDB keeps both (RFC 8259 section 4 leaves the
   behaviour undefined);
-* a lone UTF-16 surrogate escape such as ``"\\ud800"`` is not a Unicode scalar value and has no
+* a lone UTF-16 surrogate escape such as ``"\ud800"`` is not a Unicode scalar value and has no
   UTF-8 encoding (RFC 8259 section 8.2);
 * numbers beyond the double range (``1e400``) are refused by MySQL;
 * nesting: MySQL refuses more than 100 levels, so the service's limit is 64.

@@ -22,7 +22,6 @@ from litestar.openapi.spec import (
 from litestar.plugins import OpenAPISchemaPlugin
 from litestar.typing import FieldDefinition
 
-
 SWAGGER_STATIC_PATH = "/schema/static"
 """URL prefix of the packaged Swagger UI assets (swagger-ui-py's copy of swagger-ui-dist)."""
 

@@ -150,7 +150,10 @@ def _precondition(request: Request[Any, Any, Any], exc: Exception) -> Response[b
 def _unavailable(request: Request[Any, Any, Any], exc: DatabaseUnavailable) -> Response[bytes]:
     log.error("db.unavailable", error=str(exc), cause=repr(exc.__cause__))
     return problem_response(
-        request, 503, "the database is unavailable; retry later", slug="database-unavailable",
+        request,
+        503,
+        "the database is unavailable; retry later",
+        slug="database-unavailable",
         headers={"Retry-After": "1"},
     )
 
@@ -161,7 +164,10 @@ def _malformed(request: Request[Any, Any, Any], exc: MalformedJSON) -> Response[
 
 def _unfaithful(request: Request[Any, Any, Any], exc: UnfaithfulJSON) -> Response[bytes]:
     return problem_response(
-        request, 422, f"cannot be stored faithfully: {exc.path}: {exc.reason}", slug="unfaithful-json",
+        request,
+        422,
+        f"cannot be stored faithfully: {exc.path}: {exc.reason}",
+        slug="unfaithful-json",
         json_path=exc.path,
     )
 

@@ -10,9 +10,7 @@ import msgspec
 
 from repositories.job_results import JobResultMeta
 
-JOB_ID_RULE = (
-    "job_id must be 1 to 128 characters from A-Z a-z 0-9 . _ : - and start with a letter or digit"
-)
+JOB_ID_RULE = "job_id must be 1 to 128 characters from A-Z a-z 0-9 . _ : - and start with a letter or digit"
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 Timestamp = Annotated[
@@ -83,8 +81,10 @@ class JobResultSummary(msgspec.Struct, omit_defaults=True):
 
 
 class JobResultPage(msgspec.Struct):
-    """A page of job results, oldest first. Pass ``next_cursor`` as ``cursor`` for the next page;
-    it is null on the last page."""
+    """A page of job results, oldest first.
+
+    Pass ``next_cursor`` as ``cursor`` for the next page; it is null on the last page.
+    """
 
     items: list[JobResultSummary]
     next_cursor: str | None

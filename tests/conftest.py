@@ -24,9 +24,8 @@ from repositories.database import Database
 from repositories.migrations import apply_migrations
 from service.app import create_app
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
-if not REALDATA.is_dir():
-    REALDATA = Path(os.environ.get("JOBRESULTS_REALDATA", "/work/shared/realdata"))
+REALDATA = Path(os.environ.get("JOBRESULTS_REALDATA") or Path(__file__).resolve().parents[2] / "shared" / "realdata")
+"""Real job-result documents (../shared/realdata beside the checkout, or JOBRESULTS_REALDATA)."""
 
 
 def _docker_answers() -> bool:

@@ -15,7 +15,6 @@ READY_TIMEOUT_S = 1.0
 """``/readyz`` reports 503 if the database takes longer than this to answer (seconds)."""
 
 
-
 @get("/healthz", tags=["health"], summary="Liveness: the process is up (no database call)", cache=False)
 async def healthz() -> Health:
     """Always 200 while the process serves requests."""

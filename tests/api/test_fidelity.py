@@ -19,9 +19,7 @@ async def put_raw(client: Client, job_id: str, result_json: str | bytes):
     if isinstance(result_json, str):
         result_json = result_json.encode()
     content = b'{"status": "succeeded", "result": ' + result_json + b"}"
-    return await client.put(
-        f"/v1/job-results/{job_id}", content=content, headers={"Content-Type": "application/json"}
-    )
+    return await client.put(f"/v1/job-results/{job_id}", content=content, headers={"Content-Type": "application/json"})
 
 
 async def roundtrip(client: Client, job_id: str, result_json: str | bytes) -> object:
@@ -84,8 +82,19 @@ async def test_integers_out_of_range_are_422(client: Client, job_id: str, litera
 
 @pytest.mark.parametrize(
     "literal",
-    ["0.1", "1e-7", "5e-324", "1.7976931348623157e308", "-0.5", "19.7799999999999985", "4.0", "9.918212890625e-05",
-     "0.33427651000000014", "1E+2", "-1.5e-300"],
+    [
+        "0.1",
+        "1e-7",
+        "5e-324",
+        "1.7976931348623157e308",
+        "-0.5",
+        "19.7799999999999985",
+        "4.0",
+        "9.918212890625e-05",
+        "0.33427651000000014",
+        "1E+2",
+        "-1.5e-300",
+    ],
 )
 async def test_floats_are_equal_as_doubles(client: Client, job_id: str, literal: str) -> None:
     result = await roundtrip(client, job_id, f"[{literal}]")
@@ -145,8 +154,12 @@ async def test_get_passes_the_stored_text_through(client: Client, job_id: str, d
     """GET returns the database's own JSON text byte for byte: no decode and re-encode in Python."""
     await put_raw(client, job_id, '{"b" : [1,   2.50, "x"],\n "a": {"k": null}}')
     url = DatabaseURL.parse(database_url)
-    with pymysql.connect(host=url.host, port=url.port, user=url.user, password=url.password,
-                         database=url.database, charset="utf8mb4") as conn, conn.cursor() as cur:
+    with (
+        pymysql.connect(
+            host=url.host, port=url.port, user=url.user, password=url.password, database=url.database, charset="utf8mb4"
+        ) as conn,
+        conn.cursor() as cur,
+    ):
         cur.execute("SELECT result_data FROM job_results WHERE job_id = %s", (job_id,))
         (stored,) = cur.fetchone()
     response = await client.get(f"/v1/job-results/{job_id}")

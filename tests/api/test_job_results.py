@@ -183,8 +183,9 @@ async def test_bad_body_is_400(client: Client, job_id: str, content: bytes, frag
 async def test_bad_body_loses_nothing_stored(client: Client, job_id: str) -> None:
     url = f"/v1/job-results/{job_id}"
     await client.put(url, json=body({"keep": "me"}))
-    bad = await client.put(url, content=b'{"status": "failed", "result": {"a": 1, "a": 2}}',
-                           headers={"Content-Type": "application/json"})
+    bad = await client.put(
+        url, content=b'{"status": "failed", "result": {"a": 1, "a": 2}}', headers={"Content-Type": "application/json"}
+    )
     assert bad.status_code == 422
     assert (await client.get(url)).json()["result"] == {"keep": "me"}
 
@@ -200,9 +201,7 @@ async def test_wrong_content_type_is_415(client: Client, job_id: str) -> None:
 async def test_body_over_cap_is_413(client: Client, job_id: str, app: Litestar) -> None:
     cap = app.state.settings.max_body_bytes
     huge = b'{"status":"failed","result":"' + b"x" * cap + b'"}'
-    response = await client.put(
-        f"/v1/job-results/{job_id}", content=huge, headers={"Content-Type": "application/json"}
-    )
+    response = await client.put(f"/v1/job-results/{job_id}", content=huge, headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert response.headers["content-type"] == "application/problem+json"
 

@@ -18,9 +18,7 @@ def stamp(value: datetime) -> str:
 async def make(client: Client, prefix: str, count: int, status: str = "succeeded") -> list[dict]:
     made = []
     for i in range(count):
-        response = await client.put(
-            f"/v1/job-results/{prefix}-{i:03d}", json={"status": status, "result": {"i": i}}
-        )
+        response = await client.put(f"/v1/job-results/{prefix}-{i:03d}", json={"status": status, "result": {"i": i}})
         assert response.status_code == 201
         made.append(response.json())
     return made

@@ -1,0 +1,68 @@
+# Job Result Service: `just` lists the recipes.
+
+set dotenv-load := false
+
+export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
+
+# List the recipes
+[private]
+default:
+    @just --list --unsorted
+
+# Install the locked dependencies into .venv
+[group('setup')]
+install:
+    uv sync --frozen
+
+# Build and start the local stack (MySQL 8.4, migrations, API on :8000, Redis)
+[group('stack')]
+up:
+    mkdir -p data/mysql data/exports
+    docker compose up --build --detach --wait
+    @echo "API: http://127.0.0.1:8000  docs: http://127.0.0.1:8000/schema/swagger"
+
+# Stop the local stack (data stays in ./data)
+[group('stack')]
+down:
+    docker compose down
+
+# Follow the service's JSON logs and MySQL's slow-query log together
+[group('stack')]
+logs:
+    docker compose logs --follow api mysql
+
+# Apply schema migrations to JOBRESULTS_DATABASE_URL
+[group('run')]
+migrate: install
+    jobresults migrate
+
+# Serve the API with Granian against JOBRESULTS_DATABASE_URL (no Docker)
+[group('run')]
+serve: install
+    jobresults serve
+
+# Run the test suite (testcontainers mysql:8.4 with Docker, else JOBRESULTS_TEST_DATABASE_URL)
+[group('test')]
+test *args: install
+    pytest {{ args }}
+
+# Lint: ruff, formatting, mypy, hadolint, compose file, OpenAPI drift
+[group('test')]
+lint: install
+    ruff check .
+    ruff format --check .
+    mypy
+    hadolint Containerfile
+    docker-compose config --quiet
+    jobresults openapi | diff -u openapi.json - || (echo "openapi.json is stale: run 'just openapi'" && exit 1)
+
+# Fix what ruff can fix and format the code
+[group('test')]
+fix: install
+    ruff check --fix .
+    ruff format .
+
+# Regenerate the checked-in OpenAPI document (openapi.json)
+[group('test')]
+openapi: install
+    jobresults openapi --out openapi.json
