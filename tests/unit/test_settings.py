@@ -1,0 +1,56 @@
+"""Settings come from JOBRESULTS_* variables; a bad one stops start-up naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config.settings import Settings, SettingsError
+
+URL = "mysql://user:p%40ss@db.example:3307/jobs"
+JOBRESULTS = str(Path(sys.executable).parent / "jobresults")
+
+
+def test_reads_prefixed_variables() -> None:
+    settings = Settings.from_env(
+        {"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_WORKERS": "4", "JOBRESULTS_POOL_MAX_SIZE": "3",
+         "JOBRESULTS_DOCS_ENABLED": "false", "OTHER": "ignored"}
+    )
+    assert settings.workers == 4
+    assert settings.pool_max_size == 3
+    assert settings.docs_enabled is False
+    url = settings.database
+    assert (url.host, url.port, url.user, url.password, url.database) == ("db.example", 3307, "user", "p@ss", "jobs")
+    assert "p@ss" not in url.redacted()
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({}, "JOBRESULTS_DATABASE_URL"),
+        ({"JOBRESULTS_DATABASE_URL": "postgres://x/y"}, "JOBRESULTS_DATABASE_URL"),
+        ({"JOBRESULTS_DATABASE_URL": "mysql://host"}, "JOBRESULTS_DATABASE_URL"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_PORT": "http"}, "JOBRESULTS_PORT"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_PORT": "70000"}, "JOBRESULTS_PORT"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_WORKERS": "0"}, "JOBRESULTS_WORKERS"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_POOL_MIN_SIZE": "9"}, "JOBRESULTS_POOL_MIN_SIZE"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_LOG_LEVEL": "loud"}, "JOBRESULTS_LOG_LEVEL"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_MAX_BODY_BYTES": "-1"}, "JOBRESULTS_MAX_BODY_BYTES"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(env)
+
+
+def test_cli_exits_non_zero_naming_the_variable() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
+    env.update({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_POOL_MAX_SIZE": "many"})
+    done = subprocess.run([JOBRESULTS, "migrate"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "JOBRESULTS_POOL_MAX_SIZE" in done.stderr
+    assert "Traceback" not in done.stderr
