@@ -60,6 +60,10 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached, or a transient error outlived its retries (maps to 503)."""
 
 
+class QueryTimeout(DatabaseUnavailable):
+    """A unit of work took longer than ``query_timeout_s`` (waiting for a connection included)."""
+
+
 class Database:
     """An aiomysql pool plus helpers that run units of work on it.
 
@@ -69,6 +73,7 @@ class Database:
     def __init__(self, pool: aiomysql.Pool, settings: Settings) -> None:
         self.pool = pool
         self.settings = settings
+        self._wakeups: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, settings: Settings) -> Database:
@@ -106,11 +111,14 @@ class Database:
         3 attempts within 2 s, with exponential backoff and jitter (stamina).
 
         Raises:
+            QueryTimeout: the unit took longer than ``query_timeout_s``; its connection was closed.
             DatabaseUnavailable: the server is unreachable or the retries ran out.
             Exception: whatever ``work`` raises, after the transaction was rolled back.
         """
         try:
             return await self._run_with_retries(work, transaction)
+        except TimeoutError as exc:
+            raise QueryTimeout(f"unit of work exceeded {self.settings.query_timeout_s} s") from exc
         except pymysql.err.OperationalError as exc:
             code = error_code(exc)
             if code in TRANSIENT_ERRORS or code == 2003 or code == 1040:
@@ -122,20 +130,32 @@ class Database:
         return await self._run_once(work, transaction)
 
     async def _run_once(self, work: Callable[[Connection], Awaitable[T]], transaction: bool) -> T:
-        conn: Connection = await self.pool.acquire()
-        try:
-            async with asyncio.timeout(self.settings.query_timeout_s):
+        async with asyncio.timeout(self.settings.query_timeout_s):
+            conn: Connection = await self.pool.acquire()
+            try:
                 if transaction:
                     await conn.begin()
                 result = await work(conn)
                 if transaction:
                     await conn.commit()
-            return result
-        except BaseException as exc:
-            await _discard_or_rollback(conn, exc)
-            raise
-        finally:
-            self.pool.release(conn)
+                return result
+            except BaseException as exc:
+                await _discard_or_rollback(conn, exc)
+                raise
+            finally:
+                self.release(conn)
+
+    def release(self, conn: Connection) -> None:
+        """Give ``conn`` back to the pool, waking a task that waits for a connection.
+
+        aiomysql's ``Pool.release`` only notifies waiters when the connection comes back open; a
+        closed one frees a slot too, so without this a waiter on a full pool would hang forever.
+        """
+        self.pool.release(conn)
+        if conn.closed:
+            task = asyncio.get_running_loop().create_task(self.pool._wakeup())
+            self._wakeups.add(task)
+            task.add_done_callback(self._wakeups.discard)
 
 
 async def _discard_or_rollback(conn: Connection, exc: BaseException) -> None:

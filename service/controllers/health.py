@@ -38,7 +38,7 @@ async def readyz(db: NamedDependency[Database]) -> Response[Health]:
                 conn.close()
                 raise
             finally:
-                db.pool.release(conn)
+                db.release(conn)
     except TimeoutError:
         return _unready("database did not answer within 1 s")
     except Exception:  # noqa: BLE001 - any failure to reach the database means not ready
