@@ -17,8 +17,13 @@ JOBRESULTS = str(Path(sys.executable).parent / "jobresults")
 
 def test_reads_prefixed_variables() -> None:
     settings = Settings.from_env(
-        {"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_WORKERS": "4", "JOBRESULTS_POOL_MAX_SIZE": "3",
-         "JOBRESULTS_DOCS_ENABLED": "false", "OTHER": "ignored"}
+        {
+            "JOBRESULTS_DATABASE_URL": URL,
+            "JOBRESULTS_WORKERS": "4",
+            "JOBRESULTS_POOL_MAX_SIZE": "3",
+            "JOBRESULTS_DOCS_ENABLED": "false",
+            "OTHER": "ignored",
+        }
     )
     assert settings.workers == 4
     assert settings.pool_max_size == 3
