@@ -88,6 +88,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """``JOBRESULTS_WORKERS``: Granian worker processes."""
     max_body_bytes: Positive = 16 * 1024 * 1024
     """``JOBRESULTS_MAX_BODY_BYTES``: largest accepted request body; larger bodies get 413."""
+    export_lease_s: Seconds = 30.0
+    """``JOBRESULTS_EXPORT_LEASE_S``: a running range export whose worker stopped renewing its lease for
+    this long is claimed again by another worker (renewed every third of it)."""
+    export_poll_s: Seconds = 1.0
+    """``JOBRESULTS_EXPORT_POLL_S``: how often an idle export worker looks for queued range exports."""
+    export_chunk_rows: Positive = 500
+    """``JOBRESULTS_EXPORT_CHUNK_ROWS``: rows fetched and written per step of a range export."""
+    export_max_attempts: Positive = 3
+    """``JOBRESULTS_EXPORT_MAX_ATTEMPTS``: a range export failing this often on database errors is failed."""
+    export_worker: bool = True
+    """``JOBRESULTS_EXPORT_WORKER``: run range exports in this process's background worker."""
     log_level: str = "info"
     """``JOBRESULTS_LOG_LEVEL``: debug, info, warning or error."""
     docs_enabled: bool = True

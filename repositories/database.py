@@ -40,6 +40,9 @@ _CONNECTION_LOST = frozenset({CR_SERVER_GONE_ERROR, CR_SERVER_LOST})
 RETRY_ATTEMPTS = 3
 RETRY_TIMEOUT_S = 2.0
 
+_BEGIN = "START TRANSACTION"
+_SNAPSHOT = "START TRANSACTION WITH CONSISTENT SNAPSHOT"
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "sql" / "migrations"
 
 
@@ -104,8 +107,19 @@ class Database:
         self.pool.close()
         await self.pool.wait_closed()
 
-    async def run(self, work: Callable[[Connection], Awaitable[T]], *, transaction: bool = True) -> T:
+    async def run(
+        self,
+        work: Callable[[Connection], Awaitable[T]],
+        *,
+        transaction: bool = True,
+        snapshot: bool = False,
+        retry: bool = True,
+    ) -> T:
         """Run ``work(conn)`` on a pooled connection, inside one transaction unless told otherwise.
+
+        With ``snapshot`` the transaction starts with ``START TRANSACTION WITH CONSISTENT SNAPSHOT``,
+        so every read in it sees the same snapshot (REPEATABLE READ, the InnoDB default on both
+        engines). With ``retry=False`` a transient error is not retried.
 
         The unit is retried from BEGIN on transient errors (see :data:`TRANSIENT_ERRORS`): at most
         3 attempts within 2 s, with exponential backoff and jitter (stamina).
@@ -115,8 +129,11 @@ class Database:
             DatabaseUnavailable: the server is unreachable or the retries ran out.
             Exception: whatever ``work`` raises, after the transaction was rolled back.
         """
+        begin = _SNAPSHOT if snapshot else (_BEGIN if transaction else None)
         try:
-            return await self._run_with_retries(work, transaction)
+            if retry:
+                return await self._run_with_retries(work, begin)
+            return await self._run_once(work, begin)
         except TimeoutError as exc:
             raise QueryTimeout(f"unit of work exceeded {self.settings.query_timeout_s} s") from exc
         except pymysql.err.OperationalError as exc:
@@ -126,17 +143,18 @@ class Database:
             raise
 
     @stamina.retry(on=is_transient, attempts=RETRY_ATTEMPTS, timeout=RETRY_TIMEOUT_S, wait_initial=0.05)
-    async def _run_with_retries(self, work: Callable[[Connection], Awaitable[T]], transaction: bool) -> T:
-        return await self._run_once(work, transaction)
+    async def _run_with_retries(self, work: Callable[[Connection], Awaitable[T]], begin: str | None) -> T:
+        return await self._run_once(work, begin)
 
-    async def _run_once(self, work: Callable[[Connection], Awaitable[T]], transaction: bool) -> T:
+    async def _run_once(self, work: Callable[[Connection], Awaitable[T]], begin: str | None) -> T:
         async with asyncio.timeout(self.settings.query_timeout_s):
             conn: Connection = await self.pool.acquire()
             try:
-                if transaction:
-                    await conn.begin()
+                if begin is not None:
+                    async with conn.cursor() as cur:
+                        await cur.execute(begin)
                 result = await work(conn)
-                if transaction:
+                if begin is not None:
                     await conn.commit()
                 return result
             except BaseException as exc:

@@ -6,9 +6,11 @@ Repositories work on a connection handed to them by the unit of work
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Literal
 
+import aiomysql
 import msgspec
 import pymysql
 
@@ -238,3 +240,65 @@ class JobResultRepository:
                 JobResultRow(meta=_meta(row), result=document.encode() if isinstance(document, str) else document)
             )
         return out
+
+
+SQL_EXPORT_COLUMNS = "job_id, status, created_at, result_data"
+
+
+def range_filter(
+    created_from: datetime | None, created_to: datetime | None, status: str | None
+) -> tuple[str, dict[str, object]]:
+    """``WHERE`` clause (possibly empty) and parameters for ``created_from <= created_at < created_to``."""
+    where: list[str] = []
+    params: dict[str, object] = {}
+    if created_from is not None:
+        where.append("created_at >= %(created_from)s")
+        params["created_from"] = created_from
+    if created_to is not None:
+        where.append("created_at < %(created_to)s")
+        params["created_to"] = created_to
+    if status is not None:
+        where.append("status = %(status)s")
+        params["status"] = status
+    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+
+class JobResultStream:
+    """Rows of a time range for an export, read through a server-side (unbuffered) cursor.
+
+    Memory stays flat whatever the range size: rows arrive ``chunk_rows`` at a time. The connection
+    is busy until the stream is exhausted; a stream abandoned half-way leaves the connection unusable,
+    so callers close that connection.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    async def count(self, created_from: datetime | None, created_to: datetime | None, status: str | None) -> int:
+        """Number of rows in the range."""
+        where, params = range_filter(created_from, created_to, status)
+        async with self.conn.cursor() as cur:
+            await cur.execute(f"SELECT COUNT(*) FROM job_results{where}", params)  # noqa: S608
+            row = await cur.fetchone()
+        return int(row[0])
+
+    async def chunks(
+        self,
+        created_from: datetime | None,
+        created_to: datetime | None,
+        status: str | None,
+        chunk_rows: int,
+    ) -> AsyncIterator[list[tuple[bytes, str, datetime, str]]]:
+        """Yield lists of ``(job_id, status, created_at, result_json_text)``, oldest first."""
+        where, params = range_filter(created_from, created_to, status)
+        sql = f"SELECT {SQL_EXPORT_COLUMNS} FROM job_results{where} ORDER BY created_at, id"  # noqa: S608
+        cur = await self.conn.cursor(aiomysql.SSCursor)
+        try:
+            await cur.execute(sql, params)
+            while True:
+                rows = await cur.fetchmany(chunk_rows)
+                if not rows:
+                    break
+                yield rows
+        finally:
+            await cur.close()

@@ -14,8 +14,10 @@ from litestar.di import Provide
 from litestar.static_files import create_static_files_router
 
 from config.settings import Settings
+from exports.pipeline import ExportService
 from observability.logging import configure_logging
 from repositories.database import Database
+from service.controllers.exports import ExportController, JobExportController
 from service.controllers.health import healthz, readyz
 from service.controllers.job_results import JobResultController
 from service.openapi import SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
@@ -34,6 +36,11 @@ def _version() -> str:
 def _provide_db(state: State) -> Database:
     db: Database = state.db
     return db
+
+
+def _provide_exports(state: State) -> ExportService:
+    exports: ExportService = state.exports
+    return exports
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -55,12 +62,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
             log.warning("db.unreachable_at_startup", error=str(exc), database=settings.database.redacted())
             db = await Database.open(msgspec_replace(settings, pool_min_size=0))
         app.state.db = db
+        exports = ExportService(db, settings)
+        app.state.exports = exports
+        if settings.export_worker:
+            exports.start()
         try:
             yield
         finally:
+            await exports.stop()
             await db.close()
 
-    route_handlers: list[object] = [healthz, readyz, JobResultController]
+    route_handlers: list[object] = [healthz, readyz, JobResultController, JobExportController, ExportController]
     if settings.docs_enabled:
         route_handlers.append(
             create_static_files_router(
@@ -70,7 +82,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=route_handlers,  # type: ignore[arg-type]
         lifespan=[lifespan],
-        dependencies={"db": Provide(_provide_db, sync_to_thread=False)},
+        dependencies={
+            "db": Provide(_provide_db, sync_to_thread=False),
+            "exports": Provide(_provide_exports, sync_to_thread=False),
+        },
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=openapi_config(_version()) if settings.docs_enabled else None,
         plugins=[RawJSONSchemaPlugin()],

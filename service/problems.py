@@ -11,12 +11,13 @@ import msgspec
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
 from repositories.database import DatabaseUnavailable
 from repositories.job_results import JobResultExists, JobResultNotFound, PreconditionFailed
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON
-from service.schemas import JOB_ID_RULE, Problem
+from service.schemas import JOB_ID_RULE, InvalidParameter, Problem
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 log = structlog.get_logger("jobresults.errors")
@@ -31,6 +32,7 @@ _TITLES = {
     412: "Precondition Failed",
     413: "Content Too Large",
     415: "Unsupported Media Type",
+    416: "Range Not Satisfiable",
     422: "Unprocessable Content",
     429: "Too Many Requests",
     500: "Internal Server Error",
@@ -57,6 +59,14 @@ class ApiError(Exception):
         self.slug = slug
         self.headers = headers or {}
         self.extensions = extensions
+
+
+def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI response entries documenting problem+json bodies for ``statuses``."""
+    return {
+        status: ResponseSpec(data_container=Problem, media_type=PROBLEM_MEDIA_TYPE, description=_TITLES[status])
+        for status in statuses
+    }
 
 
 def problem_response(
@@ -130,6 +140,10 @@ def _is_job_result_subpath(path: str) -> bool:
     return path.startswith(prefix) and "/" in path[len(prefix) :].strip("/")
 
 
+def _invalid_parameter(request: Request[Any, Any, Any], exc: InvalidParameter) -> Response[bytes]:
+    return problem_response(request, 400, str(exc), slug="invalid-request")
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("http.unhandled_exception", path=request.url.path, method=request.method)
     return problem_response(request, 500, None)
@@ -175,6 +189,7 @@ def _unfaithful(request: Request[Any, Any, Any], exc: UnfaithfulJSON) -> Respons
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ApiError: _api_error,
     ValidationException: _validation_error,
+    InvalidParameter: _invalid_parameter,
     HTTPException: _http_error,
     JobResultNotFound: _not_found,
     JobResultExists: _precondition,

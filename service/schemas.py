@@ -24,6 +24,10 @@ JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=JOB_ID
 AnyJSON = Annotated[msgspec.Raw, msgspec.Meta(description="Any JSON value, returned as it was stored.")]
 
 
+class InvalidParameter(ValueError):
+    """A request parameter has a value the API does not accept; the message says what is allowed (400)."""
+
+
 def is_valid_job_id(job_id: str) -> bool:
     """True if ``job_id`` follows :data:`JOB_ID_RULE` (ASCII only, so no case folding questions)."""
     return JOB_ID_PATTERN.fullmatch(job_id) is not None
@@ -109,3 +113,28 @@ class Problem(msgspec.Struct, omit_defaults=True):
     """For 422: JSONPath of the value that cannot be stored faithfully."""
     errors: list[dict[str, str]] | None = None
     """For 400: one entry per invalid parameter (``name``, ``source``, ``message``)."""
+
+
+def parse_timestamp(value: str | None, name: str) -> datetime | None:
+    """Parse an RFC 3339 timestamp with an offset into naive UTC; None stays None.
+
+    A '+' sent unencoded in a query string arrives as ' ' and is accepted as '+'.
+
+    Raises:
+        InvalidParameter: (400) naming ``name`` and the accepted form.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if len(text) > 19 and text[-6] == " ":
+        text = text[:-6] + "+" + text[-5:]
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None or len(text) < 20 or text[10] not in "Tt ":
+        raise InvalidParameter(
+            f"{name} must be an RFC 3339 timestamp with a UTC offset, e.g. 2026-11-29T00:00:00Z "
+            "or 2026-11-29T01:00:00+01:00"
+        )
+    return parsed.astimezone(UTC).replace(tzinfo=None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -23,17 +22,17 @@ from repositories.job_results import (
 )
 from service.json_fidelity import MAX_DEPTH, MalformedJSON, UnfaithfulJSON, check_document
 from service.openapi import json_request_body
-from service.problems import ApiError
+from service.problems import ApiError, problem_responses
 from service.schemas import (
     JOB_ID_RULE,
     JobResult,
     JobResultPage,
     JobResultSummary,
     JobResultWrite,
-    Problem,
     etag_of,
     format_timestamp,
     is_valid_job_id,
+    parse_timestamp,
 )
 
 JSON = "application/json"
@@ -43,20 +42,14 @@ _ENCODER = msgspec.json.Encoder()
 _WRITE_SHAPE = 'expected {"status": "succeeded" | "failed" | "cancelled", "result": <any JSON value>}'
 
 
-def _problems(*statuses: int) -> dict[int, ResponseSpec]:
-    return {
-        status: ResponseSpec(data_container=Problem, media_type="application/problem+json", description="Problem")
-        for status in statuses
-    }
-
-
-def _checked_job_id(job_id: str) -> str:
+def checked_job_id(job_id: str) -> str:
+    """Return ``job_id`` if it follows :data:`JOB_ID_RULE`; else raise ApiError (400)."""
     if not is_valid_job_id(job_id):
         raise ApiError(400, JOB_ID_RULE, slug="invalid-job-id")
     return job_id
 
 
-def _entity_tags(header: str | None) -> set[str] | Literal["*"] | None:
+def entity_tags(header: str | None) -> set[str] | Literal["*"] | None:
     """Parse ``If-Match`` / ``If-None-Match`` (RFC 9110 section 13.1): ``*`` or opaque tags, weakness dropped."""
     if header is None:
         return None
@@ -64,27 +57,6 @@ def _entity_tags(header: str | None) -> set[str] | Literal["*"] | None:
     if header == "*":
         return "*"
     return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
-
-
-def _parse_timestamp(value: str | None, name: str) -> datetime | None:
-    """RFC 3339 with an offset, converted to naive UTC. A '+' sent unencoded arrives as ' '."""
-    if value is None:
-        return None
-    text = value.strip()
-    if len(text) > 19 and text[-6] == " ":
-        text = text[:-6] + "+" + text[-5:]
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None or len(text) < 20 or text[10] not in "Tt ":
-        raise ApiError(
-            400,
-            f"{name} must be an RFC 3339 timestamp with a UTC offset, e.g. 2026-11-29T00:00:00Z "
-            "or 2026-11-29T01:00:00+01:00",
-            slug="invalid-request",
-        )
-    return parsed.astimezone(UTC).replace(tzinfo=None)
 
 
 def _encode_cursor(meta: JobResultMeta) -> str:
@@ -139,7 +111,7 @@ class JobResultController(Controller):
         ),
         responses={
             201: ResponseSpec(data_container=JobResult, description="Created"),
-            **_problems(400, 412, 413, 415, 422, 503),
+            **problem_responses(400, 412, 413, 415, 422, 503),
         },
         status_code=200,
     )
@@ -152,13 +124,13 @@ class JobResultController(Controller):
         if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
     ) -> Response[JobResult]:
         """Create or replace the job result of ``job_id``."""
-        _checked_job_id(job_id)
+        checked_job_id(job_id)
         media_type = request.content_type[0]
         if media_type != JSON and not media_type.endswith("+json"):
             raise ApiError(415, f"Content-Type must be {JSON}", slug="unsupported-media-type")
         write, text = _decode_write(await request.body())
-        match_tags = _entity_tags(if_match)
-        none_match_tags = _entity_tags(if_none_match)
+        match_tags = entity_tags(if_match)
+        none_match_tags = entity_tags(if_none_match)
 
         async def unit(conn: Connection) -> tuple[JobResultMeta, bool]:
             repo = JobResultRepository(conn)
@@ -190,7 +162,7 @@ class JobResultController(Controller):
         "/{job_id:str}",
         summary="Read a job result",
         description="`If-None-Match` with the current ETag gives 304. The result comes back as stored.",
-        responses=_problems(400, 404, 503),
+        responses=problem_responses(400, 404, 503),
     )
     async def get_job_result(
         self,
@@ -199,10 +171,10 @@ class JobResultController(Controller):
         if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
     ) -> Response[JobResult]:
         """The stored job result; its JSON passes through as stored, never decoded."""
-        _checked_job_id(job_id)
+        checked_job_id(job_id)
         row = await db.run(lambda conn: JobResultRepository(conn).get(job_id), transaction=False)
         etag = etag_of(row.meta)
-        tags = _entity_tags(if_none_match)
+        tags = entity_tags(if_none_match)
         if tags == "*" or (tags and etag in tags):
             not_modified: Response[Any] = Response(content=b"", status_code=304, headers={"ETag": etag})
             return not_modified
@@ -216,7 +188,7 @@ class JobResultController(Controller):
             "first, keyset-paginated: pass `next_cursor` back as `cursor`. Items carry metadata only "
             "unless `include=result`."
         ),
-        responses=_problems(400, 503),
+        responses=problem_responses(400, 503),
     )
     async def list_job_results(
         self,
@@ -237,8 +209,8 @@ class JobResultController(Controller):
         ] = None,
     ) -> Response[JobResultPage]:
         """A page of job results in ``[created_from, created_to)``."""
-        lower = _parse_timestamp(created_from, "created_from")
-        upper = _parse_timestamp(created_to, "created_to")
+        lower = parse_timestamp(created_from, "created_from")
+        upper = parse_timestamp(created_to, "created_to")
         if lower is not None and upper is not None and lower >= upper:
             raise ApiError(400, "created_from must be earlier than created_to", slug="invalid-request")
         after = _decode_cursor(cursor) if cursor is not None else None
@@ -269,12 +241,12 @@ class JobResultController(Controller):
         next_cursor = _encode_cursor(page[-1].meta) if len(rows) > limit else None
         return Response(content=JobResultPage(items=items, next_cursor=next_cursor))
 
-    @delete("/{job_id:str}", summary="Delete a job result", responses=_problems(400, 404, 503))
+    @delete("/{job_id:str}", summary="Delete a job result", responses=problem_responses(400, 404, 503))
     async def delete_job_result(
         self, db: NamedDependency[Database], job_id: Annotated[str, PathParameter(description=JOB_ID_RULE)]
     ) -> None:
         """Delete the job result; 204, or 404 if there is none."""
-        _checked_job_id(job_id)
+        checked_job_id(job_id)
         await db.run(lambda conn: JobResultRepository(conn).delete(job_id))
 
     @put("/", include_in_schema=False)

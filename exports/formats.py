@@ -1,0 +1,440 @@
+r"""Format writers for job result exports: JSON, NDJSON (newline-delimited JSON) and CSV.
+
+The export pipeline asks :func:`make_writer` for a writer and streams
+``begin() + encode(chunk) + encode(chunk) + ... + end()``; every call returns UTF-8 bytes. A writer is
+pure code (no I/O) and holds the little state a stream needs, so use one writer per export.
+
+Every format writes, per job, the fields ``job_id``, ``status``, ``created_at`` and ``result``, in
+that order.
+
+``json`` (``application/json``)
+    A single-job export is one object; a range export is one array of such objects, written
+    ``[`` + objects separated by ``,`` + ``]`` (``[]`` for an empty range). The output ends with
+    ``\n``. ``result`` is the stored JSON text embedded as it is (``msgspec.Raw``): never decoded,
+    so numbers keep every digit, and on MariaDB it may span several lines; it is not validated.
+
+``ndjson`` (``application/x-ndjson``, https://github.com/ndjson/ndjson-spec)
+    One object per line, each line ending in ``\n`` and holding no other line break: ``result`` is
+    minified with ``msgspec.json.format(indent=-1)``, which removes whitespace between tokens and
+    leaves numbers and strings untouched. A single-job export is one line.
+
+``csv`` (``text/csv; charset=utf-8``, RFC 4180)
+    Written by Python's :mod:`csv` module (``excel`` dialect): fields separated by ``,``, quoted
+    with ``"`` only when they hold ``,``, ``"``, CR or LF (inner ``"`` doubled), records ending in
+    CRLF; UTF-8 without a byte order mark. Header: ``job_id``, ``status``, ``created_at``, then the
+    result columns sorted by code point (:class:`CsvColumns`). A result column is the path of a
+    value in the result:
+
+    * an object member gives a dot path: ``{"metrics": {"duration_ms": 5}}`` -> ``metrics.duration_ms``;
+      inside a key, ``\`` is written ``\\`` and ``.`` is written ``\.``, so ``{"a.b": 1}`` gives
+      ``a\.b`` and paths stay unambiguous;
+    * an array is not exploded: its compact JSON text is one cell (``[1,"x"]``), re-encoded by
+      msgspec, so its numbers keep their stored text but string escapes may be written differently;
+    * an empty object is one cell holding ``{}`` at its path;
+    * a result that is not a non-empty object (a string, number, ``true``, ``false``, ``null``, an
+      array or ``{}``) is one column named ``result``.
+
+    Cells: ``null`` -> empty cell; ``true``/``false`` -> ``true``/``false``; a number -> its JSON
+    text as stored, digit for digit (``18446744073709551615``, ``0.1``, ``1.50``, ``-3``; on MySQL
+    the stored text is MySQL's own rendering, e.g. ``1e2`` is stored as ``100.0``); a string -> its
+    text. A job lacking a column has an empty cell there, so an empty cell means null or absent.
+
+    Formula injection (OWASP "CSV Injection", https://owasp.org/www-community/attacks/CSV_Injection):
+    a text cell (a JSON string, ``job_id``, ``status``) or a header starting with ``=``, ``+``,
+    ``-``, ``@``, tab, CR or LF gets a ``'`` in front, so spreadsheets show it as text. Numbers are
+    never changed (``-5`` the number stays ``-5``; ``"-5"`` the string becomes ``'-5``). This is
+    lossy: the strings ``=1`` and ``'=1`` both come out as ``'=1``.
+
+Decisions on what the rules leave open:
+
+* ``single=True`` writers take exactly one row over the whole stream; a second row, or none by
+  ``end()``, raises ``ValueError`` (a pipeline bug).
+* CSV header names can repeat: a result key named ``job_id``, ``status`` or ``created_at`` gives a
+  second column of that name, and a root scalar shares the column ``result`` with a top-level key
+  ``result`` of other jobs in the range. Readers that map columns by name should use positions.
+* A CSV range export with no rows is the header line alone.
+* ``CsvColumns.columns()`` lists the result columns only (the internal paths, before the header's
+  formula neutralisation); ``make_writer`` also accepts the list with the three fixed columns in
+  front and drops them.
+* Integers in a CSV cell are written in full; CPython refuses to convert integers longer than
+  4300 digits to text (``ValueError``), far beyond the 64-bit integers MySQL stores exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+Format = Literal["json", "ndjson", "csv"]
+FORMATS: tuple[Format, ...] = ("json", "ndjson", "csv")
+"""Export formats accepted by :func:`make_writer`."""
+FIXED_COLUMNS: tuple[str, str, str] = ("job_id", "status", "created_at")
+"""The first three CSV columns, in this order, before the result columns."""
+ROOT_COLUMN = "result"
+"""CSV column of a result that is not a non-empty object."""
+FORMULA_STARTS = frozenset("=+-@\t\r\n")
+"""First characters that make spreadsheets read a text cell as a formula (OWASP CSV Injection)."""
+
+
+class ExportRow(msgspec.Struct, frozen=True):
+    """One job result to export.
+
+    Attributes:
+        job_id: the job id.
+        status: ``succeeded``, ``failed`` or ``cancelled``.
+        created_at: RFC 3339 UTC, already formatted, e.g. ``2026-11-29T14:05:04.651170Z``.
+        result: the stored JSON text as the database returned it (any JSON value; MariaDB may
+            return it pretty-printed over several lines).
+    """
+
+    job_id: str
+    status: str
+    created_at: str
+    result: bytes
+
+
+class FormatWriter(Protocol):
+    """Turns a stream of :class:`ExportRow` chunks into the bytes of one export file."""
+
+    media_type: str
+    """``Content-Type`` of the export."""
+    extension: str
+    """File name extension, without the dot."""
+
+    def begin(self) -> bytes:
+        """Bytes before the first row."""
+        ...
+
+    def encode(self, rows: Sequence[ExportRow]) -> bytes:
+        """Bytes of one chunk of rows, in order; called once per chunk."""
+        ...
+
+    def end(self) -> bytes:
+        """Bytes after the last row."""
+        ...
+
+
+class _Item(msgspec.Struct, gc=False):
+    """Wire form of one job in JSON and NDJSON; field order is the key order."""
+
+    job_id: str
+    status: str
+    created_at: str
+    result: msgspec.Raw
+
+
+def _decoder() -> msgspec.json.Decoder[Any]:
+    # float_hook keeps each non-integer number as its JSON text (msgspec.Raw); integers of any
+    # size decode to int, so no number goes through a float.
+    return msgspec.json.Decoder(float_hook=msgspec.Raw)
+
+
+def _neutralise(text: str) -> str:
+    """``text`` with ``'`` in front if it starts like a spreadsheet formula."""
+    if text and text[0] in FORMULA_STARTS:
+        return "'" + text
+    return text
+
+
+def _escape_key(key: str) -> str:
+    return key.replace("\\", "\\\\").replace(".", "\\.")
+
+
+class _SingleGuard:
+    """Counts rows of a ``single=True`` export: exactly one over the whole stream."""
+
+    def __init__(self, single: bool) -> None:
+        self._single = single
+        self._rows = 0
+
+    def take(self, count: int) -> None:
+        self._rows += count
+        if self._single and self._rows > 1:
+            raise ValueError(f"single-job export got {self._rows} rows; expected exactly one")
+
+    def finish(self) -> None:
+        if self._single and self._rows != 1:
+            raise ValueError("single-job export ended without its row")
+
+
+class JsonWriter:
+    """``json``: one object (single) or one array of objects streamed across chunks (range)."""
+
+    media_type = "application/json"
+    extension = "json"
+
+    def __init__(self, *, single: bool) -> None:
+        self._single = single
+        self._guard = _SingleGuard(single)
+        self._encoder = msgspec.json.Encoder()
+        self._written = False
+
+    def begin(self) -> bytes:
+        """``[`` for a range export, nothing for a single job."""
+        return b"" if self._single else b"["
+
+    def encode(self, rows: Sequence[ExportRow]) -> bytes:
+        """The chunk's objects, with the ``,`` that separates them from earlier chunks.
+
+        Raises:
+            ValueError: a single-job export got more than one row.
+        """
+        if not rows:
+            return b""
+        self._guard.take(len(rows))
+        items = [_Item(row.job_id, row.status, row.created_at, msgspec.Raw(row.result)) for row in rows]
+        if self._single:
+            return self._encoder.encode(items[0])
+        array = self._encoder.encode(items)  # b"[a,b,...]"
+        if self._written:
+            return b"," + array[1:-1]
+        self._written = True
+        return array[1:-1]
+
+    def end(self) -> bytes:
+        r"""``]\n`` for a range export, ``\n`` for a single job.
+
+        Raises:
+            ValueError: a single-job export got no row.
+        """
+        self._guard.finish()
+        return b"\n" if self._single else b"]\n"
+
+
+class NdjsonWriter:
+    """``ndjson``: one minified object per line."""
+
+    media_type = "application/x-ndjson"
+    extension = "ndjson"
+
+    def __init__(self, *, single: bool) -> None:
+        self._guard = _SingleGuard(single)
+        self._encoder = msgspec.json.Encoder()
+
+    def begin(self) -> bytes:
+        """Nothing."""
+        return b""
+
+    def encode(self, rows: Sequence[ExportRow]) -> bytes:
+        r"""One ``\n``-terminated line per row.
+
+        Raises:
+            ValueError: a single-job export got more than one row.
+            msgspec.DecodeError: a stored result is not JSON.
+        """
+        self._guard.take(len(rows))
+        minify = msgspec.json.format
+        return self._encoder.encode_lines(
+            [_Item(row.job_id, row.status, row.created_at, msgspec.Raw(minify(row.result, indent=-1))) for row in rows]
+        )
+
+    def end(self) -> bytes:
+        """Nothing.
+
+        Raises:
+            ValueError: a single-job export got no row.
+        """
+        self._guard.finish()
+        return b""
+
+
+def _collect_paths(obj: dict[str, Any], prefix: str, out: set[str]) -> None:
+    for key, value in obj.items():
+        if "." in key or "\\" in key:
+            key = _escape_key(key)
+        if type(value) is dict and value:
+            _collect_paths(value, prefix + key + ".", out)
+        else:
+            out.add(prefix + key)
+
+
+class CsvColumns:
+    """Pass 1 of a CSV range export: collects the union of result columns over all rows."""
+
+    def __init__(self) -> None:
+        self._decoder = _decoder()
+        self._seen: set[str] = set()
+
+    def add(self, rows: Sequence[ExportRow]) -> None:
+        """Add the result columns of ``rows``.
+
+        Raises:
+            msgspec.DecodeError: a stored result is not JSON.
+        """
+        decode = self._decoder.decode
+        seen = self._seen
+        for row in rows:
+            value = decode(row.result)
+            if type(value) is dict and value:
+                _collect_paths(value, "", seen)
+            else:
+                seen.add(ROOT_COLUMN)
+
+    def columns(self) -> list[str]:
+        """The result columns seen so far, sorted by code point (the fixed three not included)."""
+        return sorted(self._seen)
+
+
+def csv_columns_of(rows: Sequence[ExportRow]) -> list[str]:
+    """The result columns of ``rows`` in CSV order: :class:`CsvColumns` over ``rows``."""
+    collector = CsvColumns()
+    collector.add(rows)
+    return collector.columns()
+
+
+class CsvWriter:
+    """``csv``: RFC 4180 with a header row; see the module docstring for columns and cells."""
+
+    media_type = "text/csv; charset=utf-8"
+    extension = "csv"
+
+    def __init__(self, *, single: bool, columns: Sequence[str] | None) -> None:
+        if columns is None and not single:
+            raise ValueError("a CSV range export needs csv_columns (collect them first with CsvColumns)")
+        self._guard = _SingleGuard(single)
+        self._decoder = _decoder()
+        self._encoder = msgspec.json.Encoder()
+        self._columns: list[str] | None = None
+        self._column_set: frozenset[str] = frozenset()
+        if columns is not None:
+            self._set_columns(columns)
+
+    def _set_columns(self, columns: Sequence[str]) -> None:
+        names = list(columns)
+        if tuple(names[:3]) == FIXED_COLUMNS:
+            # Sorted result columns never start like this (created_at < job_id), so this is the
+            # full header list, not result columns.
+            names = names[3:]
+        self._columns = names
+        self._column_set = frozenset(names)
+
+    def _header(self) -> list[str]:
+        assert self._columns is not None
+        return [*FIXED_COLUMNS, *map(_neutralise, self._columns)]
+
+    def begin(self) -> bytes:
+        """The header line; for a single job without given columns, it comes with the row instead."""
+        if self._columns is None:
+            return b""
+        return self._lines([self._header()])
+
+    def encode(self, rows: Sequence[ExportRow]) -> bytes:
+        """One CSV record per row.
+
+        Raises:
+            ValueError: a result has a column missing from ``csv_columns``, or a single-job export
+                got more than one row.
+            msgspec.DecodeError: a stored result is not JSON.
+        """
+        if not rows:
+            return b""
+        self._guard.take(len(rows))
+        records: list[list[str]] = []
+        flatten = self._flatten
+        if self._columns is None:
+            cells = flatten(rows[0].result)
+            self._set_columns(sorted(cells))
+            records.append(self._header())
+        columns = self._columns
+        column_set = self._column_set
+        assert columns is not None
+        for row in rows:
+            cells = flatten(row.result)
+            if not column_set.issuperset(cells):
+                unknown = sorted(set(cells) - column_set)
+                raise ValueError(f"job {row.job_id!r} has result columns not in csv_columns: {unknown[:5]}")
+            record = [_neutralise(row.job_id), _neutralise(row.status), row.created_at]
+            record.extend([cells.get(column, "") for column in columns])
+            records.append(record)
+        return self._lines(records)
+
+    def end(self) -> bytes:
+        """Nothing.
+
+        Raises:
+            ValueError: a single-job export got no row.
+        """
+        self._guard.finish()
+        return b""
+
+    @staticmethod
+    def _lines(records: list[list[str]]) -> bytes:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(records)
+        return buffer.getvalue().encode("utf-8")
+
+    def _flatten(self, raw: bytes) -> dict[str, str]:
+        """Result column -> cell text of one stored result."""
+        value = self._decoder.decode(raw)
+        out: dict[str, str] = {}
+        if type(value) is dict and value:
+            _flatten_object(value, "", out, self._encoder.encode)
+        else:
+            out[ROOT_COLUMN] = _cell(value, self._encoder.encode)
+        return out
+
+
+def _flatten_object(obj: dict[str, Any], prefix: str, out: dict[str, str], encode: Callable[[Any], bytes]) -> None:
+    """Add the cells of a non-empty object at ``prefix`` to ``out`` (nesting is at most 64 deep)."""
+    for key, value in obj.items():
+        if "." in key or "\\" in key:
+            key = _escape_key(key)
+        kind = type(value)
+        # The common kinds inline, in order of frequency; the rest as in _cell.
+        if kind is str:
+            out[prefix + key] = "'" + value if value and value[0] in FORMULA_STARTS else value
+        elif kind is dict:
+            if value:
+                _flatten_object(value, prefix + key + ".", out, encode)
+            else:
+                out[prefix + key] = "{}"
+        elif kind is int:
+            out[prefix + key] = str(value)
+        else:
+            out[prefix + key] = _cell(value, encode)
+
+
+def _cell(value: Any, encode: Callable[[Any], bytes]) -> str:
+    """Cell text of a decoded JSON value other than a non-empty object."""
+    kind = type(value)
+    if kind is str:
+        return _neutralise(value)
+    if kind is int:
+        return str(value)
+    if kind is msgspec.Raw:  # a non-integer number, as its JSON text
+        return bytes(value).decode("ascii")
+    if value is None:
+        return ""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if kind is dict:  # empty
+        return "{}"
+    return encode(value).decode("utf-8")  # an array, as compact JSON
+
+
+def make_writer(fmt: Format, *, single: bool, csv_columns: Sequence[str] | None = None) -> FormatWriter:
+    """A fresh writer for one export.
+
+    Args:
+        fmt: ``json``, ``ndjson`` or ``csv``.
+        single: a single-job export (exactly one row) rather than a range.
+        csv_columns: CSV only: the result columns, from :meth:`CsvColumns.columns` (required for a
+            range; for a single job the row's own columns are used when omitted). Ignored by the
+            other formats.
+
+    Raises:
+        ValueError: unknown format, or a CSV range export without ``csv_columns``.
+    """
+    if fmt == "json":
+        return JsonWriter(single=single)
+    if fmt == "ndjson":
+        return NdjsonWriter(single=single)
+    if fmt == "csv":
+        return CsvWriter(single=single, columns=csv_columns)
+    raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")

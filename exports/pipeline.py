@@ -1,0 +1,368 @@
+"""The export pipeline: single-job exports in one transaction, and durable range exports.
+
+Single-job export: one ``START TRANSACTION WITH CONSISTENT SNAPSHOT`` reads the job and records the
+export; the file is durable under its final name before the COMMIT and removed if the COMMIT fails.
+The unit is retried from BEGIN on transient errors (see :mod:`repositories.database`).
+
+Range export: a row in ``exports`` (state ``queued``) that a background :class:`ExportWorker` in some
+service process claims with a lease, streams from a server-side cursor in chunks, and finishes. Chunks
+are converted, encoded and written in a worker thread, so the event loop is never held by export work
+for longer than the interpreter's GIL switch interval (5 ms). A worker that dies stops renewing its
+lease; once the lease expires, another worker claims the export and starts it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import socket
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import structlog
+
+from config.settings import Settings
+from exports.files import AtomicExportFile, StorageFull, temp_files
+from exports.formats import CsvColumns, ExportRow, FormatWriter, make_writer
+from repositories.database import Connection, Database, DatabaseUnavailable
+from repositories.exports import Export, ExportParameters, ExportRepository
+from repositories.job_results import JobResultRepository, JobResultRow, JobResultStream, utcnow
+from service.schemas import format_timestamp
+
+log = structlog.get_logger("jobresults.exports")
+
+STORAGE_FULL_MESSAGE = "not enough storage for the export file"
+INTERNAL_ERROR_MESSAGE = "the export failed because of an internal error"
+
+
+class LeaseLost(Exception):
+    """Another worker took over this range export (our lease expired)."""
+
+
+def new_export_id() -> str:
+    """A random export id: 32 lowercase hex characters (128 bits)."""
+    return secrets.token_hex(16)
+
+
+def new_owner() -> str:
+    """A lease owner name unique to this process start: ``<host>-<pid>-<random>``, file-name safe."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _export_row(job_id: bytes | str, status: str, created_at: datetime, result: str | bytes) -> ExportRow:
+    return ExportRow(
+        job_id=job_id.decode("ascii") if isinstance(job_id, bytes) else job_id,
+        status=status,
+        created_at=format_timestamp(created_at),
+        result=result.encode() if isinstance(result, str) else result,
+    )
+
+
+def _row_of(stored: JobResultRow) -> ExportRow:
+    meta = stored.meta
+    return ExportRow(
+        job_id=meta.job_id, status=meta.status, created_at=format_timestamp(meta.created_at), result=stored.result
+    )
+
+
+def _write_chunk(file: AtomicExportFile, writer: FormatWriter, chunk: Sequence[tuple[Any, ...]]) -> int:
+    """Convert, encode and write one chunk of ``(job_id, status, created_at, result)`` rows (blocking)."""
+    rows = [_export_row(*row) for row in chunk]
+    file.write(writer.encode(rows))
+    return len(rows)
+
+
+def _collect_columns(columns: CsvColumns, chunk: Sequence[tuple[Any, ...]]) -> None:
+    columns.add([_export_row(*row) for row in chunk])
+
+
+def _write_single(
+    directory: Path, export_id: str, fmt: str, compression: str, owner: str, row: ExportRow
+) -> tuple[AtomicExportFile, int, str]:
+    writer = make_writer(fmt, single=True)  # type: ignore[arg-type]
+    file = AtomicExportFile(directory, export_id, writer.extension, compression, owner)
+    file.write(writer.begin() + writer.encode([row]) + writer.end())
+    size, sha256 = file.commit()
+    return file, size, sha256
+
+
+class ExportService:
+    """Runs exports for one service process. ``owner`` names this process in range-export leases."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.directory = settings.exports_path
+        self.owner = new_owner()
+        self.lease = timedelta(seconds=settings.export_lease_s)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- single-job exports ------------------------------------------------------------------
+
+    async def export_job(self, job_id: str, fmt: str, compression: str, requested_by: str | None) -> Export:
+        """Export one job's result synchronously; returns the committed export record.
+
+        Raises:
+            JobResultNotFound: no such job.
+            StorageFull: the disk is full; nothing partial is left.
+            DatabaseUnavailable: retries ran out.
+        """
+        files: list[AtomicExportFile] = []
+
+        async def unit(conn: Connection) -> Export:
+            stored = await JobResultRepository(conn).get(job_id)
+            export_id = new_export_id()
+            file, size, sha256 = await asyncio.to_thread(
+                _write_single, self.directory, export_id, fmt, compression, self.owner, _row_of(stored)
+            )
+            files.append(file)
+            now = utcnow()
+            return await ExportRepository(conn).insert(
+                export_id=export_id,
+                kind="job",
+                format=fmt,
+                compression=compression,
+                parameters=ExportParameters(job_id=job_id),
+                state="succeeded",
+                requested_by=requested_by,
+                rows_written=1,
+                bytes=size,
+                sha256=sha256,
+                file_name=file.path.name,
+                started_at=now,
+                finished_at=now,
+                attempts=1,
+            )
+
+        try:
+            export = await self.db.run(unit, snapshot=True)
+        except BaseException:
+            for file in files:  # the COMMIT did not happen: no file may outlive its row
+                await asyncio.to_thread(file.remove_final)
+            raise
+        for file in files[:-1]:  # earlier attempts that were rolled back and retried
+            await asyncio.to_thread(file.remove_final)
+        log.info("export.finished", export_id=export.export_id, kind="job", format=fmt, bytes=export.bytes)
+        return export
+
+    # --- range exports -----------------------------------------------------------------------
+
+    async def enqueue_range(
+        self, parameters: ExportParameters, fmt: str, compression: str, requested_by: str | None
+    ) -> Export:
+        """Record a queued range export and wake this process's worker."""
+        export = await self.db.run(
+            lambda conn: ExportRepository(conn).insert(
+                export_id=new_export_id(),
+                kind="range",
+                format=fmt,
+                compression=compression,
+                parameters=parameters,
+                state="queued",
+                requested_by=requested_by,
+            )
+        )
+        self._wake.set()
+        return export
+
+    async def run_next(self) -> bool:
+        """Claim one claimable range export and run it to the end; False if there was none."""
+        export = await self.db.run(lambda conn: ExportRepository(conn).claim(self.owner, self.lease))
+        if export is None:
+            return False
+        log.info("export.claimed", export_id=export.export_id, attempt=export.attempts, owner=self.owner)
+        await self._run_claimed(export)
+        return True
+
+    async def _run_claimed(self, export: Export) -> None:
+        try:
+            rows, size = await self.write_range(export)
+        except LeaseLost:
+            log.warning("export.lease_lost", export_id=export.export_id)
+        except StorageFull:
+            log.error("export.storage_full", export_id=export.export_id)
+            await self._settle(export, "fail", STORAGE_FULL_MESSAGE)
+        except (DatabaseUnavailable, pymysql.err.OperationalError) as exc:
+            if export.attempts >= self.settings.export_max_attempts:
+                await self._settle(export, "fail", "the database was unavailable; request the export again")
+            else:
+                log.warning("export.requeued", export_id=export.export_id, error=type(exc).__name__)
+                await self._settle(export, "requeue", "")
+        except asyncio.CancelledError:
+            # Shutting down: hand the export back so another worker needn't wait for the lease.
+            await asyncio.shield(self._settle(export, "requeue", ""))
+            raise
+        except Exception:
+            log.exception("export.failed", export_id=export.export_id)
+            await self._settle(export, "fail", INTERNAL_ERROR_MESSAGE)
+        else:
+            log.info("export.finished", export_id=export.export_id, kind="range", rows=rows, bytes=size)
+
+    async def _settle(self, export: Export, action: str, error: str) -> None:
+        async def unit(conn: Connection) -> bool:
+            repo = ExportRepository(conn)
+            return await (
+                repo.fail(export, self.owner, error) if action == "fail" else repo.requeue(export, self.owner)
+            )
+
+        try:
+            await self.db.run(unit)
+        except Exception:
+            # The lease will expire and another worker will claim the export again.
+            log.exception("export.settle_failed", export_id=export.export_id, action=action)
+
+    async def write_range(self, export: Export, *, progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+        """Stream the export's rows into its file and mark it succeeded; returns ``(rows, bytes)``.
+
+        Raises:
+            LeaseLost: another worker owns the export now; our file was discarded.
+            StorageFull: the disk is full; our file was discarded.
+        """
+        self._remove_stale_temp_files(export.export_id)
+        params = export.parameters
+        chunk_rows = self.settings.export_chunk_rows
+        file: AtomicExportFile | None = None
+        rows_written = 0
+        conn: Connection = await self.db.pool.acquire()
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+            stream = JobResultStream(conn)
+            columns: list[str] | None = None
+            renew_at = asyncio.get_running_loop().time() + self.lease.total_seconds() / 3
+            if export.format == "csv":
+                # Pass 1 (same snapshot): the union of the result columns, for the header row.
+                collector = CsvColumns()
+                async for chunk in stream.chunks(params.created_from, params.created_to, params.status, chunk_rows):
+                    await asyncio.to_thread(_collect_columns, collector, chunk)
+                    renew_at = await self._renew_if_due(export, 0, renew_at)
+                columns = collector.columns()
+            writer = make_writer(export.format, single=False, csv_columns=columns)  # type: ignore[arg-type]
+            file = await asyncio.to_thread(
+                AtomicExportFile, self.directory, export.export_id, writer.extension, export.compression, self.owner
+            )
+            await asyncio.to_thread(file.write, writer.begin())
+            async for chunk in stream.chunks(params.created_from, params.created_to, params.status, chunk_rows):
+                rows_written += await asyncio.to_thread(_write_chunk, file, writer, chunk)
+                if progress is not None:
+                    progress(rows_written)
+                renew_at = await self._renew_if_due(export, rows_written, renew_at)
+            await asyncio.to_thread(file.write, writer.end())
+            await conn.commit()
+        except BaseException:
+            conn.close()  # a half-read server-side cursor leaves the connection unusable
+            if file is not None:
+                await asyncio.to_thread(file.discard)
+            raise
+        finally:
+            self.db.release(conn)
+        size = await self._finish(export, file, rows_written)
+        return rows_written, size
+
+    async def _renew_if_due(self, export: Export, rows_written: int, renew_at: float) -> float:
+        now = asyncio.get_running_loop().time()
+        if now < renew_at:
+            return renew_at
+        renewed = await self.db.run(
+            lambda conn: ExportRepository(conn).renew(export, self.owner, self.lease, rows_written), transaction=False
+        )
+        if not renewed:
+            raise LeaseLost(export.export_id)
+        return now + self.lease.total_seconds() / 3
+
+    async def _finish(self, export: Export, file: AtomicExportFile, rows_written: int) -> int:
+        """Rename the file into place and mark the export succeeded, under the export's row lock."""
+        committed: list[tuple[int, str]] = []
+
+        async def unit(conn: Connection) -> None:
+            repo = ExportRepository(conn)
+            if not await repo.lock_owned(export, self.owner):
+                raise LeaseLost(export.export_id)
+            committed.append(await asyncio.to_thread(file.commit))
+            size, sha256 = committed[0]
+            await repo.succeed(
+                export, self.owner, rows_written=rows_written, size=size, sha256=sha256, file_name=file.path.name
+            )
+
+        try:
+            await self.db.run(unit, retry=False)
+        except BaseException:
+            if committed:
+                await asyncio.to_thread(file.remove_final)
+            else:
+                await asyncio.to_thread(file.discard)
+            raise
+        return committed[0][0]
+
+    # --- housekeeping and the worker loop -----------------------------------------------------
+
+    def _remove_stale_temp_files(self, export_id: str) -> None:
+        for path, temp_export_id, owner, _age in temp_files(self.directory):
+            if temp_export_id == export_id and owner != self.owner:
+                path.unlink(missing_ok=True)
+
+    async def remove_crash_leftovers(self) -> int:
+        """Remove temporary files left by crashed processes; returns how many were removed.
+
+        A temporary file is kept only while its export is running under a live lease of the owner
+        named in the file, or (single-job exports, recorded only at COMMIT) while it is younger than
+        the query timeout plus a minute.
+        """
+        temps = await asyncio.to_thread(temp_files, self.directory)
+        if not temps:
+            return 0
+        holders = await self.db.run(
+            lambda conn: ExportRepository(conn).lease_holders(sorted({t[1] for t in temps})), transaction=False
+        )
+        now = utcnow()
+        removed = 0
+        for path, export_id, owner, age in temps:
+            holder = holders.get(export_id)
+            if holder is None:
+                stale = age > self.settings.query_timeout_s + 60
+            else:
+                state, lease_owner, lease_until = holder
+                stale = not (state == "running" and lease_owner == owner and lease_until and lease_until > now)
+            if stale:
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("export.temp_files_removed", count=removed)
+        return removed
+
+    def start(self) -> None:
+        """Start the background worker loop (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="export-worker")
+
+    async def stop(self) -> None:
+        """Stop the worker; a running export is handed back to the queue."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        try:
+            await self.remove_crash_leftovers()
+        except Exception:
+            log.exception("export.cleanup_failed")
+        while True:
+            try:
+                ran = await self.run_next()
+            except Exception:
+                log.exception("export.worker_error")
+                ran = False
+            if not ran:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.export_poll_s)

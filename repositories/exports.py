@@ -1,0 +1,274 @@
+"""Hand-written SQL for the ``exports`` aggregate: export records, and the lease protocol of range exports.
+
+A range export is a durable job. A worker claims the oldest claimable row (``queued``, or ``running``
+with an expired lease) with ``SELECT ... FOR UPDATE SKIP LOCKED`` (MySQL 8.0.1+, MariaDB 10.6+), so two
+processes never take the same export; it renews its lease while it works and may only finish an export
+whose lease it still holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import msgspec
+
+from repositories.database import Connection
+from repositories.job_results import utcnow
+
+ExportState = Literal["queued", "running", "succeeded", "failed"]
+ExportKind = Literal["job", "range"]
+
+
+class ExportNotFound(Exception):
+    """No export has this id."""
+
+
+class ExportParameters(msgspec.Struct, omit_defaults=True, frozen=True):
+    """What an export covers: one ``job_id``, or ``[created_from, created_to)`` (naive UTC) and a status."""
+
+    job_id: str | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+    status: str | None = None
+
+
+class Export(msgspec.Struct, frozen=True):
+    """An export record. Timestamps are naive UTC; ``file_name`` is relative to the exports directory."""
+
+    id: int
+    export_id: str
+    kind: str
+    format: str
+    compression: str
+    parameters: ExportParameters
+    state: str
+    rows_written: int
+    bytes: int | None
+    sha256: str | None
+    file_name: str | None
+    error: str | None
+    requested_by: str | None
+    attempts: int
+    lease_owner: str | None
+    lease_until: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+_COLUMNS = (
+    "id, export_id, kind, format, compression, parameters, state, rows_written, bytes, sha256, file_name, "
+    "error, requested_by, attempts, lease_owner, lease_until, created_at, started_at, finished_at"
+)
+_PARAMS_DECODER = msgspec.json.Decoder(ExportParameters)
+_ENCODER = msgspec.json.Encoder()
+
+SQL_INSERT = (
+    f"INSERT INTO exports ({_COLUMNS}) VALUES (NULL, %(export_id)s, %(kind)s, %(format)s, %(compression)s, "  # noqa: S608
+    "%(parameters)s, %(state)s, %(rows_written)s, %(bytes)s, %(sha256)s, %(file_name)s, NULL, %(requested_by)s, "
+    "%(attempts)s, NULL, NULL, %(created_at)s, %(started_at)s, %(finished_at)s)"
+)
+SQL_GET = f"SELECT {_COLUMNS} FROM exports WHERE export_id = %(export_id)s"  # noqa: S608
+SQL_CLAIMABLE = (
+    "SELECT id FROM exports WHERE state = 'queued' OR (state = 'running' AND lease_until < %(now)s) "
+    "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+)
+SQL_CLAIM = (
+    "UPDATE exports SET state = 'running', attempts = attempts + 1, lease_owner = %(owner)s, "
+    "lease_until = %(lease_until)s, started_at = %(now)s, rows_written = 0 WHERE id = %(id)s"
+)
+SQL_RENEW = (
+    "UPDATE exports SET lease_until = %(lease_until)s, rows_written = %(rows_written)s "
+    "WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s"
+)
+SQL_LOCK_OWNED = "SELECT id FROM exports WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s FOR UPDATE"
+SQL_SUCCEED = (
+    "UPDATE exports SET state = 'succeeded', rows_written = %(rows_written)s, bytes = %(bytes)s, "
+    "sha256 = %(sha256)s, file_name = %(file_name)s, error = NULL, lease_owner = NULL, lease_until = NULL, "
+    "finished_at = %(now)s WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s"
+)
+SQL_FAIL = (
+    "UPDATE exports SET state = 'failed', error = %(error)s, lease_owner = NULL, lease_until = NULL, "
+    "finished_at = %(now)s WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s"
+)
+SQL_REQUEUE = (
+    "UPDATE exports SET state = 'queued', lease_owner = NULL, lease_until = NULL, rows_written = 0 "
+    "WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s"
+)
+
+
+def _export(row: tuple[Any, ...]) -> Export:
+    return Export(
+        id=row[0],
+        export_id=row[1],
+        kind=row[2],
+        format=row[3],
+        compression=row[4],
+        parameters=_PARAMS_DECODER.decode(row[5]),
+        state=row[6],
+        rows_written=row[7],
+        bytes=row[8],
+        sha256=row[9],
+        file_name=row[10],
+        error=row[11],
+        requested_by=row[12],
+        attempts=row[13],
+        lease_owner=row[14],
+        lease_until=row[15],
+        created_at=row[16],
+        started_at=row[17],
+        finished_at=row[18],
+    )
+
+
+class ExportRepository:
+    """Reads and writes ``exports`` rows on one connection; never opens or ends transactions."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    async def insert(
+        self,
+        *,
+        export_id: str,
+        kind: ExportKind,
+        format: str,
+        compression: str,
+        parameters: ExportParameters,
+        state: ExportState,
+        requested_by: str | None,
+        rows_written: int = 0,
+        bytes: int | None = None,
+        sha256: str | None = None,
+        file_name: str | None = None,
+        started_at: datetime | None = None,
+        finished_at: datetime | None = None,
+        attempts: int = 0,
+    ) -> Export:
+        """Record an export and return it as stored."""
+        now = utcnow()
+        params = {
+            "export_id": export_id,
+            "kind": kind,
+            "format": format,
+            "compression": compression,
+            "parameters": _ENCODER.encode(parameters).decode(),
+            "state": state,
+            "rows_written": rows_written,
+            "bytes": bytes,
+            "sha256": sha256,
+            "file_name": file_name,
+            "requested_by": requested_by,
+            "attempts": attempts,
+            "created_at": now,
+            "started_at": started_at,
+            "finished_at": finished_at,
+        }
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_INSERT, params)
+        return await self.get(export_id)
+
+    async def get(self, export_id: str) -> Export:
+        """The export with this public id.
+
+        Raises:
+            ExportNotFound: no such export.
+        """
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_GET, {"export_id": export_id})
+            row = await cur.fetchone()
+        if row is None:
+            raise ExportNotFound(export_id)
+        return _export(row)
+
+    async def list(self, *, state: str | None, before_id: int | None, limit: int) -> list[Export]:
+        """Exports newest first (keyset on ``id``): at most ``limit``, with ``id < before_id`` if given."""
+        where: list[str] = []
+        params: dict[str, object] = {"limit": limit}
+        if state is not None:
+            where.append("state = %(state)s")
+            params["state"] = state
+        if before_id is not None:
+            where.append("id < %(before_id)s")
+            params["before_id"] = before_id
+        sql = f"SELECT {_COLUMNS} FROM exports"  # noqa: S608 - only fixed fragments are joined
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT %(limit)s"
+        async with self.conn.cursor() as cur:
+            await cur.execute(sql, params)
+            rows = await cur.fetchall()
+        return [_export(row) for row in rows]
+
+    async def claim(self, owner: str, lease: timedelta) -> Export | None:
+        """Claim the oldest queued export, or a running one whose lease expired; None if there is none.
+
+        Must run inside a transaction: the row stays locked until it commits.
+        """
+        now = utcnow()
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_CLAIMABLE, {"now": now})
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            await cur.execute(SQL_CLAIM, {"id": row[0], "owner": owner, "lease_until": now + lease, "now": now})
+            await cur.execute(f"SELECT {_COLUMNS} FROM exports WHERE id = %(id)s", {"id": row[0]})  # noqa: S608
+            claimed = await cur.fetchone()
+        return _export(claimed)
+
+    async def renew(self, export: Export, owner: str, lease: timedelta, rows_written: int) -> bool:
+        """Extend the lease and record progress; False if the lease was lost to another worker."""
+        params = {"id": export.id, "owner": owner, "lease_until": utcnow() + lease, "rows_written": rows_written}
+        async with self.conn.cursor() as cur:
+            changed = await cur.execute(SQL_RENEW, params)
+        return bool(changed)
+
+    async def lock_owned(self, export: Export, owner: str) -> bool:
+        """Row-lock the export if ``owner`` still holds its lease (inside a transaction)."""
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_LOCK_OWNED, {"id": export.id, "owner": owner})
+            return await cur.fetchone() is not None
+
+    async def succeed(
+        self, export: Export, owner: str, *, rows_written: int, size: int, sha256: str, file_name: str
+    ) -> bool:
+        """Mark the export succeeded; False if ``owner`` no longer holds its lease."""
+        params = {
+            "id": export.id,
+            "owner": owner,
+            "rows_written": rows_written,
+            "bytes": size,
+            "sha256": sha256,
+            "file_name": file_name,
+            "now": utcnow(),
+        }
+        async with self.conn.cursor() as cur:
+            changed = await cur.execute(SQL_SUCCEED, params)
+        return bool(changed)
+
+    async def fail(self, export: Export, owner: str, error: str) -> bool:
+        """Mark the export failed with a message safe to show clients."""
+        params = {"id": export.id, "owner": owner, "error": error[:255], "now": utcnow()}
+        async with self.conn.cursor() as cur:
+            changed = await cur.execute(SQL_FAIL, params)
+        return bool(changed)
+
+    async def requeue(self, export: Export, owner: str) -> bool:
+        """Give the export back to the queue (after a transient failure)."""
+        async with self.conn.cursor() as cur:
+            changed = await cur.execute(SQL_REQUEUE, {"id": export.id, "owner": owner})
+        return bool(changed)
+
+    async def lease_holders(self, export_ids: Sequence[str]) -> dict[str, tuple[str, str | None, datetime | None]]:
+        """``export_id -> (state, lease_owner, lease_until)`` for the ids that exist."""
+        if not export_ids:
+            return {}
+        async with self.conn.cursor() as cur:
+            await cur.execute(
+                "SELECT export_id, state, lease_owner, lease_until FROM exports WHERE export_id IN %(ids)s",
+                {"ids": tuple(export_ids)},
+            )
+            rows = await cur.fetchall()
+        return {row[0]: (row[1], row[2], row[3]) for row in rows}

@@ -1,0 +1,344 @@
+"""API v1: exports of one job or a time range to json, ndjson or csv files, and their download."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import HeaderParameter, PathParameter, QueryParameter
+from litestar.response import Stream
+
+from exports.files import StorageFull, UnsafeExportPath, resolve_inside
+from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService
+from repositories.database import Database
+from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository
+from service.controllers.job_results import checked_job_id, entity_tags
+from service.problems import ApiError, problem_responses
+from service.schemas import JOB_ID_RULE, format_timestamp, parse_timestamp
+
+Format = Literal["json", "ndjson", "csv"]
+Compression = Literal["none", "gzip"]
+ExportState = Literal["queued", "running", "succeeded", "failed"]
+EXPORT_ID = re.compile(r"[0-9a-f]{32}")
+MEDIA_TYPES = {
+    "json": "application/json",
+    "ndjson": "application/x-ndjson",
+    "csv": "text/csv",
+}  # Litestar appends "; charset=utf-8" to text/*
+READ_CHUNK = 256 * 1024
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+class JobExportRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /v1/job-results/{job_id}/exports``."""
+
+    format: Format
+    compression: Compression = "none"
+
+
+class RangeExportRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /v1/exports``: results with ``created_from <= created_at < created_to`` (RFC 3339)."""
+
+    format: Format
+    created_from: str
+    created_to: str
+    compression: Compression = "none"
+    status: Literal["succeeded", "failed", "cancelled"] | None = None
+
+
+class ExportRecord(msgspec.Struct, omit_defaults=True):
+    """An export: what it covers, its state and progress, and where to download it once it succeeded."""
+
+    export_id: str
+    kind: Literal["job", "range"]
+    format: Format
+    compression: Compression
+    state: ExportState
+    rows_written: int
+    created_at: str
+    job_id: str | None = None
+    created_from: str | None = None
+    created_to: str | None = None
+    status: str | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    error: str | None = None
+    requested_by: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    content_url: str | None = None
+
+    @classmethod
+    def build(cls, export: Export) -> ExportRecord:
+        """From a stored export."""
+        params = export.parameters
+        return cls(
+            export_id=export.export_id,
+            kind=export.kind,  # type: ignore[arg-type]
+            format=export.format,  # type: ignore[arg-type]
+            compression=export.compression,  # type: ignore[arg-type]
+            state=export.state,  # type: ignore[arg-type]
+            rows_written=export.rows_written,
+            created_at=format_timestamp(export.created_at),
+            job_id=params.job_id,
+            created_from=format_timestamp(params.created_from) if params.created_from else None,
+            created_to=format_timestamp(params.created_to) if params.created_to else None,
+            status=params.status,
+            bytes=export.bytes,
+            sha256=export.sha256,
+            error=export.error,
+            requested_by=export.requested_by,
+            started_at=format_timestamp(export.started_at) if export.started_at else None,
+            finished_at=format_timestamp(export.finished_at) if export.finished_at else None,
+            content_url=f"/v1/exports/{export.export_id}/content" if export.state == "succeeded" else None,
+        )
+
+
+class ExportPage(msgspec.Struct):
+    """A page of exports, newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+
+    items: list[ExportRecord]
+    next_cursor: str | None
+
+
+def requested_by(request: Request[Any, Any, Any]) -> str:
+    """Who asked for an export. Until API keys exist, the client address (``ip:<address>``)."""
+    client = request.client
+    return f"ip:{client.host}" if client else "ip:unknown"
+
+
+def _storage_full() -> ApiError:
+    return ApiError(507, STORAGE_FULL_MESSAGE, slug="insufficient-storage")
+
+
+async def _get_export(db: Database, export_id: str) -> Export:
+    if not EXPORT_ID.fullmatch(export_id):
+        raise ApiError(404, f"no export with id {export_id!r}", slug="export-not-found")
+    try:
+        return await db.run(lambda conn: ExportRepository(conn).get(export_id), transaction=False)
+    except ExportNotFound:
+        raise ApiError(404, f"no export with id {export_id!r}", slug="export-not-found") from None
+
+
+class JobExportController(Controller):
+    """``POST /v1/job-results/{job_id}/exports``: export one job's result synchronously."""
+
+    path = "/v1/job-results"
+    tags = ["exports"]  # noqa: RUF012 - Litestar reads this class attribute
+
+    @post(
+        "/{job_id:str}/exports",
+        summary="Export one job's result to a file",
+        description=(
+            "Synchronous: 201 with the export record once the file is complete and recorded. Reading the job "
+            "and recording the export happen in one transaction on one snapshot."
+        ),
+        status_code=201,
+        responses=problem_responses(400, 404, 503, 507),
+    )
+    async def export_job(
+        self,
+        request: Request[Any, Any, Any],
+        exports: NamedDependency[ExportService],
+        job_id: Annotated[str, PathParameter(description=JOB_ID_RULE)],
+        data: JobExportRequest,
+    ) -> Response[ExportRecord]:
+        """Write the job's result as ``format`` and return the export record."""
+        checked_job_id(job_id)
+        try:
+            export = await exports.export_job(job_id, data.format, data.compression, requested_by(request))
+        except StorageFull:
+            raise _storage_full() from None
+        return Response(
+            ExportRecord.build(export), status_code=201, headers={"Location": f"/v1/exports/{export.export_id}"}
+        )
+
+
+class ExportController(Controller):
+    """``/v1/exports``: range exports, export records and their content."""
+
+    path = "/v1/exports"
+    tags = ["exports"]  # noqa: RUF012 - Litestar reads this class attribute
+
+    @post(
+        "/",
+        summary="Export a time range of job results to a file (asynchronous)",
+        description=(
+            "202 Accepted with `Location: /v1/exports/{export_id}`. The export runs in the background, "
+            "survives restarts, and is done when its state is `succeeded` (or `failed`)."
+        ),
+        status_code=202,
+        responses=problem_responses(400, 503),
+    )
+    async def create_range_export(
+        self, request: Request[Any, Any, Any], exports: NamedDependency[ExportService], data: RangeExportRequest
+    ) -> Response[ExportRecord]:
+        """Queue a range export."""
+        lower = parse_timestamp(data.created_from, "created_from")
+        upper = parse_timestamp(data.created_to, "created_to")
+        if lower is not None and upper is not None and lower >= upper:
+            raise ApiError(400, "created_from must be earlier than created_to", slug="invalid-request")
+        parameters = ExportParameters(created_from=lower, created_to=upper, status=data.status)
+        export = await exports.enqueue_range(parameters, data.format, data.compression, requested_by(request))
+        return Response(
+            ExportRecord.build(export), status_code=202, headers={"Location": f"/v1/exports/{export.export_id}"}
+        )
+
+    @get("/{export_id:str}", summary="Read an export's state and progress", responses=problem_responses(404, 503))
+    async def get_export(
+        self, db: NamedDependency[Database], export_id: Annotated[str, PathParameter(description="Export id.")]
+    ) -> ExportRecord:
+        """State, progress (rows written so far), size, sha256 and, once succeeded, the content URL."""
+        return ExportRecord.build(await _get_export(db, export_id))
+
+    @get("/", summary="List exports, newest first", responses=problem_responses(400, 503))
+    async def list_exports(
+        self,
+        db: NamedDependency[Database],
+        state_filter: Annotated[
+            ExportState | None, QueryParameter(name="state", description="Only exports in this state.")
+        ] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000, description="Page size, 1..1000.")] = 100,
+        cursor: Annotated[str | None, QueryParameter(description="next_cursor of the previous page.")] = None,
+    ) -> ExportPage:
+        """A page of export records."""
+        before_id = _decode_cursor(cursor) if cursor else None
+        rows = await db.run(
+            lambda conn: ExportRepository(conn).list(state=state_filter, before_id=before_id, limit=limit + 1),
+            transaction=False,
+        )
+        page = rows[:limit]
+        next_cursor = _encode_cursor(page[-1].id) if len(rows) > limit else None
+        return ExportPage(items=[ExportRecord.build(export) for export in page], next_cursor=next_cursor)
+
+    @get(
+        "/{export_id:str}/content",
+        summary="Download an export's file",
+        description=(
+            "Streams the file with `Content-Disposition: attachment` and `ETag` (its sha256). Supports "
+            "`Range: bytes=...` (206, or 416), `If-Range` and `If-None-Match`. 409 while the export is not "
+            "finished. gzip exports are served as `application/gzip` (the file itself is gzip)."
+        ),
+        responses={
+            206: ResponseSpec(
+                data_container=bytes, description="Partial Content", media_type="application/octet-stream"
+            ),
+            **problem_responses(404, 409, 416),
+        },
+    )
+    async def get_content(
+        self,
+        db: NamedDependency[Database],
+        request: Request[Any, Any, Any],
+        export_id: Annotated[str, PathParameter(description="Export id.")],
+        range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
+        if_range: Annotated[str | None, HeaderParameter(name="If-Range")] = None,
+        if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
+    ) -> Response[bytes]:
+        """The export's file, whole or one byte range (RFC 9110 section 14)."""
+        export = await _get_export(db, export_id)
+        if export.state != "succeeded" or not export.file_name or export.sha256 is None:
+            raise ApiError(
+                409,
+                f"the export is {export.state}; its content is available once it succeeded",
+                slug="export-not-ready",
+            )
+        settings = request.app.state.settings
+        try:
+            path = resolve_inside(settings.exports_path, export.file_name)
+            size = (await asyncio.to_thread(path.stat)).st_size
+        except (UnsafeExportPath, FileNotFoundError):
+            raise ApiError(404, "the export's file is no longer available", slug="export-file-missing") from None
+        etag = f'"{export.sha256}"'
+        media_type = "application/gzip" if export.compression == "gzip" else MEDIA_TYPES[export.format]
+        headers = {
+            "ETag": etag,
+            "Accept-Ranges": "bytes",
+            "Content-Disposition": f'attachment; filename="{export.file_name}"',
+        }
+        tags = entity_tags(if_none_match)
+        if tags == "*" or (tags and etag in tags):
+            not_modified: Response[bytes] = Response(content=b"", status_code=304, headers=headers)
+            return not_modified
+        start, end = 0, size - 1
+        status = 200
+        if range_header is not None and (if_range is None or if_range.strip() == etag):
+            byte_range = _parse_range(range_header, size)
+            if byte_range is None:
+                raise ApiError(
+                    416,
+                    f"Range must be one satisfiable byte range of the {size}-byte file, e.g. bytes=0-1023",
+                    slug="range-not-satisfiable",
+                    headers={"Content-Range": f"bytes */{size}"},
+                )
+            if byte_range != (0, size - 1):
+                start, end = byte_range
+                status = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        headers["Content-Length"] = str(end - start + 1 if size else 0)
+        return Stream(  # type: ignore[return-value]
+            _read(path, start, end + 1), status_code=status, media_type=media_type, headers=headers
+        )
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """A single ``bytes=`` range as inclusive ``(start, end)``; None if unsatisfiable or not understood.
+
+    Source: RFC 9110 section 14.1.2. Multiple ranges are not supported (answered with 416).
+    """
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or size == 0:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:  # suffix: the last N bytes
+        length = int(last)
+        if length == 0:
+            return None
+        return max(0, size - length), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or (last and int(last) < start):
+        return None
+    return start, end
+
+
+async def _read(path: Path, start: int, stop: int) -> AsyncIterator[bytes]:
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        await asyncio.to_thread(handle.seek, start)
+        remaining = stop - start
+        while remaining > 0:
+            data = await asyncio.to_thread(handle.read, min(READ_CHUNK, remaining))
+            if not data:
+                break
+            remaining -= len(data)
+            yield data
+    finally:
+        await asyncio.to_thread(handle.close)
+
+
+def _encode_cursor(export_pk: int) -> str:
+    return base64.urlsafe_b64encode(str(export_pk).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(value: str) -> int:
+    try:
+        decoded = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
+        if not decoded.isdigit():
+            raise ValueError(decoded)
+        return int(decoded)
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise ApiError(
+            400, "cursor is not valid: pass the next_cursor of a previous page unchanged", slug="invalid-request"
+        ) from None
