@@ -98,6 +98,7 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         pool_min_size=1,
         pool_max_size=4,
         log_level="warning",
+        export_poll_s=0.1,
     )
 
 
