@@ -182,6 +182,34 @@ class ExportService:
         await self._run_claimed(export)
         return True
 
+    async def run_now(self, export_id: str, *, progress: Callable[[int], None] | None = None) -> Export:
+        """Claim the queued export ``export_id`` and run it in this process (the CLI's path).
+
+        Raises:
+            ExportNotFound: no such export.
+            RuntimeError: the export is not queued (another worker has it, or it is done).
+            StorageFull, LeaseLost: as :meth:`write_range`.
+        """
+        export = await self.db.run(lambda conn: ExportRepository(conn).claim_one(export_id, self.owner, self.lease))
+        if export is None:
+            raise RuntimeError(f"export {export_id} is not queued")
+        try:
+            await self.write_range(export, progress=progress)
+        except StorageFull:
+            await self._settle(export, "fail", STORAGE_FULL_MESSAGE)
+            raise
+        except BaseException:
+            await asyncio.shield(self._settle(export, "fail", INTERNAL_ERROR_MESSAGE))
+            raise
+        return await self.db.run(lambda conn: ExportRepository(conn).get(export_id), transaction=False)
+
+    async def count_rows(self, parameters: ExportParameters) -> int:
+        """How many job results a range export with these parameters covers now."""
+        return await self.db.run(
+            lambda conn: JobResultStream(conn).count(parameters.created_from, parameters.created_to, parameters.status),
+            transaction=False,
+        )
+
     async def _run_claimed(self, export: Export) -> None:
         try:
             rows, size = await self.write_range(export)

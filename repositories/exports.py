@@ -218,6 +218,20 @@ class ExportRepository:
             claimed = await cur.fetchone()
         return _export(claimed)
 
+    async def claim_one(self, export_id: str, owner: str, lease: timedelta) -> Export | None:
+        """Claim this queued export (inside a transaction); None if it is not queued or is locked."""
+        now = utcnow()
+        async with self.conn.cursor() as cur:
+            await cur.execute(
+                "SELECT id FROM exports WHERE export_id = %(export_id)s AND state = 'queued' FOR UPDATE SKIP LOCKED",
+                {"export_id": export_id},
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            await cur.execute(SQL_CLAIM, {"id": row[0], "owner": owner, "lease_until": now + lease, "now": now})
+        return await self.get(export_id)
+
     async def renew(self, export: Export, owner: str, lease: timedelta, rows_written: int) -> bool:
         """Extend the lease and record progress; False if the lease was lost to another worker."""
         params = {"id": export.id, "owner": owner, "lease_until": utcnow() + lease, "rows_written": rows_written}

@@ -1,4 +1,4 @@
-"""``jobresults``: the operator's command line (``migrate``, ``serve``)."""
+"""``jobresults``: the operator's command line (migrate, serve, import, export, openapi)."""
 
 from __future__ import annotations
 
@@ -70,12 +70,99 @@ def cmd_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import JSON files as job results; exit 1 if any file was refused."""
+    import asyncio
+    from pathlib import Path
+
+    from observability.logging import configure_logging
+    from service.operator import import_files
+
+    settings = _settings()
+    configure_logging("warning")
+    report = asyncio.run(import_files(settings, [Path(p) for p in args.paths], job_id=args.job_id, status=args.status))
+    for path, job_id, outcome in report.imported:
+        print(f"{outcome}: {job_id} <- {path}")
+    for path, reason in report.refused:
+        print(f"refused: {path}: {reason}", file=sys.stderr)
+    print(f"{len(report.imported)} imported, {len(report.refused)} refused")
+    return 1 if report.refused else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export one job or a time range to ``--out`` through the API's export pipeline."""
+    import asyncio
+    from pathlib import Path
+
+    from exports.files import StorageFull
+    from observability.logging import configure_logging
+    from repositories.exports import ExportParameters
+    from repositories.job_results import JobResultNotFound
+    from service.operator import export_to_file
+    from service.schemas import InvalidParameter, is_valid_job_id, parse_timestamp
+
+    settings = _settings()
+    configure_logging("warning")
+    parameters = None
+    if args.job is not None:
+        if not is_valid_job_id(args.job):
+            print(f"jobresults: --job {args.job!r} is not a valid job id", file=sys.stderr)
+            return 2
+    else:
+        try:
+            parameters = ExportParameters(
+                created_from=parse_timestamp(args.created_from, "--from"),
+                created_to=parse_timestamp(args.created_to, "--to"),
+                status=args.status,
+            )
+        except InvalidParameter as exc:
+            print(f"jobresults: {exc}", file=sys.stderr)
+            return 2
+    try:
+        export = asyncio.run(
+            export_to_file(
+                settings,
+                fmt=args.format,
+                compression=args.compression,
+                out=Path(args.out),
+                job_id=args.job,
+                parameters=parameters,
+            )
+        )
+    except JobResultNotFound:
+        print(f"jobresults: no job result with job_id {args.job!r}", file=sys.stderr)
+        return 1
+    except StorageFull:
+        print("jobresults: not enough storage for the export file", file=sys.stderr)
+        return 1
+    print(
+        f"export {export.export_id}: {export.rows_written} rows, {export.bytes} bytes, "
+        f"sha256 {export.sha256} -> {args.out}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jobresults`` command."""
     parser = argparse.ArgumentParser(prog="jobresults", description="Job Result Service operator commands.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply pending schema migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("serve", help="serve the API with Granian").set_defaults(func=cmd_serve)
+    importer = sub.add_parser("import", help="store JSON files as job results (one file, one job)")
+    importer.add_argument("paths", nargs="+", help="JSON files, or directories searched for *.json")
+    importer.add_argument("--job-id", help="job id for a single file (default: the file name without suffix)")
+    importer.add_argument("--status", choices=["succeeded", "failed", "cancelled"], default="succeeded")
+    importer.set_defaults(func=cmd_import)
+    exporter = sub.add_parser("export", help="export one job or a time range to a file, with a progress bar")
+    exporter.add_argument("--format", required=True, choices=["json", "ndjson", "csv"])
+    exporter.add_argument("--compression", choices=["none", "gzip"], default="none")
+    which = exporter.add_mutually_exclusive_group(required=True)
+    which.add_argument("--job", help="export this job's result")
+    which.add_argument("--from", dest="created_from", help="range start, RFC 3339 (inclusive)")
+    exporter.add_argument("--to", dest="created_to", help="range end, RFC 3339 (exclusive)")
+    exporter.add_argument("--status", choices=["succeeded", "failed", "cancelled"])
+    exporter.add_argument("--out", required=True, help="file to write")
+    exporter.set_defaults(func=cmd_export)
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.add_argument("--out", help="write to this file instead of stdout")
     openapi.set_defaults(func=cmd_openapi)

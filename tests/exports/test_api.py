@@ -49,8 +49,8 @@ async def download(client: Client, record: dict) -> bytes:
     return gzip.decompress(data) if record["compression"] == "gzip" else data
 
 
-async def wait_done(client: Client, export_id: str, timeout: float = 30) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_done(client: Client, export_id: str, limit_s: float = 30) -> dict:
+    deadline = asyncio.get_running_loop().time() + limit_s
     while True:
         record = (await client.get(f"/v1/exports/{export_id}")).json()
         if record["state"] in ("succeeded", "failed"):
@@ -67,9 +67,7 @@ async def wait_done(client: Client, export_id: str, timeout: float = 30) -> dict
 async def test_single_job_export(client: Client, job_id: str, fmt: str, compression: str) -> None:
     result = {"metrics": {"duration_ms": 1200, "big": 18446744073709551615}, "tags": ["ci"], "note": "=cmd()"}
     stored = await put(client, job_id, result, "failed")
-    response = await client.post(
-        f"/v1/job-results/{job_id}/exports", json={"format": fmt, "compression": compression}
-    )
+    response = await client.post(f"/v1/job-results/{job_id}/exports", json={"format": fmt, "compression": compression})
     assert response.status_code == 201, response.text
     record = response.json()
     assert response.headers["location"] == f"/v1/exports/{record['export_id']}"
@@ -147,7 +145,9 @@ REAL_FILES = sorted(p for p in REALDATA.glob("*/*.json") if p.name != "govulnche
 async def test_real_documents_export_in_every_format(client: Client, job_id: str, path: Path) -> None:
     raw = path.read_bytes()
     content = b'{"status": "succeeded", "result": ' + raw + b"}"
-    stored = await client.put(f"/v1/job-results/{job_id}", content=content, headers={"Content-Type": "application/json"})
+    stored = await client.put(
+        f"/v1/job-results/{job_id}", content=content, headers={"Content-Type": "application/json"}
+    )
     assert stored.status_code == 201
     expected = json.loads(raw)
     for fmt in FORMATS:
@@ -226,7 +226,8 @@ async def test_range_is_half_open_with_status_filter(client: Client, job_id: str
 
 async def test_empty_range(client: Client) -> None:
     response = await client.post(
-        "/v1/exports", json={"format": "json", "created_from": "1970-01-01T00:00:00Z", "created_to": "1970-01-02T00:00:00+01:00"}
+        "/v1/exports",
+        json={"format": "json", "created_from": "1970-01-01T00:00:00Z", "created_to": "1970-01-02T00:00:00+01:00"},
     )
     record = await wait_done(client, response.json()["export_id"])
     assert record["rows_written"] == 0
@@ -240,8 +241,15 @@ async def test_empty_range(client: Client) -> None:
         ({"format": "json", "created_from": "yesterday", "created_to": "2026-01-01T00:00:00Z"}, "RFC 3339"),
         ({"format": "json", "created_from": "2026-02-01T00:00:00Z", "created_to": "2026-01-01T00:00:00Z"}, "earlier"),
         ({"format": "pdf", "created_from": "2026-01-01T00:00:00Z", "created_to": "2026-02-01T00:00:00Z"}, "format"),
-        ({"format": "csv", "created_from": "2026-01-01T00:00:00Z", "created_to": "2026-02-01T00:00:00Z",
-          "status": "done"}, "status"),
+        (
+            {
+                "format": "csv",
+                "created_from": "2026-01-01T00:00:00Z",
+                "created_to": "2026-02-01T00:00:00Z",
+                "status": "done",
+            },
+            "status",
+        ),
     ],
 )
 async def test_bad_range_requests_are_400(client: Client, body: dict, fragment: str) -> None:
@@ -285,7 +293,8 @@ async def idle_client(settings: Settings) -> AsyncIterator[Client]:
 
 async def test_content_is_409_until_finished(idle_client: Client) -> None:
     response = await idle_client.post(
-        "/v1/exports", json={"format": "json", "created_from": "1971-01-01T00:00:00Z", "created_to": "1971-01-02T00:00:00Z"}
+        "/v1/exports",
+        json={"format": "json", "created_from": "1971-01-01T00:00:00Z", "created_to": "1971-01-02T00:00:00Z"},
     )
     export_id = response.json()["export_id"]
     record = (await idle_client.get(f"/v1/exports/{export_id}")).json()

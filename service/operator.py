@@ -1,0 +1,129 @@
+"""Operator commands behind ``jobresults import`` and ``jobresults export``.
+
+They use the same validation and the same export pipeline as the API.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
+
+import msgspec
+from tqdm import tqdm
+
+from config.settings import Settings
+from exports.pipeline import ExportService
+from repositories.database import Connection, Database
+from repositories.exports import Export, ExportParameters
+from repositories.job_results import JobResultMeta, JobResultRepository
+from service.json_fidelity import MalformedJSON, UnfaithfulJSON, check_document
+from service.schemas import JOB_ID_RULE, is_valid_job_id
+
+
+class ImportReport(msgspec.Struct):
+    """What ``import_files`` did: ``(path, job_id, "created"|"replaced")`` and ``(path, reason)``."""
+
+    imported: list[tuple[str, str, str]]
+    refused: list[tuple[str, str]]
+
+
+def _files(paths: Iterable[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*.json") if p.is_file())
+        else:
+            yield path
+
+
+def _upsert(job_id: str, status: str, text: str) -> Callable[[Connection], Awaitable[tuple[JobResultMeta, bool]]]:
+    async def unit(conn: Connection) -> tuple[JobResultMeta, bool]:
+        return await JobResultRepository(conn).upsert(job_id, status, text)
+
+    return unit
+
+
+async def import_files(settings: Settings, paths: list[Path], *, job_id: str | None, status: str) -> ImportReport:
+    """Store each JSON file as one job's result; the job id is the file name without its last suffix.
+
+    Files are checked exactly as ``PUT /v1/job-results/{job_id}`` checks bodies (job id rule, size cap,
+    JSON fidelity); refused files are reported with the reason and nothing of them is stored.
+    """
+    report = ImportReport(imported=[], refused=[])
+    files = list(_files(paths))
+    if job_id is not None and len(files) != 1:
+        report.refused.append(("--job-id", "--job-id names one job, so give exactly one file"))
+        return report
+    db = await Database.open(settings)
+    try:
+        for path in files:
+            name = job_id or path.stem
+            reason = None
+            if not is_valid_job_id(name):
+                reason = f"{name!r} is not a valid job id ({JOB_ID_RULE}); pass --job-id"
+            elif not path.is_file():
+                reason = "no such file"
+            elif path.stat().st_size > settings.max_body_bytes:
+                reason = f"larger than JOBRESULTS_MAX_BODY_BYTES ({settings.max_body_bytes} bytes)"
+            if reason is None:
+                try:
+                    text = check_document(path.read_bytes())
+                except MalformedJSON as exc:
+                    reason = f"not one JSON document: {exc}"
+                except UnfaithfulJSON as exc:
+                    reason = f"cannot be stored faithfully: {exc.path}: {exc.reason}"
+            if reason is not None:
+                report.refused.append((str(path), reason))
+                continue
+            _meta, created = await db.run(_upsert(name, status, text))
+            report.imported.append((str(path), name, "created" if created else "replaced"))
+    finally:
+        await db.close()
+    return report
+
+
+async def export_to_file(
+    settings: Settings,
+    *,
+    fmt: str,
+    compression: str,
+    out: Path,
+    job_id: str | None = None,
+    parameters: ExportParameters | None = None,
+) -> Export:
+    """Run an export through the API's pipeline (recorded in ``exports``) and copy its file to ``out``.
+
+    Shows a progress bar (rows, rate, ETA) on stderr for range exports.
+
+    Raises:
+        JobResultNotFound: ``job_id`` names no job.
+        StorageFull: the exports directory's disk is full.
+    """
+    db = await Database.open(settings)
+    try:
+        service = ExportService(db, settings)
+        requested_by = f"cli:{_user()}"
+        if job_id is not None:
+            export = await service.export_job(job_id, fmt, compression, requested_by)
+        else:
+            assert parameters is not None
+            total = await service.count_rows(parameters)
+            queued = await service.enqueue_range(parameters, fmt, compression, requested_by)
+            with tqdm(total=total, unit="rows", unit_scale=True, file=sys.stderr, desc="export") as bar:
+                export = await service.run_now(queued.export_id, progress=lambda rows: bar.update(rows - bar.n))
+    finally:
+        await db.close()
+    source = settings.exports_path / str(export.file_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, out)
+    return export
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())

@@ -1,0 +1,104 @@
+"""`jobresults import` and `jobresults export`: same validation and pipeline as the API."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REALDATA
+
+JOBRESULTS = str(Path(sys.executable).parent / "jobresults")
+csv.field_size_limit(2**31 - 1)
+
+
+def run(database_url: str, exports_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
+    env.update({"JOBRESULTS_DATABASE_URL": database_url, "JOBRESULTS_EXPORTS_DIR": str(exports_dir)})
+    return subprocess.run([JOBRESULTS, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.fixture
+def inputs(tmp_path: Path, job_id: str) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / f"{job_id}-ok.json").write_text('{"metrics": {"ms": 5}, "big": 18446744073709551615}')
+    (folder / f"{job_id}-dup.json").write_text('{"a": 1, "a": 2}')
+    (folder / f"{job_id}-huge-int.json").write_text('{"n": [1, 18446744073709551616]}')
+    (folder / "bad name.json").write_text("{}")
+    (folder / f"{job_id}-broken.json").write_text('{"a": ')
+    return folder
+
+
+def test_import_reports_what_it_refused_and_why(database_url: str, tmp_path: Path, inputs: Path, job_id: str) -> None:
+    done = run(database_url, tmp_path / "exports", "import", str(inputs))
+    assert done.returncode == 1
+    assert f"created: {job_id}-ok" in done.stdout
+    assert "1 imported, 4 refused" in done.stdout
+    refused = {line.split(": ", 2)[1]: line for line in done.stderr.splitlines() if line.startswith("refused:")}
+    assert "duplicate object key" in refused[str(inputs / f"{job_id}-dup.json")]
+    assert "$.n[1]" in refused[str(inputs / f"{job_id}-huge-int.json")]
+    assert "not a valid job id" in refused[str(inputs / "bad name.json")]
+    assert "not one JSON document" in refused[str(inputs / f"{job_id}-broken.json")]
+    again = run(database_url, tmp_path / "exports", "import", str(inputs / f"{job_id}-ok.json"), "--job-id", job_id)
+    assert again.returncode == 0
+    assert f"created: {job_id}" in again.stdout
+
+
+def test_import_real_data_then_export_with_the_cli(database_url: str, tmp_path: Path) -> None:
+    files = sorted(p for p in REALDATA.glob("*/*.json") if p.name != "govulncheck-json-stream.json")[:6]
+    done = run(database_url, tmp_path / "exports", "import", *map(str, files), "--status", "failed")
+    assert done.returncode == 0, done.stderr
+    assert f"{len(files)} imported, 0 refused" in done.stdout
+
+    out = tmp_path / "one.json"
+    single = run(
+        database_url, tmp_path / "exports", "export", "--format", "json", "--job", files[0].stem, "--out", str(out)
+    )
+    assert single.returncode == 0, single.stderr
+    assert json.loads(out.read_bytes())["result"] == json.loads(files[0].read_bytes())
+
+    out_csv = tmp_path / "range.csv"
+    ranged = run(
+        database_url,
+        tmp_path / "exports",
+        "export",
+        "--format",
+        "csv",
+        "--from",
+        "2000-01-01T00:00:00Z",
+        "--to",
+        "2100-01-01T00:00:00Z",
+        "--status",
+        "failed",
+        "--out",
+        str(out_csv),
+    )
+    assert ranged.returncode == 0, ranged.stderr
+    assert "rows" in ranged.stderr  # the progress bar
+    rows = list(csv.reader(io.StringIO(out_csv.read_text(encoding="utf-8"), newline="")))
+    exported = {row[0] for row in rows[1:]}
+    assert {p.stem for p in files} <= exported
+    summary = ranged.stdout.strip()
+    assert summary.startswith("export ")
+    assert f"{len(rows) - 1} rows" in summary
+
+
+def test_export_refuses_bad_arguments(database_url: str, tmp_path: Path) -> None:
+    bad_time = run(
+        database_url, tmp_path, "export", "--format", "json", "--from", "yesterday", "--out", str(tmp_path / "x")
+    )
+    assert bad_time.returncode == 2
+    assert "RFC 3339" in bad_time.stderr
+    missing = run(
+        database_url, tmp_path, "export", "--format", "json", "--job", "no-such-job-xyz", "--out", str(tmp_path / "y")
+    )
+    assert missing.returncode == 1
+    assert "no job result" in missing.stderr
+    assert not (tmp_path / "y").exists()
