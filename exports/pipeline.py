@@ -20,7 +20,7 @@ import re
 import secrets
 import socket
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,13 @@ def new_owner() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _export_row(job_id: bytes | str, status: str, created_at: datetime, result: str | bytes) -> ExportRow:
+def _export_row(meta: bytes | str, result: str | bytes) -> ExportRow:
+    """From a row of :meth:`JobResultStream.chunks`: ``b"<job_id> <status> <created_at>"`` and the JSON."""
+    job_id, status, created_at = (meta.decode("ascii") if isinstance(meta, bytes) else meta).split(" ")
     return ExportRow(
-        job_id=job_id.decode("ascii") if isinstance(job_id, bytes) else job_id,
+        job_id=job_id,
         status=status,
-        created_at=format_timestamp(created_at),
+        created_at=created_at,
         result=result.encode() if isinstance(result, str) else result,
     )
 
@@ -73,7 +75,7 @@ def _row_of(stored: JobResultRow) -> ExportRow:
 
 
 def _write_chunk(file: AtomicExportFile, writer: FormatWriter, chunk: Sequence[tuple[Any, ...]]) -> int:
-    """Convert, encode and write one chunk of ``(job_id, status, created_at, result)`` rows (blocking)."""
+    """Convert, encode and write one chunk of :meth:`JobResultStream.chunks` rows (blocking)."""
     rows = [_export_row(*row) for row in chunk]
     file.write(writer.encode(rows))
     return len(rows)
@@ -182,17 +184,39 @@ class ExportService:
         await self._run_claimed(export)
         return True
 
-    async def run_now(self, export_id: str, *, progress: Callable[[int], None] | None = None) -> Export:
-        """Claim the queued export ``export_id`` and run it in this process (the CLI's path).
+    async def run_now(
+        self,
+        parameters: ExportParameters,
+        fmt: str,
+        compression: str,
+        requested_by: str | None,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> Export:
+        """Record a range export already claimed by this process and run it here (the CLI's path).
+
+        The row is inserted as ``running`` under this process's lease, so no background worker of a
+        running service takes it; if this process dies, the lease expires and a service finishes it.
 
         Raises:
-            ExportNotFound: no such export.
-            RuntimeError: the export is not queued (another worker has it, or it is done).
-            StorageFull, LeaseLost: as :meth:`write_range`.
+            StorageFull: the disk is full (the export is recorded as failed).
         """
-        export = await self.db.run(lambda conn: ExportRepository(conn).claim_one(export_id, self.owner, self.lease))
-        if export is None:
-            raise RuntimeError(f"export {export_id} is not queued")
+        now = utcnow()
+        export = await self.db.run(
+            lambda conn: ExportRepository(conn).insert(
+                export_id=new_export_id(),
+                kind="range",
+                format=fmt,
+                compression=compression,
+                parameters=parameters,
+                state="running",
+                requested_by=requested_by,
+                started_at=now,
+                attempts=1,
+                lease_owner=self.owner,
+                lease_until=now + self.lease,
+            )
+        )
         try:
             await self.write_range(export, progress=progress)
         except StorageFull:
@@ -201,7 +225,7 @@ class ExportService:
         except BaseException:
             await asyncio.shield(self._settle(export, "fail", INTERNAL_ERROR_MESSAGE))
             raise
-        return await self.db.run(lambda conn: ExportRepository(conn).get(export_id), transaction=False)
+        return await self.db.run(lambda conn: ExportRepository(conn).get(export.export_id), transaction=False)
 
     async def count_rows(self, parameters: ExportParameters) -> int:
         """How many job results a range export with these parameters covers now."""

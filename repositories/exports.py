@@ -68,7 +68,7 @@ _ENCODER = msgspec.json.Encoder()
 SQL_INSERT = (
     f"INSERT INTO exports ({_COLUMNS}) VALUES (NULL, %(export_id)s, %(kind)s, %(format)s, %(compression)s, "  # noqa: S608
     "%(parameters)s, %(state)s, %(rows_written)s, %(bytes)s, %(sha256)s, %(file_name)s, NULL, %(requested_by)s, "
-    "%(attempts)s, NULL, NULL, %(created_at)s, %(started_at)s, %(finished_at)s)"
+    "%(attempts)s, %(lease_owner)s, %(lease_until)s, %(created_at)s, %(started_at)s, %(finished_at)s)"
 )
 SQL_GET = f"SELECT {_COLUMNS} FROM exports WHERE export_id = %(export_id)s"  # noqa: S608
 SQL_CLAIMABLE = (
@@ -146,8 +146,10 @@ class ExportRepository:
         started_at: datetime | None = None,
         finished_at: datetime | None = None,
         attempts: int = 0,
+        lease_owner: str | None = None,
+        lease_until: datetime | None = None,
     ) -> Export:
-        """Record an export and return it as stored."""
+        """Record an export and return it as stored (``lease_*`` to record it already claimed)."""
         now = utcnow()
         params = {
             "export_id": export_id,
@@ -165,6 +167,8 @@ class ExportRepository:
             "created_at": now,
             "started_at": started_at,
             "finished_at": finished_at,
+            "lease_owner": lease_owner,
+            "lease_until": lease_until,
         }
         async with self.conn.cursor() as cur:
             await cur.execute(SQL_INSERT, params)
@@ -217,20 +221,6 @@ class ExportRepository:
             await cur.execute(f"SELECT {_COLUMNS} FROM exports WHERE id = %(id)s", {"id": row[0]})  # noqa: S608
             claimed = await cur.fetchone()
         return _export(claimed)
-
-    async def claim_one(self, export_id: str, owner: str, lease: timedelta) -> Export | None:
-        """Claim this queued export (inside a transaction); None if it is not queued or is locked."""
-        now = utcnow()
-        async with self.conn.cursor() as cur:
-            await cur.execute(
-                "SELECT id FROM exports WHERE export_id = %(export_id)s AND state = 'queued' FOR UPDATE SKIP LOCKED",
-                {"export_id": export_id},
-            )
-            row = await cur.fetchone()
-            if row is None:
-                return None
-            await cur.execute(SQL_CLAIM, {"id": row[0], "owner": owner, "lease_until": now + lease, "now": now})
-        return await self.get(export_id)
 
     async def renew(self, export: Export, owner: str, lease: timedelta, rows_written: int) -> bool:
         """Extend the lease and record progress; False if the lease was lost to another worker."""

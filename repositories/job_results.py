@@ -242,7 +242,14 @@ class JobResultRepository:
         return out
 
 
-SQL_EXPORT_COLUMNS = "job_id, status, created_at, result_data"
+SQL_EXPORT_COLUMNS = (
+    "CONCAT_WS(' ', job_id, status, DATE_FORMAT(created_at, '%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ')), result_data"
+)
+"""Export rows as two columns: ``b"<job_id> <status> <created_at RFC 3339>"`` and the JSON text.
+
+Neither job ids nor statuses contain spaces. Two columns instead of four, and the timestamp formatted
+by the server, halve the per-row work of aiomysql's pure-Python protocol parser, which dominates the
+cost of a range export (see perf/README.md)."""
 ORDERED_BY_TIME = "FORCE INDEX (idx_created)"
 """Read rows in index order instead of sorting them: when a range covers most of the table, MySQL
 prefers a table scan plus filesort, and a filesort of rows carrying multi-megabyte JSON documents fails
@@ -292,8 +299,8 @@ class JobResultStream:
         created_to: datetime | None,
         status: str | None,
         chunk_rows: int,
-    ) -> AsyncIterator[list[tuple[bytes, str, datetime, str]]]:
-        """Yield lists of ``(job_id, status, created_at, result_json_text)``, oldest first."""
+    ) -> AsyncIterator[list[tuple[bytes, str]]]:
+        """Yield lists of ``(b"<job_id> <status> <created_at>", result_json_text)``, oldest first."""
         where, params = range_filter(created_from, created_to, status)
         sql = f"SELECT {SQL_EXPORT_COLUMNS} FROM job_results {ORDERED_BY_TIME}{where} ORDER BY created_at, id"  # noqa: S608
         cur = await self.conn.cursor(aiomysql.SSCursor)

@@ -111,9 +111,10 @@ async def export_to_file(
         else:
             assert parameters is not None
             total = await service.count_rows(parameters)
-            queued = await service.enqueue_range(parameters, fmt, compression, requested_by)
             with tqdm(total=total, unit="rows", unit_scale=True, file=sys.stderr, desc="export") as bar:
-                export = await service.run_now(queued.export_id, progress=lambda rows: bar.update(rows - bar.n))
+                export = await service.run_now(
+                    parameters, fmt, compression, requested_by, progress=lambda rows: bar.update(rows - bar.n)
+                )
     finally:
         await db.close()
     source = settings.exports_path / str(export.file_name)
