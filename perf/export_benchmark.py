@@ -102,8 +102,18 @@ def one(url: str, fmt: str, rows: int, exports_dir: Path) -> None:
         {}, database_url=url, exports_dir=str(exports_dir), log_level="error", query_timeout_s=3600
     )
 
+    async def watch_loop(lags: list[float]) -> None:
+        """How late a 5 ms sleep wakes up: how long export work held the event loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.005)
+            lags.append(loop.time() - before - 0.005)
+
     async def main() -> dict[str, float]:
         db = await Database.open(settings)
+        lags: list[float] = []
+        watcher = asyncio.create_task(watch_loop(lags))
         try:
             service = ExportService(db, settings)
             params = ExportParameters(created_from=START, created_to=START + timedelta(microseconds=rows))
@@ -111,10 +121,17 @@ def one(url: str, fmt: str, rows: int, exports_dir: Path) -> None:
             export = await service.run_now(params, fmt, "none", "benchmark")
             seconds = time.perf_counter() - started
         finally:
+            watcher.cancel()
             await db.close()
         assert export.rows_written == rows, export
         (exports_dir / str(export.file_name)).unlink()
-        return {"seconds": seconds, "bytes": float(export.bytes or 0)}
+        lags.sort()
+        return {
+            "seconds": seconds,
+            "bytes": float(export.bytes or 0),
+            "loop_lag_p99_ms": lags[int(len(lags) * 0.99)] * 1000,
+            "loop_lag_max_ms": lags[-1] * 1000,
+        }
 
     figures = asyncio.run(main())
     figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
