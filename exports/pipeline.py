@@ -104,6 +104,8 @@ class ExportService:
         self.directory = settings.exports_path
         self.owner = new_owner()
         self.lease = timedelta(seconds=settings.export_lease_s)
+        # Renewing also records progress (rows_written), so renew at least every second.
+        self._renew_every = min(settings.export_lease_s / 3, 1.0)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -289,7 +291,7 @@ class ExportService:
                 await cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
             stream = JobResultStream(conn)
             columns: list[str] | None = None
-            renew_at = asyncio.get_running_loop().time() + self.lease.total_seconds() / 3
+            renew_at = asyncio.get_running_loop().time() + self._renew_every
             if export.format == "csv":
                 # Pass 1 (same snapshot): the union of the result columns, for the header row.
                 collector = CsvColumns()
@@ -328,7 +330,7 @@ class ExportService:
         )
         if not renewed:
             raise LeaseLost(export.export_id)
-        return now + self.lease.total_seconds() / 3
+        return now + self._renew_every
 
     async def _finish(self, export: Export, file: AtomicExportFile, rows_written: int) -> int:
         """Rename the file into place and mark the export succeeded, under the export's row lock."""

@@ -269,10 +269,11 @@ class ExportRepository:
         """``export_id -> (state, lease_owner, lease_until)`` for the ids that exist."""
         if not export_ids:
             return {}
+        # One placeholder per id: pymysql (>= 1.1.1) refuses a tuple as a single parameter.
+        params = {f"id{i}": export_id for i, export_id in enumerate(export_ids)}
+        placeholders = ", ".join(f"%({name})s" for name in params)
+        sql = f"SELECT export_id, state, lease_owner, lease_until FROM exports WHERE export_id IN ({placeholders})"  # noqa: S608
         async with self.conn.cursor() as cur:
-            await cur.execute(
-                "SELECT export_id, state, lease_owner, lease_until FROM exports WHERE export_id IN %(ids)s",
-                {"ids": tuple(export_ids)},
-            )
+            await cur.execute(sql, params)
             rows = await cur.fetchall()
         return {row[0]: (row[1], row[2], row[3]) for row in rows}

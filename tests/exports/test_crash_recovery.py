@@ -1,0 +1,346 @@
+"""Crash recovery of range exports: SIGKILL the real ``jobresults serve`` mid-export, restart, finish.
+
+Acceptance test of the issue: after a SIGKILL during a range export and a restart there is no file
+with a final name that is incomplete, no temporary file is left, and the restarted service finished
+the export (a second attempt, once the dead worker's lease expired).
+
+The tests use a database of their own (not the session database): the session's in-process app
+(``client`` fixture) runs an export worker on the session database that would claim the range export
+before the service under test does, and the ~100k seeded rows stay out of other tests' ranges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pymysql
+import pytest
+
+from config.settings import DatabaseURL, Settings
+from repositories.migrations import apply_migrations
+
+JOBRESULTS = Path(sys.executable).parent / "jobresults"
+STARTUP_TIMEOUT_S = 20.0
+SEEDED_ROWS = 200_000
+"""Rows in the export's range (~200 MB). Measured: one attempt takes ~3 s on both engines, and the first
+lease renewal (which makes ``rows_written`` > 0) comes 1 s in, so the kill lands about a third of the way."""
+WINDOW_START = datetime(1999, 1, 1)
+"""Rows are created at WINDOW_START + i microseconds: a far-past window no other test writes into."""
+LEASE_S = 3.0
+SERVICE_ENV = {
+    "JOBRESULTS_WORKERS": "1",
+    "JOBRESULTS_EXPORT_LEASE_S": str(LEASE_S),
+    "JOBRESULTS_EXPORT_POLL_S": "0.2",
+    "JOBRESULTS_EXPORT_CHUNK_ROWS": "200",
+    "JOBRESULTS_LOG_LEVEL": "info",
+}
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _connect(url: str) -> pymysql.connections.Connection:
+    parts = DatabaseURL.parse(url)
+    return pymysql.connect(
+        host=parts.host,
+        port=parts.port,
+        user=parts.user,
+        password=parts.password,
+        database=parts.database,
+        autocommit=True,
+        charset="utf8mb4",
+    )
+
+
+@pytest.fixture(scope="module")
+def crash_database_url(server_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this module only; dropped afterwards."""
+    server = DatabaseURL.parse(server_url)
+    name = f"jr_crash_{uuid.uuid4().hex[:12]}"
+    admin_url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/mysql"
+    with _connect(admin_url) as admin, admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+    url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/{name}"
+    try:
+        apply_migrations(Settings.from_env({}, database_url=url))
+        yield url
+    finally:
+        with _connect(admin_url) as admin, admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+def _seed(url: str, prefix: str, count: int) -> None:
+    """Insert ``count`` ~1 KB results created at ``WINDOW_START + i`` microseconds, in one transaction."""
+    pad = "x" * 900
+    rows = []
+    for i in range(count):
+        at = WINDOW_START + timedelta(microseconds=i)
+        document = json.dumps({"i": i, "ok": True, "pad": pad}, separators=(",", ":"))
+        rows.append((f"{prefix}-{i:07d}", "succeeded", document, 1, at, at))
+    with _connect(url) as conn, conn.cursor() as cur:
+        cur.max_stmt_length = 8 * 1024 * 1024  # fewer, larger multi-row INSERTs (below max_allowed_packet)
+        conn.begin()
+        cur.executemany(
+            "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            rows,
+        )
+        conn.commit()
+
+
+def _export_row(url: str, export_id: str) -> dict[str, Any]:
+    with _connect(url) as conn, conn.cursor(pymysql.cursors.DictCursor) as cur:
+        cur.execute(
+            "SELECT state, attempts, rows_written, lease_owner, lease_until, bytes, sha256, file_name "
+            "FROM exports WHERE export_id = %s",
+            (export_id,),
+        )
+        row = cur.fetchone()
+    assert row is not None, f"no exports row for {export_id}"
+    return dict(row)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a reused id owned by someone else
+        return True
+    return True
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the service's whole process group (Granian main process and its worker) and reap it."""
+    if _group_alive(proc.pid):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 5.0
+    while _group_alive(proc.pid):
+        assert time.monotonic() < deadline, "the service's worker survived SIGKILL of its process group"
+        time.sleep(0.02)
+
+
+class _Services:
+    """Starts real ``jobresults serve`` processes; kills whatever is still running at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+
+    def start(self, database_url: str, exports_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+        port = _free_port()
+        log = self.tmp_path / f"server-{len(self.procs)}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
+        env.update(SERVICE_ENV)
+        env.update(
+            JOBRESULTS_DATABASE_URL=database_url, JOBRESULTS_PORT=str(port), JOBRESULTS_EXPORTS_DIR=str(exports_dir)
+        )
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [str(JOBRESULTS), "serve"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so SIGKILL reaches the worker too
+            )
+        self.procs.append(proc)
+        self.logs.append(log)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"jobresults serve exited early with {proc.returncode}"
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1.0).status_code == 200:
+                    return proc, base
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"/healthz did not answer within {STARTUP_TIMEOUT_S} s"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            _kill_group(proc)
+
+    def dump_logs(self) -> None:
+        for log in self.logs:
+            print(f"----- jobresults serve output ({log}) -----")
+            print(log.read_text(errors="replace") if log.exists() else "(no output file)")
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[_Services]:
+    """Real services for one test; their output is printed at teardown (pytest shows it on failure)."""
+    running = _Services(tmp_path)
+    try:
+        yield running
+    finally:
+        running.close()
+        running.dump_logs()
+
+
+def _temp_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob(".*.tmp"))
+
+
+def _rfc3339(at: datetime) -> str:
+    return at.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+def test_sigkill_during_range_export_then_restart_finishes_it_cleanly(
+    crash_database_url: str, services: _Services, tmp_path: Path
+) -> None:
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    prefix = f"crash-{uuid.uuid4().hex[:8]}"
+    _seed(crash_database_url, prefix, SEEDED_ROWS)
+    timings["seed"] = time.monotonic() - started
+
+    exports_dir = tmp_path / "exports"
+    proc, base = services.start(crash_database_url, exports_dir)
+    window = {
+        "format": "ndjson",
+        "compression": "none",
+        "created_from": _rfc3339(WINDOW_START),
+        "created_to": _rfc3339(WINDOW_START + timedelta(seconds=1)),
+    }
+    with httpx.Client(base_url=base, timeout=10.0) as http:
+        queued = http.post("/v1/exports", json=window)
+        assert queued.status_code == 202, queued.text
+        export_id = queued.json()["export_id"]
+        assert queued.headers["location"] == f"/v1/exports/{export_id}"
+        export_started = time.monotonic()
+
+        # Wait until the worker is mid-export: running, and a lease renewal recorded progress.
+        deadline = time.monotonic() + 30.0
+        while True:
+            record = http.get(f"/v1/exports/{export_id}").json()
+            assert record["state"] in {"queued", "running"}, (
+                f"the export ended ({record['state']}) before it could be killed; seed more rows: {record}"
+            )
+            if record["state"] == "running" and record["rows_written"] > 0:
+                break
+            assert time.monotonic() < deadline, f"the export did not make progress: {record}"
+            time.sleep(0.05)
+    rows_before_kill = record["rows_written"]
+    assert rows_before_kill < SEEDED_ROWS
+
+    _kill_group(proc)
+    timings["first_run_until_kill"] = time.monotonic() - export_started
+
+    final = exports_dir / f"{export_id}.ndjson"
+    assert not final.exists(), "a file with the final name exists although the export never finished"
+    temps = _temp_files(exports_dir)
+    assert len(temps) == 1, f"expected the killed worker's temporary file, found {temps}"
+    assert temps[0].startswith(f".{export_id}."), temps
+    assert (exports_dir / temps[0]).stat().st_size > 0, "the temporary file is empty: the kill was not mid-write"
+    assert sorted(os.listdir(exports_dir)) == temps, "only the temporary file may exist"
+    killed = _export_row(crash_database_url, export_id)
+    assert killed["state"] == "running"
+    assert killed["attempts"] == 1
+    assert killed["lease_owner"], killed
+    assert killed["rows_written"] >= rows_before_kill
+
+    # Restart on the same database and directory: the new worker claims the export once the dead
+    # worker's lease has expired, removes the dead worker's temporary file and exports from scratch.
+    restarted_at = time.monotonic()
+    _, base = services.start(crash_database_url, exports_dir)
+    with httpx.Client(base_url=base, timeout=10.0) as http:
+        deadline = time.monotonic() + 45.0
+        while True:
+            record = http.get(f"/v1/exports/{export_id}").json()
+            assert record["state"] != "failed", record
+            if record["state"] == "succeeded":
+                break
+            assert time.monotonic() < deadline, f"the restarted service did not finish the export: {record}"
+            time.sleep(0.1)
+        download = hashlib.sha256()
+        with http.stream("GET", f"/v1/exports/{export_id}/content") as content:
+            assert content.status_code == 200
+            for part in content.iter_bytes():
+                download.update(part)
+    timings["restart_until_succeeded"] = time.monotonic() - restarted_at
+
+    assert record["rows_written"] == SEEDED_ROWS
+    assert record["content_url"] == f"/v1/exports/{export_id}/content"
+    stored = _export_row(crash_database_url, export_id)
+    assert stored["state"] == "succeeded"
+    assert stored["attempts"] == 2, stored
+    assert stored["lease_owner"] is None
+    assert stored["lease_until"] is None
+    assert stored["rows_written"] == SEEDED_ROWS
+    assert stored["file_name"] == final.name
+
+    assert sorted(os.listdir(exports_dir)) == [final.name], "no temporary file may remain"
+    data = final.read_bytes()
+    assert len(data) == record["bytes"] == stored["bytes"]
+    assert hashlib.sha256(data).hexdigest() == record["sha256"] == stored["sha256"]
+    assert download.hexdigest() == record["sha256"], "the downloaded content differs from the file"
+
+    assert data.endswith(b"\n")
+    lines = data.split(b"\n")
+    assert lines.pop() == b""
+    assert len(lines) == SEEDED_ROWS
+    for i, line in enumerate(lines):
+        row = json.loads(line)
+        assert row["job_id"] == f"{prefix}-{i:07d}", f"line {i} holds {row['job_id']}"
+        assert row["result"]["i"] == i
+    first, last = json.loads(lines[0]), json.loads(lines[-1])
+    assert first["status"] == "succeeded"
+    assert first["created_at"] == "1999-01-01T00:00:00.000000Z"
+    assert last["created_at"] == (WINDOW_START + timedelta(microseconds=SEEDED_ROWS - 1)).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ"
+    )
+    second_attempt = datetime.fromisoformat(record["finished_at"]) - datetime.fromisoformat(record["started_at"])
+    timings["second_attempt"] = second_attempt.total_seconds()
+    timings["total"] = time.monotonic() - started
+    print(f"crash recovery: killed at {rows_before_kill} rows written;", {k: round(v, 2) for k, v in timings.items()})
+
+
+def test_stale_temp_files_of_dead_owners_are_removed_at_startup(
+    crash_database_url: str, services: _Services, tmp_path: Path
+) -> None:
+    exports_dir = tmp_path / "exports"
+    exports_dir.mkdir(mode=0o700)
+    stale = exports_dir / f".{uuid.uuid4().hex}.deadhost-424242-deadbeef.tmp"
+    stale.write_bytes(b'{"job_id":"half-written"')
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    # A young temporary file of an unknown export may be a single-job export about to COMMIT: kept.
+    young = exports_dir / f".{uuid.uuid4().hex}.otherhost-1-cafebabe.tmp"
+    young.write_bytes(b"in flight")
+    # A file with a final name is never touched by the clean-up.
+    finished = exports_dir / f"{uuid.uuid4().hex}.ndjson"
+    finished.write_bytes(b"{}\n")
+
+    services.start(crash_database_url, exports_dir)
+    deadline = time.monotonic() + 10.0
+    while stale.exists():
+        assert time.monotonic() < deadline, "the stale temporary file was not removed at start-up"
+        time.sleep(0.05)
+    assert young.exists()
+    assert finished.exists()
+    assert sorted(os.listdir(exports_dir)) == sorted([young.name, finished.name])
