@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -30,9 +31,16 @@ import structlog
 from config.settings import Settings
 from exports.files import AtomicExportFile, StorageFull, temp_files
 from exports.formats import CsvColumns, ExportRow, FormatWriter, make_writer
+from observability.metrics import EXPORT_BYTES, EXPORT_DURATION, EXPORT_ROWS, EXPORTS
 from repositories.database import Connection, Database, DatabaseUnavailable
 from repositories.exports import Export, ExportParameters, ExportRepository
-from repositories.job_results import JobResultRepository, JobResultRow, JobResultStream, utcnow
+from repositories.job_results import (
+    JobResultNotFound,
+    JobResultRepository,
+    JobResultRow,
+    JobResultStream,
+    utcnow,
+)
 from service.schemas import format_timestamp
 
 log = structlog.get_logger("jobresults.exports")
@@ -43,6 +51,15 @@ INTERNAL_ERROR_MESSAGE = "the export failed because of an internal error"
 
 class LeaseLost(Exception):
     """Another worker took over this range export (our lease expired)."""
+
+
+def _count(kind: str, fmt: str, state: str, *, rows: int = 0, size: int = 0, seconds: float | None = None) -> None:
+    EXPORTS.labels(kind, fmt, state).inc()
+    if state == "succeeded":
+        EXPORT_ROWS.labels(fmt).inc(rows)
+        EXPORT_BYTES.labels(fmt).inc(size)
+        if seconds is not None:
+            EXPORT_DURATION.labels(kind, fmt).observe(seconds)
 
 
 def new_export_id() -> str:
@@ -120,6 +137,7 @@ class ExportService:
             DatabaseUnavailable: retries ran out.
         """
         files: list[AtomicExportFile] = []
+        started = time.perf_counter()
 
         async def unit(conn: Connection) -> Export:
             stored = await JobResultRepository(conn).get(job_id)
@@ -148,10 +166,13 @@ class ExportService:
 
         try:
             export = await self.db.run(unit, snapshot=True)
-        except BaseException:
+        except BaseException as exc:
             for file in files:  # the COMMIT did not happen: no file may outlive its row
                 await asyncio.to_thread(file.remove_final)
+            if not isinstance(exc, JobResultNotFound):
+                _count("job", fmt, "failed")
             raise
+        _count("job", fmt, "succeeded", rows=1, size=export.bytes or 0, seconds=time.perf_counter() - started)
         for file in files[:-1]:  # earlier attempts that were rolled back and retried
             await asyncio.to_thread(file.remove_final)
         log.info("export.finished", export_id=export.export_id, kind="job", format=fmt, bytes=export.bytes)
@@ -219,14 +240,16 @@ class ExportService:
                 lease_until=now + self.lease,
             )
         )
+        started = time.perf_counter()
         try:
-            await self.write_range(export, progress=progress)
+            rows, size = await self.write_range(export, progress=progress)
         except StorageFull:
             await self._settle(export, "fail", STORAGE_FULL_MESSAGE)
             raise
         except BaseException:
             await asyncio.shield(self._settle(export, "fail", INTERNAL_ERROR_MESSAGE))
             raise
+        _count("range", fmt, "succeeded", rows=rows, size=size, seconds=time.perf_counter() - started)
         return await self.db.run(lambda conn: ExportRepository(conn).get(export.export_id), transaction=False)
 
     async def count_rows(self, parameters: ExportParameters) -> int:
@@ -237,6 +260,7 @@ class ExportService:
         )
 
     async def _run_claimed(self, export: Export) -> None:
+        started = time.perf_counter()
         try:
             rows, size = await self.write_range(export)
         except LeaseLost:
@@ -258,6 +282,7 @@ class ExportService:
             log.exception("export.failed", export_id=export.export_id)
             await self._settle(export, "fail", INTERNAL_ERROR_MESSAGE)
         else:
+            _count("range", export.format, "succeeded", rows=rows, size=size, seconds=time.perf_counter() - started)
             log.info("export.finished", export_id=export.export_id, kind="range", rows=rows, bytes=size)
 
     async def _settle(self, export: Export, action: str, error: str) -> None:
@@ -285,7 +310,7 @@ class ExportService:
         chunk_rows = self.settings.export_chunk_rows
         file: AtomicExportFile | None = None
         rows_written = 0
-        conn: Connection = await self.db.pool.acquire()
+        conn: Connection = await self.db.acquire()
         try:
             async with conn.cursor() as cur:
                 await cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")

@@ -63,3 +63,36 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+
+
+def granian_log_config(level: str = "info", *, json: bool | None = None) -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for Granian's own loggers (``_granian``, ``granian.access``).
+
+    Passed to Granian as ``log_dictconfig`` so the server's lines join the same JSON stream.
+    """
+    use_json = (not sys.stdout.isatty()) if json is None else json
+    shared: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.add_logger_name,
+    ]
+    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "structlog": {
+                "()": structlog.stdlib.ProcessorFormatter,
+                "foreign_pre_chain": shared,
+                "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            }
+        },
+        "handlers": {
+            "console": {"class": "logging.StreamHandler", "formatter": "structlog", "stream": "ext://sys.stdout"},
+            "access": {"class": "logging.StreamHandler", "formatter": "structlog", "stream": "ext://sys.stdout"},
+        },
+        "loggers": {
+            "_granian": {"handlers": ["console"], "level": level.upper(), "propagate": False},
+            "granian.access": {"handlers": ["access"], "level": level.upper(), "propagate": False},
+        },
+    }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
@@ -15,8 +16,17 @@ from typing import Any, TypeAlias, TypeVar
 import aiomysql
 import pymysql
 import stamina
+import stamina.instrumentation
 
 from config.settings import Settings
+from observability.metrics import (
+    DB_POOL_IN_USE,
+    DB_POOL_MAX,
+    DB_POOL_SIZE,
+    DB_POOL_WAITERS,
+    DB_RETRIES,
+    DB_UNIT_DURATION,
+)
 
 T = TypeVar("T")
 Connection: TypeAlias = Any
@@ -59,6 +69,20 @@ def is_transient(exc: Exception) -> bool:
     return error_code(exc) in TRANSIENT_ERRORS
 
 
+def _count_retry(details: stamina.instrumentation.RetryDetails) -> None:
+    DB_RETRIES.labels(str(error_code(details.caused_by))).inc()
+
+
+# Keep stamina's own hooks (a structlog line and stamina_retries_total per retry) and add ours.
+stamina.instrumentation.set_on_retry_hooks(
+    [
+        stamina.instrumentation.StructlogOnRetryHook,
+        stamina.instrumentation.PrometheusOnRetryHook,
+        _count_retry,
+    ]
+)
+
+
 class DatabaseUnavailable(Exception):
     """The database could not be reached, or a transient error outlived its retries (maps to 503)."""
 
@@ -77,6 +101,7 @@ class Database:
         self.pool = pool
         self.settings = settings
         self._wakeups: set[asyncio.Task[None]] = set()
+        DB_POOL_MAX.set(pool.maxsize)
 
     @classmethod
     async def open(cls, settings: Settings) -> Database:
@@ -130,10 +155,15 @@ class Database:
             Exception: whatever ``work`` raises, after the transaction was rolled back.
         """
         begin = _SNAPSHOT if snapshot else (_BEGIN if transaction else None)
+        started = time.perf_counter()
+        outcome = "error"
         try:
             if retry:
-                return await self._run_with_retries(work, begin)
-            return await self._run_once(work, begin)
+                result = await self._run_with_retries(work, begin)
+            else:
+                result = await self._run_once(work, begin)
+            outcome = "ok"
+            return result
         except TimeoutError as exc:
             raise QueryTimeout(f"unit of work exceeded {self.settings.query_timeout_s} s") from exc
         except pymysql.err.OperationalError as exc:
@@ -141,6 +171,8 @@ class Database:
             if code in TRANSIENT_ERRORS or code == 2003 or code == 1040:
                 raise DatabaseUnavailable(f"database unavailable (error {code})") from exc
             raise
+        finally:
+            DB_UNIT_DURATION.labels("transaction" if begin else "read", outcome).observe(time.perf_counter() - started)
 
     @stamina.retry(on=is_transient, attempts=RETRY_ATTEMPTS, timeout=RETRY_TIMEOUT_S, wait_initial=0.05)
     async def _run_with_retries(self, work: Callable[[Connection], Awaitable[T]], begin: str | None) -> T:
@@ -148,7 +180,7 @@ class Database:
 
     async def _run_once(self, work: Callable[[Connection], Awaitable[T]], begin: str | None) -> T:
         async with asyncio.timeout(self.settings.query_timeout_s):
-            conn: Connection = await self.pool.acquire()
+            conn: Connection = await self.acquire()
             try:
                 if begin is not None:
                     async with conn.cursor() as cur:
@@ -163,6 +195,21 @@ class Database:
             finally:
                 self.release(conn)
 
+    async def acquire(self) -> Connection:
+        """A connection from the pool (wait for one if all are in use); give it back with :meth:`release`."""
+        self._observe_pool()
+        try:
+            return await self.pool.acquire()
+        finally:
+            self._observe_pool()
+
+    def _observe_pool(self) -> None:
+        """Publish this process's pool figures (summed over workers by the ``livesum`` gauges)."""
+        pool = self.pool
+        DB_POOL_SIZE.set(pool.size)
+        DB_POOL_IN_USE.set(pool.size - pool.freesize)
+        DB_POOL_WAITERS.set(len(getattr(pool._cond, "_waiters", None) or ()))
+
     def release(self, conn: Connection) -> None:
         """Give ``conn`` back to the pool, waking a task that waits for a connection.
 
@@ -170,6 +217,7 @@ class Database:
         closed one frees a slot too, so without this a waiter on a full pool would hang forever.
         """
         self.pool.release(conn)
+        self._observe_pool()
         if conn.closed:
             task = asyncio.get_running_loop().create_task(self.pool._wakeup())
             self._wakeups.add(task)

@@ -16,9 +16,10 @@ from litestar.static_files import create_static_files_router
 from config.settings import Settings
 from exports.pipeline import ExportService
 from observability.logging import configure_logging
+from observability.requests import RequestObservabilityMiddleware
 from repositories.database import Database
 from service.controllers.exports import ExportController, JobExportController
-from service.controllers.health import healthz, readyz
+from service.controllers.health import healthz, metrics, readyz
 from service.controllers.job_results import JobResultController
 from service.openapi import SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
 from service.problems import EXCEPTION_HANDLERS
@@ -72,14 +73,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await exports.stop()
             await db.close()
 
-    route_handlers: list[object] = [healthz, readyz, JobResultController, JobExportController, ExportController]
+    route_handlers: list[object] = [
+        healthz,
+        readyz,
+        metrics,
+        JobResultController,
+        JobExportController,
+        ExportController,
+    ]
     if settings.docs_enabled:
         route_handlers.append(
             create_static_files_router(
                 path=SWAGGER_STATIC_PATH, directories=[swagger_static_dir()], include_in_schema=False
             )
         )
-    return Litestar(
+    app = Litestar(
         route_handlers=route_handlers,  # type: ignore[arg-type]
         lifespan=[lifespan],
         dependencies={
@@ -93,6 +101,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state=State({"settings": settings}),
         debug=False,
     )
+    # Outermost layer, around routing and error handling, so every response is logged and counted.
+    app.asgi_handler = RequestObservabilityMiddleware(app.asgi_handler)
+    return app
 
 
 def msgspec_replace(settings: Settings, **changes: object) -> Settings:

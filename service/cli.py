@@ -35,11 +35,30 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the API with Granian (``JOBRESULTS_HOST``, ``_PORT``, ``_WORKERS``)."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
     from granian import Granian
     from granian.constants import Interfaces, Loops
 
     settings = _settings()
-    Granian(
+    # Metrics of every worker go to one directory that /metrics adds up; start it empty. This must
+    # happen before prometheus_client is imported here: workers forked from this process inherit
+    # the value class it chose at import time.
+    multiproc_env = "PROMETHEUS_MULTIPROC_DIR"
+    own_dir = not os.environ.get(multiproc_env)
+    metrics_dir = os.environ.get(multiproc_env) or str(
+        Path(tempfile.gettempdir()) / f"jobresults-metrics-{os.getpid()}"
+    )
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    Path(metrics_dir).mkdir(parents=True, mode=0o700)
+    os.environ[multiproc_env] = metrics_dir
+
+    from observability.logging import granian_log_config
+
+    server = Granian(
         target="service.app:create_app",
         factory=True,
         interface=Interfaces.ASGI,
@@ -48,7 +67,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=settings.workers,
         loop=Loops.auto,
         log_access=False,
-    ).serve()
+        log_level=settings.log_level,  # type: ignore[arg-type]
+        log_dictconfig=granian_log_config(settings.log_level),
+    )
+    try:
+        server.serve()
+    finally:
+        if own_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -8,6 +8,7 @@ from litestar import Response, get
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 
+from observability.metrics import render
 from repositories.database import Database, expected_migrations, fetch_applied_migrations
 from service.schemas import Health
 
@@ -31,7 +32,7 @@ async def readyz(db: NamedDependency[Database]) -> Response[Health]:
     """200 when ready, else 503 with the reason."""
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
-            conn = await db.pool.acquire()
+            conn = await db.acquire()
             try:
                 applied = await fetch_applied_migrations(conn)
             except BaseException:
@@ -47,6 +48,14 @@ async def readyz(db: NamedDependency[Database]) -> Response[Health]:
     if missing:
         return _unready(f"schema is not current: {len(missing)} migration(s) pending; run `jobresults migrate`")
     return Response(Health(status="ok"))
+
+
+@get("/metrics", tags=["health"], summary="Prometheus metrics (text format), all workers added up", cache=False)
+async def metrics() -> Response[bytes]:
+    """The ``jobresults_*`` metrics (and stamina's and the process's) in Prometheus text format."""
+    body, content_type = render()
+    # Litestar appends "; charset=utf-8" to text/* itself.
+    return Response(content=body, media_type=content_type.replace("; charset=utf-8", ""))
 
 
 def _unready(detail: str) -> Response[Health]:

@@ -1,0 +1,81 @@
+"""Prometheus metrics (prometheus-client), correct across Granian workers.
+
+``jobresults serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers start,
+so every worker writes its samples there and ``/metrics`` (served by any worker) adds them all up
+(prometheus-client's multiprocess mode). Gauges use ``livesum``: the sum over live workers.
+Names follow the Prometheus naming conventions (base units, ``_total`` for counters).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HTTP_REQUESTS = Counter(
+    "jobresults_http_requests_total",
+    "HTTP requests by method, route template and status.",
+    ["method", "route", "status"],
+)
+HTTP_DURATION = Histogram(
+    "jobresults_http_request_duration_seconds",
+    "Time from request start to the last response byte, by method and route template.",
+    ["method", "route"],
+    buckets=_LATENCY_BUCKETS,
+)
+HTTP_IN_FLIGHT = Gauge("jobresults_http_requests_in_flight", "Requests being served now.", multiprocess_mode="livesum")
+DB_POOL_SIZE = Gauge("jobresults_db_pool_connections", "Open pooled connections.", multiprocess_mode="livesum")
+DB_POOL_IN_USE = Gauge(
+    "jobresults_db_pool_connections_in_use", "Pooled connections checked out.", multiprocess_mode="livesum"
+)
+DB_POOL_MAX = Gauge(
+    "jobresults_db_pool_connections_max", "Most connections the pools may open.", multiprocess_mode="livesum"
+)
+DB_POOL_WAITERS = Gauge(
+    "jobresults_db_pool_waiters", "Units of work waiting for a free connection.", multiprocess_mode="livesum"
+)
+DB_UNIT_DURATION = Histogram(
+    "jobresults_db_query_duration_seconds",
+    "Time of one database unit of work (a transaction or a single read), retries included.",
+    ["kind", "outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+DB_RETRIES = Counter(
+    "jobresults_db_retries_total", "Units of work retried after a transient MySQL error, by error code.", ["code"]
+)
+RATE_LIMITED = Counter("jobresults_rate_limited_requests_total", "Requests refused with 429.", ["scope"])
+EXPORTS = Counter(
+    "jobresults_exports_total", "Exports finished, by kind, format and state.", ["kind", "format", "state"]
+)
+EXPORT_ROWS = Counter("jobresults_export_rows_total", "Rows written to export files.", ["format"])
+EXPORT_BYTES = Counter("jobresults_export_bytes_total", "Bytes of export files written.", ["format"])
+EXPORT_DURATION = Histogram(
+    "jobresults_export_duration_seconds",
+    "Time to produce one export file.",
+    ["kind", "format"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The current metrics in the Prometheus text format, and its content type.
+
+    In multiprocess mode, the samples of every worker (live or not) are added up.
+    """
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,90 @@
+"""The outermost ASGI layer: request ids, one canonical JSON log line per request, HTTP metrics.
+
+It wraps Litestar's whole handler (routing and error handling included), so 404s, 405s, 413s and
+500s are logged and counted with the status the client really got.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from observability.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS
+
+REQUEST_ID_HEADER = b"x-request-id"
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+UNMATCHED_ROUTE = "unmatched"
+"""Route label of requests that matched no route (404s), so random paths cannot explode cardinality."""
+
+log = structlog.get_logger("jobresults.request")
+
+
+def request_id_of(scope: Scope) -> str:
+    """The client's ``X-Request-ID`` if it is 1-128 characters of ``A-Z a-z 0-9 . _ : -``, else a new one."""
+    for name, value in scope.get("headers", ()):
+        if name == REQUEST_ID_HEADER and _SANE_REQUEST_ID.fullmatch(value):
+            return value.decode("ascii")
+    return uuid.uuid4().hex
+
+
+class RequestObservabilityMiddleware:
+    """ASGI middleware: request id, canonical log line and HTTP metrics for every request.
+
+    It binds ``request_id`` for every log line of the request, echoes it in the ``X-Request-ID``
+    response header, writes the canonical ``request`` log line and updates ``jobresults_http_*``.
+    The log line holds ``request_id``, ``method``, ``route`` (the template, e.g.
+    ``/v1/job-results/{job_id}``), ``status``, ``duration_ms``, ``client_ip``, ``api_key_id`` (when
+    authentication set ``scope["state"]["api_key_id"]``) and ``response_bytes``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection; only ``http`` scopes are observed."""
+        if scope["type"] != "http":  # type: ignore[comparison-overlap]
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = request_id_of(scope)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        outcome: dict[str, Any] = {"status": 500, "bytes": 0}
+        header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
+
+        async def observed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                outcome["status"] = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            elif message["type"] == "http.response.body":
+                outcome["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        HTTP_IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            HTTP_IN_FLIGHT.dec()
+            seconds = time.perf_counter() - started
+            method = scope["method"]  # type: ignore[typeddict-item]
+            route = scope.get("path_template") or UNMATCHED_ROUTE
+            status = outcome["status"]
+            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            HTTP_DURATION.labels(method, route).observe(seconds)
+            client = scope.get("client")
+            log.info(
+                "request",
+                method=method,
+                route=route,
+                status=status,
+                duration_ms=round(seconds * 1000, 3),
+                client_ip=client[0] if client else None,
+                api_key_id=scope.get("state", {}).get("api_key_id"),
+                response_bytes=outcome["bytes"],
+            )
+            structlog.contextvars.clear_contextvars()
