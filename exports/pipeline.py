@@ -433,15 +433,25 @@ class ExportService:
     async def _loop(self) -> None:
         try:
             await self.remove_crash_leftovers()
-        except Exception:
-            log.exception("export.cleanup_failed")
+        except Exception as exc:  # noqa: BLE001 - logged; the loop below keeps trying
+            log.warning("export.cleanup_failed", error=type(exc).__name__)
+        failures = 0
         while True:
             try:
                 ran = await self.run_next()
+                failures = 0
+            except DatabaseUnavailable as exc:
+                # Expected while the database is down or not migrated: one line, growing pauses.
+                failures += 1
+                if failures == 1:
+                    log.warning("export.worker_waiting_for_database", error=str(exc))
+                ran = False
             except Exception:
+                failures += 1
                 log.exception("export.worker_error")
                 ran = False
             if not ran:
+                pause = min(self.settings.export_poll_s * 2 ** min(failures, 5), 30.0)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.export_poll_s)
+                    await asyncio.wait_for(self._wake.wait(), pause)

@@ -27,7 +27,10 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         json: force JSON (True) or console (False) output; default: console only on a terminal.
     """
     numeric = _LEVELS.get(level.lower(), logging.INFO)
-    use_json = (not sys.stdout.isatty()) if json is None else json
+    # The process's real stdout: sys.stdout may be a temporary stand-in (pytest's capture) that is
+    # closed later, while loggers are cached for the life of the process.
+    stdout = sys.__stdout__ or sys.stdout
+    use_json = (not stdout.isatty()) if json is None else json
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -40,10 +43,10 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
         )
         processors: list[structlog.typing.Processor] = [*shared, tracebacks, renderer]
-        logger_factory: Any = structlog.BytesLoggerFactory(sys.stdout.buffer)
+        logger_factory: Any = structlog.BytesLoggerFactory(stdout.buffer)
     else:
         processors = [*shared, structlog.dev.ConsoleRenderer()]
-        logger_factory = structlog.PrintLoggerFactory(sys.stdout)
+        logger_factory = structlog.PrintLoggerFactory(stdout)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -58,7 +61,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(),
         ],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stdout)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

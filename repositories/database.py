@@ -42,6 +42,10 @@ CR_SERVER_LOST = 2013
 """Client error 2013: lost connection to MySQL server during query."""
 ER_DUP_ENTRY = 1062
 """MySQL error 1062: duplicate entry for a unique key."""
+ER_NET_PACKET_TOO_LARGE = 1153
+"""MySQL error 1153: a statement is larger than the server's ``max_allowed_packet``."""
+ER_NO_SUCH_TABLE = 1146
+"""MySQL error 1146: table doesn't exist (here: the schema was not migrated)."""
 
 TRANSIENT_ERRORS = frozenset({ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK, CR_SERVER_GONE_ERROR, CR_SERVER_LOST})
 """Error codes after which the whole transaction is retried from BEGIN; nothing else is retried."""
@@ -85,6 +89,14 @@ stamina.instrumentation.set_on_retry_hooks(
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached, or a transient error outlived its retries (maps to 503)."""
+
+
+class SchemaNotMigrated(DatabaseUnavailable):
+    """A table is missing: ``jobresults migrate`` has not been run against this database (503)."""
+
+
+class TooLargeForDatabase(Exception):
+    """The statement exceeds the server's ``max_allowed_packet`` (MySQL error 1153); maps to 413."""
 
 
 class QueryTimeout(DatabaseUnavailable):
@@ -151,6 +163,8 @@ class Database:
 
         Raises:
             QueryTimeout: the unit took longer than ``query_timeout_s``; its connection was closed.
+            SchemaNotMigrated: a table is missing (error 1146).
+            TooLargeForDatabase: a statement exceeded ``max_allowed_packet`` (error 1153).
             DatabaseUnavailable: the server is unreachable or the retries ran out.
             Exception: whatever ``work`` raises, after the transaction was rolled back.
         """
@@ -166,8 +180,14 @@ class Database:
             return result
         except TimeoutError as exc:
             raise QueryTimeout(f"unit of work exceeded {self.settings.query_timeout_s} s") from exc
+        except pymysql.err.ProgrammingError as exc:
+            if error_code(exc) == ER_NO_SUCH_TABLE:
+                raise SchemaNotMigrated("the database schema is not migrated; run `jobresults migrate`") from exc
+            raise
         except pymysql.err.OperationalError as exc:
             code = error_code(exc)
+            if code == ER_NET_PACKET_TOO_LARGE:
+                raise TooLargeForDatabase("statement larger than the server's max_allowed_packet") from exc
             if code in TRANSIENT_ERRORS or code == 2003 or code == 1040:
                 raise DatabaseUnavailable(f"database unavailable (error {code})") from exc
             raise

@@ -60,12 +60,13 @@ def _reject_constant(name: str) -> object:
 _DECODER = json.JSONDecoder(object_pairs_hook=_Pairs, parse_constant=_reject_constant)
 
 
-def check_document(raw: bytes | str, root: str = "$") -> str:
+def check_document(raw: bytes | str, root: str = "$", *, max_depth: int = MAX_DEPTH) -> str:
     """Return ``raw`` as text if it is one JSON value that MySQL and MariaDB both keep unchanged.
 
     Args:
         raw: the JSON text, UTF-8 if bytes.
         root: JSONPath prefix for error messages, e.g. ``$.result``.
+        max_depth: deepest nesting allowed; a request envelope around the document adds one level.
 
     Raises:
         MalformedJSON: not UTF-8, or not JSON.
@@ -82,20 +83,22 @@ def check_document(raw: bytes | str, root: str = "$") -> str:
         value = _DECODER.decode(text)
     except RecursionError:
         raise UnfaithfulJSON(root, f"nesting is deeper than {MAX_DEPTH} levels") from None
+    except OverflowError:  # pragma: no cover - float() of huge literals gives inf, not this; kept safe
+        raise UnfaithfulJSON(root, "number out of range") from None
     except json.JSONDecodeError as exc:
         raise MalformedJSON(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    _walk(value, root, check_strings=_SURROGATE_ESCAPE.search(text) is not None)
+    _walk(value, root, max_depth, check_strings=_SURROGATE_ESCAPE.search(text) is not None)
     return text
 
 
-def _walk(value: object, root: str, *, check_strings: bool) -> None:
+def _walk(value: object, root: str, max_depth: int, *, check_strings: bool) -> None:
     # Iterative, so a deep document cannot exhaust the Python stack here.
     stack: list[tuple[object, str, int]] = [(value, root, 0)]
     while stack:
         node, path, depth = stack.pop()
         if isinstance(node, _Pairs | list):
             depth += 1
-            if depth > MAX_DEPTH:
+            if depth > max_depth:
                 raise UnfaithfulJSON(path, f"nesting is deeper than {MAX_DEPTH} levels")
             if isinstance(node, _Pairs):
                 seen: set[str] = set()

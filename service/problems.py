@@ -14,7 +14,7 @@ from litestar.exceptions import HTTPException, NotFoundException, ValidationExce
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from repositories.database import DatabaseUnavailable
+from repositories.database import DatabaseUnavailable, SchemaNotMigrated, TooLargeForDatabase
 from repositories.job_results import JobResultExists, JobResultNotFound, PreconditionFailed
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON
 from service.schemas import JOB_ID_RULE, InvalidParameter, Problem
@@ -64,7 +64,9 @@ class ApiError(Exception):
 def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
     """OpenAPI response entries documenting problem+json bodies for ``statuses``."""
     return {
-        status: ResponseSpec(data_container=Problem, media_type=PROBLEM_MEDIA_TYPE, description=_TITLES[status])
+        status: ResponseSpec(
+            data_container=Problem, media_type=PROBLEM_MEDIA_TYPE, description=_TITLES[status], generate_examples=False
+        )
         for status in statuses
     }
 
@@ -103,14 +105,19 @@ def _api_error(request: Request[Any, Any, Any], exc: ApiError) -> Response[bytes
     return problem_response(request, exc.status, exc.detail, slug=exc.slug, headers=exc.headers, **exc.extensions)
 
 
+_PUBLIC_NAMES = {"data": "body", "state_filter": "state"}
+"""Handler parameter names as clients know them."""
+
+
 def _validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
     errors = []
     for item in exc.extra or []:
         if isinstance(item, dict):
+            source = item.get("source")
             errors.append(
                 {
-                    "name": str(item.get("key", "")),
-                    "source": str(item.get("source", "")),
+                    "name": _PUBLIC_NAMES.get(str(item.get("key", "")), str(item.get("key", ""))),
+                    "source": str(getattr(source, "value", source) or ""),
                     "message": str(item.get("message", "")),
                 }
             )
@@ -163,12 +170,18 @@ def _precondition(request: Request[Any, Any, Any], exc: Exception) -> Response[b
 
 def _unavailable(request: Request[Any, Any, Any], exc: DatabaseUnavailable) -> Response[bytes]:
     log.error("db.unavailable", error=str(exc), cause=repr(exc.__cause__))
+    detail = str(exc) if isinstance(exc, SchemaNotMigrated) else "the database is unavailable; retry later"
+    return problem_response(request, 503, detail, slug="database-unavailable", headers={"Retry-After": "1"})
+
+
+def _too_large(request: Request[Any, Any, Any], exc: TooLargeForDatabase) -> Response[bytes]:
+    log.warning("db.packet_too_large", error=str(exc.__cause__))
     return problem_response(
         request,
-        503,
-        "the database is unavailable; retry later",
-        slug="database-unavailable",
-        headers={"Retry-After": "1"},
+        413,
+        "the document is larger than the database accepts (its max_allowed_packet); "
+        "lower JOBRESULTS_MAX_BODY_BYTES or raise max_allowed_packet on the server",
+        slug="too-large-for-database",
     )
 
 
@@ -195,6 +208,7 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     JobResultExists: _precondition,
     PreconditionFailed: _precondition,
     DatabaseUnavailable: _unavailable,
+    TooLargeForDatabase: _too_large,
     MalformedJSON: _malformed,
     UnfaithfulJSON: _unfaithful,
     Exception: _unexpected,

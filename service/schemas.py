@@ -130,11 +130,12 @@ def parse_timestamp(value: str | None, name: str) -> datetime | None:
         text = text[:-6] + "+" + text[-5:]
     try:
         parsed = datetime.fromisoformat(text)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None or len(text) < 20 or text[10] not in "Tt ":
+        utc = parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo is not None else None
+    except (ValueError, OverflowError):
+        utc = None
+    if utc is None or len(text) < 20 or text[10] not in "Tt ":
         raise InvalidParameter(
             f"{name} must be an RFC 3339 timestamp with a UTC offset, e.g. 2026-11-29T00:00:00Z "
-            "or 2026-11-29T01:00:00+01:00"
+            "or 2026-11-29T01:00:00+01:00, within years 0001-9999 in UTC"
         )
-    return parsed.astimezone(UTC).replace(tzinfo=None)
+    return utc

@@ -8,11 +8,13 @@ import binascii
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
+from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from litestar.response import Stream
@@ -21,7 +23,7 @@ from exports.files import StorageFull, UnsafeExportPath, resolve_inside
 from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService
 from repositories.database import Database
 from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository
-from service.controllers.job_results import checked_job_id, entity_tags
+from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
 from service.problems import ApiError, problem_responses
 from service.schemas import JOB_ID_RULE, format_timestamp, parse_timestamp
 
@@ -116,6 +118,11 @@ def requested_by(request: Request[Any, Any, Any]) -> str:
     return f"ip:{client.host}" if client else "ip:unknown"
 
 
+def json_body_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Litestar guard (runs before the body is parsed): the body must be declared JSON (else 415)."""
+    require_json_body(cast("Request[Any, Any, Any]", connection))
+
+
 def _storage_full() -> ApiError:
     return ApiError(507, STORAGE_FULL_MESSAGE, slug="insufficient-storage")
 
@@ -143,7 +150,8 @@ class JobExportController(Controller):
             "and recording the export happen in one transaction on one snapshot."
         ),
         status_code=201,
-        responses=problem_responses(400, 404, 503, 507),
+        responses=problem_responses(400, 404, 415, 503, 507),
+        guards=[json_body_guard],
     )
     async def export_job(
         self,
@@ -177,7 +185,8 @@ class ExportController(Controller):
             "survives restarts, and is done when its state is `succeeded` (or `failed`)."
         ),
         status_code=202,
-        responses=problem_responses(400, 503),
+        responses=problem_responses(400, 415, 503),
+        guards=[json_body_guard],
     )
     async def create_range_export(
         self, request: Request[Any, Any, Any], exports: NamedDependency[ExportService], data: RangeExportRequest
@@ -273,6 +282,8 @@ class ExportController(Controller):
         status = 200
         if range_header is not None and (if_range is None or if_range.strip() == etag):
             byte_range = _parse_range(range_header, size)
+            if byte_range == "ignore":
+                byte_range = (0, size - 1)
             if byte_range is None:
                 raise ApiError(
                     416,
@@ -290,16 +301,22 @@ class ExportController(Controller):
         )
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """A single ``bytes=`` range as inclusive ``(start, end)``; None if unsatisfiable or not understood.
+def _parse_range(header: str, size: int) -> tuple[int, int] | Literal["ignore"] | None:
+    """A single ``bytes=`` range as inclusive ``(start, end)``; None if unsatisfiable (416).
 
-    Source: RFC 9110 section 14.1.2. Multiple ranges are not supported (answered with 416).
+    Source: RFC 9110 section 14.2: a Range with another unit, a malformed one, or several ranges
+    (not supported here) is ignored ("ignore"), and the whole file is sent with 200.
     """
-    match = _RANGE.fullmatch(header.strip())
-    if match is None or size == 0:
-        return None
+    text = header.strip()
+    if not text.lower().startswith("bytes=") or "," in text:
+        return "ignore"
+    match = _RANGE.fullmatch("bytes=" + text[6:].strip())
+    if match is None:
+        return "ignore"
     first, last = match.groups()
     if not first and not last:
+        return "ignore"
+    if size == 0:
         return None
     if not first:  # suffix: the last N bytes
         length = int(last)
@@ -307,9 +324,11 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
             return None
         return max(0, size - length), size - 1
     start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if start >= size or (last and int(last) < start):
+    if last and int(last) < start:
+        return "ignore"
+    if start >= size:
         return None
+    end = min(int(last), size - 1) if last else size - 1
     return start, end
 
 

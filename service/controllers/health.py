@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from litestar import Response, get
+from litestar import Request, Response, get
 from litestar.di import NamedDependency
-from litestar.openapi.datastructures import ResponseSpec
 
 from observability.metrics import render
 from repositories.database import Database, expected_migrations, fetch_applied_migrations
+from service.problems import problem_response, problem_responses
 from service.schemas import Health
 
 READY_TIMEOUT_S = 1.0
@@ -26,9 +27,9 @@ async def healthz() -> Health:
     "/readyz",
     tags=["health"],
     summary="Readiness: the database answers within 1 s and the schema is current",
-    responses={503: ResponseSpec(data_container=Health, description="Not ready")},
+    responses=problem_responses(503),
 )
-async def readyz(db: NamedDependency[Database]) -> Response[Health]:
+async def readyz(request: Request[Any, Any, Any], db: NamedDependency[Database]) -> Response[Health]:
     """200 when ready, else 503 with the reason."""
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
@@ -41,12 +42,14 @@ async def readyz(db: NamedDependency[Database]) -> Response[Health]:
             finally:
                 db.release(conn)
     except TimeoutError:
-        return _unready("database did not answer within 1 s")
+        return _unready(request, "database did not answer within 1 s")
     except Exception:  # noqa: BLE001 - any failure to reach the database means not ready
-        return _unready("database unreachable")
+        return _unready(request, "database unreachable")
     missing = expected_migrations() - applied
     if missing:
-        return _unready(f"schema is not current: {len(missing)} migration(s) pending; run `jobresults migrate`")
+        return _unready(
+            request, f"schema is not current: {len(missing)} migration(s) pending; run `jobresults migrate`"
+        )
     return Response(Health(status="ok"))
 
 
@@ -58,5 +61,6 @@ async def metrics() -> Response[bytes]:
     return Response(content=body, media_type=content_type.replace("; charset=utf-8", ""))
 
 
-def _unready(detail: str) -> Response[Health]:
-    return Response(Health(status="unavailable", detail=detail), status_code=503, headers={"Retry-After": "5"})
+def _unready(request: Request[Any, Any, Any], detail: str) -> Response[Health]:
+    problem = problem_response(request, 503, detail, slug="not-ready", headers={"Retry-After": "5"})
+    return problem  # type: ignore[return-value]

@@ -20,7 +20,7 @@ from repositories.job_results import (
     JobResultRepository,
     PreconditionFailed,
 )
-from service.json_fidelity import MAX_DEPTH, MalformedJSON, UnfaithfulJSON, check_document
+from service.json_fidelity import MAX_DEPTH, check_document
 from service.openapi import json_request_body
 from service.problems import ApiError, problem_responses
 from service.schemas import (
@@ -42,6 +42,18 @@ _ENCODER = msgspec.json.Encoder()
 _WRITE_SHAPE = 'expected {"status": "succeeded" | "failed" | "cancelled", "result": <any JSON value>}'
 
 
+def require_json_body(request: Request[Any, Any, Any]) -> None:
+    """Raise ApiError 415 unless the body is declared as uncompressed JSON."""
+    media_type = request.content_type[0]
+    if media_type != JSON and not media_type.endswith("+json"):
+        raise ApiError(415, f"Content-Type must be {JSON}", slug="unsupported-media-type")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(
+            415, "Content-Encoding is not supported; send the body uncompressed", slug="unsupported-media-type"
+        )
+
+
 def checked_job_id(job_id: str) -> str:
     """Return ``job_id`` if it follows :data:`JOB_ID_RULE`; else raise ApiError (400)."""
     if not is_valid_job_id(job_id):
@@ -49,14 +61,25 @@ def checked_job_id(job_id: str) -> str:
     return job_id
 
 
-def entity_tags(header: str | None) -> set[str] | Literal["*"] | None:
-    """Parse ``If-Match`` / ``If-None-Match`` (RFC 9110 section 13.1): ``*`` or opaque tags, weakness dropped."""
+def entity_tags(header: str | None, *, weak: bool = True) -> set[str] | Literal["*"] | None:
+    """Parse ``If-Match`` / ``If-None-Match`` (RFC 9110 section 13.1) into ``*`` or a set of tags.
+
+    With ``weak`` (If-None-Match: weak comparison) a ``W/`` prefix is dropped; without it (If-Match:
+    strong comparison, RFC 9110 section 8.8.3.2) weak tags are left out, so they never match.
+    """
     if header is None:
         return None
     header = header.strip()
     if header == "*":
         return "*"
-    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+    tags = set()
+    for tag in (part.strip() for part in header.split(",")):
+        if tag.startswith("W/"):
+            if weak:
+                tags.add(tag[2:])
+        elif tag:
+            tags.add(tag)
+    return tags
 
 
 def _encode_cursor(meta: JobResultMeta) -> str:
@@ -76,22 +99,21 @@ def _decode_cursor(value: str) -> Cursor:
 def _decode_write(body: bytes) -> tuple[JobResultWrite, str]:
     """Decode a PUT body; returns it with the result as checked JSON text.
 
+    The whole body is checked for fidelity first (so duplicate keys are refused in the envelope too),
+    then decoded into :class:`JobResultWrite` with the result kept raw.
+
     Raises:
         ApiError: 400 when the body does not fit the API.
         MalformedJSON: 400, not JSON or not UTF-8.
         UnfaithfulJSON: 422, with the JSON path of the offending value.
     """
+    check_document(body, max_depth=MAX_DEPTH + 1)  # the envelope is one level
     try:
         write = _WRITE_DECODER.decode(body)
-    except RecursionError:
-        raise UnfaithfulJSON("$.result", f"nesting is deeper than {MAX_DEPTH} levels") from None
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid body: {exc}; {_WRITE_SHAPE}", slug="invalid-body") from None
-    except msgspec.DecodeError:
-        # Tell malformed JSON (400) from JSON that cannot be kept, e.g. a lone surrogate (422).
-        check_document(body)
-        raise MalformedJSON("the body is not one JSON document") from None
-    return write, check_document(bytes(write.result), root="$.result")
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        detail = str(exc).replace("`$.", "`")
+        raise ApiError(400, f"invalid body: {detail}; {_WRITE_SHAPE}", slug="invalid-body") from None
+    return write, bytes(write.result).decode("utf-8")
 
 
 class JobResultController(Controller):
@@ -125,11 +147,9 @@ class JobResultController(Controller):
     ) -> Response[JobResult]:
         """Create or replace the job result of ``job_id``."""
         checked_job_id(job_id)
-        media_type = request.content_type[0]
-        if media_type != JSON and not media_type.endswith("+json"):
-            raise ApiError(415, f"Content-Type must be {JSON}", slug="unsupported-media-type")
+        require_json_body(request)
         write, text = _decode_write(await request.body())
-        match_tags = entity_tags(if_match)
+        match_tags = entity_tags(if_match, weak=False)
         none_match_tags = entity_tags(if_none_match)
 
         async def unit(conn: Connection) -> tuple[JobResultMeta, bool]:
@@ -241,13 +261,34 @@ class JobResultController(Controller):
         next_cursor = _encode_cursor(page[-1].meta) if len(rows) > limit else None
         return Response(content=JobResultPage(items=items, next_cursor=next_cursor))
 
-    @delete("/{job_id:str}", summary="Delete a job result", responses=problem_responses(400, 404, 503))
+    @delete(
+        "/{job_id:str}",
+        summary="Delete a job result",
+        description="`If-Match: <etag>` deletes only if unchanged (412 otherwise).",
+        responses=problem_responses(400, 404, 412, 503),
+    )
     async def delete_job_result(
-        self, db: NamedDependency[Database], job_id: Annotated[str, PathParameter(description=JOB_ID_RULE)]
+        self,
+        db: NamedDependency[Database],
+        job_id: Annotated[str, PathParameter(description=JOB_ID_RULE)],
+        if_match: Annotated[str | None, HeaderParameter(name="If-Match")] = None,
     ) -> None:
         """Delete the job result; 204, or 404 if there is none."""
         checked_job_id(job_id)
-        await db.run(lambda conn: JobResultRepository(conn).delete(job_id))
+        match_tags = entity_tags(if_match, weak=False)
+
+        async def unit(conn: Connection) -> None:
+            repo = JobResultRepository(conn)
+            if match_tags is not None:
+                try:
+                    current = await repo.lock_meta(job_id)
+                except JobResultNotFound:
+                    raise PreconditionFailed(job_id) from None
+                if match_tags != "*" and etag_of(current) not in match_tags:
+                    raise PreconditionFailed(job_id)
+            await repo.delete(job_id)
+
+        await db.run(unit)
 
     @put("/", include_in_schema=False)
     async def put_without_id(self) -> None:
