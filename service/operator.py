@@ -58,11 +58,14 @@ async def import_files(settings: Settings, paths: list[Path], *, job_id: str | N
         report.refused.append(("--job-id", "--job-id names one job, so give exactly one file"))
         return report
     db = await Database.open(settings)
+    seen: dict[str, Path] = {}
     try:
         for path in files:
             name = job_id or path.stem
             reason = None
-            if not is_valid_job_id(name):
+            if name in seen:
+                reason = f"job id {name!r} also comes from {seen[name]}; pass one of them with --job-id"
+            elif not is_valid_job_id(name):
                 reason = f"{name!r} is not a valid job id ({JOB_ID_RULE}); pass --job-id"
             elif not path.is_file():
                 reason = "no such file"
@@ -78,6 +81,7 @@ async def import_files(settings: Settings, paths: list[Path], *, job_id: str | N
             if reason is not None:
                 report.refused.append((str(path), reason))
                 continue
+            seen[name] = path
             _meta, created = await db.run(_upsert(name, status, text))
             report.imported.append((str(path), name, "created" if created else "replaced"))
     finally:

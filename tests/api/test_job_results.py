@@ -231,3 +231,43 @@ async def test_error_bodies_leak_no_internals(client: Client, job_id: str) -> No
         assert response.status_code >= 400
         for leak in ("Traceback", "SELECT", "INSERT", "/work/", "site-packages", ".py", "pymysql"):
             assert leak not in text, (leak, text)
+
+
+async def test_delete_honours_if_match(client: Client, job_id: str) -> None:
+    url = f"/v1/job-results/{job_id}"
+    etag = (await client.put(url, json=body())).headers["etag"]
+    await client.put(url, json=body({"v": 2}))
+    stale = await client.delete(url, headers={"If-Match": etag})
+    assert stale.status_code == 412
+    assert (await client.get(url)).status_code == 200
+    current = (await client.get(url)).headers["etag"]
+    assert (await client.delete(url, headers={"If-Match": f'"x", {current}'})).status_code == 204
+
+
+async def test_if_match_uses_strong_comparison(client: Client, job_id: str) -> None:
+    url = f"/v1/job-results/{job_id}"
+    etag = (await client.put(url, json=body())).headers["etag"]
+    weak = await client.put(url, json=body({"v": 2}), headers={"If-Match": f"W/{etag}"})
+    assert weak.status_code == 412
+    listed = await client.put(url, json=body({"v": 3}), headers={"If-Match": f'"nope", {etag}'})
+    assert listed.status_code == 200
+
+
+async def test_compressed_body_is_415(client: Client, job_id: str) -> None:
+    response = await client.put(
+        f"/v1/job-results/{job_id}",
+        content=b'{"status":"failed","result":1}',
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert response.status_code == 415
+    assert "Content-Encoding" in response.json()["detail"]
+
+
+async def test_duplicate_keys_in_the_envelope_are_422(client: Client, job_id: str) -> None:
+    response = await client.put(
+        f"/v1/job-results/{job_id}",
+        content=b'{"status": "succeeded", "status": "failed", "result": 1}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert response.json()["json_path"] == "$.status"

@@ -90,6 +90,8 @@ async def test_include_result_and_status_filter(client: Client, job_id: str) -> 
         ({"created_to": "2026-01-01"}, "RFC 3339"),
         ({"created_from": "2026-02-01T00:00:00Z", "created_to": "2026-01-01T00:00:00Z"}, "earlier"),
         ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"created_from": "0001-01-01T00:00:00+14:00"}, "RFC 3339"),
+        ({"created_to": "9999-12-31T23:59:59-14:00"}, "RFC 3339"),
         ({"status": "done"}, "status"),
         ({"include": "everything"}, "include"),
     ],

@@ -347,3 +347,27 @@ async def test_export_files_never_served_statically(client: Client, job_id: str)
     for path in (f"/exports/{record['export_id']}.json", f"/data/exports/{record['export_id']}.json"):
         assert (await client.get(path)).status_code == 404
     assert os.sep not in record["content_url"].removeprefix("/v1/exports/").removesuffix("/content")
+
+
+async def test_export_requests_must_be_json(client: Client, job_id: str) -> None:
+    await put(client, job_id, {})
+    single = await client.post(
+        f"/v1/job-results/{job_id}/exports", content=b'{"format":"csv"}', headers={"Content-Type": "text/plain"}
+    )
+    assert single.status_code == 415
+    ranged = await client.post(
+        "/v1/exports",
+        content=b'{"format":"csv","created_from":"2026-01-01T00:00:00Z","created_to":"2026-01-02T00:00:00Z"}',
+        headers={"Content-Type": "text/plain"},
+    )
+    assert ranged.status_code == 415
+
+
+async def test_ranges_the_server_does_not_serve_are_ignored(client: Client, job_id: str) -> None:
+    await put(client, job_id, {"data": "x" * 100})
+    record = (await client.post(f"/v1/job-results/{job_id}/exports", json={"format": "json"})).json()
+    full = (await client.get(record["content_url"])).content
+    for header in ("items=0-1", "garbage", "bytes=0-1,5-6", "bytes=5-2"):
+        response = await client.get(record["content_url"], headers={"Range": header})
+        assert response.status_code == 200, header
+        assert response.content == full

@@ -102,3 +102,13 @@ def test_export_refuses_bad_arguments(database_url: str, tmp_path: Path) -> None
     assert missing.returncode == 1
     assert "no job result" in missing.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_import_refuses_two_files_with_one_job_id(database_url: str, tmp_path: Path, job_id: str) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{job_id}.json").write_text(f'{{"from": "{folder}"}}')
+    done = run(database_url, tmp_path / "exports", "import", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert done.returncode == 1
+    assert "1 imported, 1 refused" in done.stdout
+    assert "also comes from" in done.stderr
