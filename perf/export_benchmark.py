@@ -79,7 +79,7 @@ def seed(server: DatabaseURL, url: str, target: int) -> None:
                 "VALUES (%s, %s, %s, 1, %s, %s)",
                 rows,
             )
-        print(f"seeded {target - have} rows in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        print(f"seeded {max(0, target - have)} rows in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
 def run_export(url: str, fmt: str, rows: int, exports_dir: Path) -> dict[str, float]:

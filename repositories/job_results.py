@@ -115,8 +115,19 @@ class JobResultRepository:
         Raises:
             JobResultNotFound: no such job id.
         """
+        return await self._meta_query(SQL_GET_META, job_id)
+
+    async def lock_meta(self, job_id: str) -> JobResultMeta:
+        """The job result's metadata, row-locked (``FOR UPDATE``) until the transaction ends.
+
+        Raises:
+            JobResultNotFound: no such job id.
+        """
+        return await self._meta_query(SQL_GET_META + " FOR UPDATE", job_id)
+
+    async def _meta_query(self, sql: str, job_id: str) -> JobResultMeta:
         async with self.conn.cursor() as cur:
-            await cur.execute(SQL_GET_META, {"job_id": job_id})
+            await cur.execute(sql, {"job_id": job_id})
             row = await cur.fetchone()
         if row is None:
             raise JobResultNotFound(job_id)
@@ -138,19 +149,6 @@ class JobResultRepository:
                 raise
             row_id = cur.lastrowid
         return JobResultMeta(id=row_id, job_id=job_id, status=status, version=1, created_at=now, updated_at=now)
-
-    async def lock_meta(self, job_id: str) -> JobResultMeta:
-        """The job result's metadata, row-locked (``FOR UPDATE``) until the transaction ends.
-
-        Raises:
-            JobResultNotFound: no such job id.
-        """
-        async with self.conn.cursor() as cur:
-            await cur.execute(SQL_GET_META + " FOR UPDATE", {"job_id": job_id})
-            row = await cur.fetchone()
-        if row is None:
-            raise JobResultNotFound(job_id)
-        return _meta(row)
 
     async def replace(self, job_id: str, status: str, result: str) -> JobResultMeta:
         """Replace an existing job result, bumping its version; returns the new metadata.
@@ -210,25 +208,15 @@ class JobResultRepository:
         ``limit`` rows; ``result`` is empty bytes unless ``include_result``. Bounds are naive UTC.
         """
         columns = _META_COLUMNS + (", result_data" if include_result else "")
-        where: list[str] = []
-        params: dict[str, object] = {"limit": limit}
-        if created_from is not None:
-            where.append("created_at >= %(created_from)s")
-            params["created_from"] = created_from
-        if created_to is not None:
-            where.append("created_at < %(created_to)s")
-            params["created_to"] = created_to
-        if status is not None:
-            where.append("status = %(status)s")
-            params["status"] = status
+        where, params = range_filter(created_from, created_to, status)
+        params["limit"] = limit
         if after is not None:
             # Expanded form of (created_at, id) > (%s, %s): both engines use idx_created for it.
-            where.append("(created_at > %(after_created)s OR (created_at = %(after_created)s AND id > %(after_id)s))")
+            where += " AND " if where else " WHERE "
+            where += "(created_at > %(after_created)s OR (created_at = %(after_created)s AND id > %(after_id)s))"
             params["after_created"] = after.created_at
             params["after_id"] = after.id
-        sql = f"SELECT {columns} FROM job_results {ORDERED_BY_TIME}"  # noqa: S608 - only fixed fragments are joined
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql = f"SELECT {columns} FROM job_results {ORDERED_BY_TIME}{where}"  # noqa: S608 - fixed fragments only
         sql += " ORDER BY created_at, id LIMIT %(limit)s"
         async with self.conn.cursor() as cur:
             await cur.execute(sql, params)

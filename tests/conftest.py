@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import msgspec
 import pymysql
 import pytest
 import stamina
@@ -60,26 +62,42 @@ def server_url() -> Iterator[str]:
         yield f"mysql://root:test@{host}:{port}/test"
 
 
-def _admin(url: DatabaseURL) -> pymysql.connections.Connection:
+def connect(url: str | DatabaseURL) -> pymysql.connections.Connection:
+    """A plain autocommit pymysql connection (utf8mb4) for setting up and inspecting test data."""
+    parts = DatabaseURL.parse(url) if isinstance(url, str) else url
     return pymysql.connect(
-        host=url.host, port=url.port, user=url.user, password=url.password, autocommit=True, charset="utf8mb4"
+        host=parts.host,
+        port=parts.port,
+        user=parts.user,
+        password=parts.password,
+        database=parts.database or None,
+        autocommit=True,
+        charset="utf8mb4",
     )
+
+
+@contextmanager
+def fresh_database(server_url: str, prefix: str) -> Iterator[str]:
+    """Create and migrate ``<prefix>_<random>`` on the server; yield its URL; drop it afterwards."""
+    server = DatabaseURL.parse(server_url)
+    admin = msgspec.structs.replace(server, database="")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with connect(admin) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+    url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/{name}"
+    try:
+        apply_migrations(Settings.from_env({}, database_url=url))
+        yield url
+    finally:
+        with connect(admin) as conn, conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
 
 
 @pytest.fixture(scope="session")
 def database_url(server_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test session; dropped afterwards."""
-    server = DatabaseURL.parse(server_url)
-    name = f"jr_test_{uuid.uuid4().hex[:12]}"
-    with _admin(server) as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
-    url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/{name}"
-    apply_migrations(Settings.from_env({}, database_url=url))
-    try:
+    with fresh_database(server_url, "jr_test") as url:
         yield url
-    finally:
-        with _admin(server) as conn, conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -131,7 +149,7 @@ def job_id() -> str:
 @pytest.fixture
 def engine(server_url: str) -> str:
     """'mariadb' or 'mysql', from the server's version string."""
-    with _admin(DatabaseURL.parse(server_url)) as conn, conn.cursor() as cur:
+    with connect(server_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT VERSION()")
         (version,) = cur.fetchone()  # type: ignore[misc]
     return "mariadb" if "mariadb" in str(version).lower() else "mysql"

@@ -29,8 +29,7 @@ import httpx
 import pymysql
 import pytest
 
-from config.settings import DatabaseURL, Settings
-from repositories.migrations import apply_migrations
+from tests.conftest import connect, fresh_database
 
 JOBRESULTS = Path(sys.executable).parent / "jobresults"
 STARTUP_TIMEOUT_S = 20.0
@@ -52,34 +51,14 @@ SERVICE_ENV = {
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _connect(url: str) -> pymysql.connections.Connection:
-    parts = DatabaseURL.parse(url)
-    return pymysql.connect(
-        host=parts.host,
-        port=parts.port,
-        user=parts.user,
-        password=parts.password,
-        database=parts.database,
-        autocommit=True,
-        charset="utf8mb4",
-    )
+_connect = connect
 
 
 @pytest.fixture(scope="module")
 def crash_database_url(server_url: str) -> Iterator[str]:
     """A fresh, migrated database for this module only; dropped afterwards."""
-    server = DatabaseURL.parse(server_url)
-    name = f"jr_crash_{uuid.uuid4().hex[:12]}"
-    admin_url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/mysql"
-    with _connect(admin_url) as admin, admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
-    url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/{name}"
-    try:
-        apply_migrations(Settings.from_env({}, database_url=url))
+    with fresh_database(server_url, "jr_crash") as url:
         yield url
-    finally:
-        with _connect(admin_url) as admin, admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name}")
 
 
 def _seed(url: str, prefix: str, count: int) -> None:

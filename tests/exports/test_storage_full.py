@@ -18,15 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import pymysql
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from config.settings import DatabaseURL, Settings
+from config.settings import Settings
 from exports.pipeline import STORAGE_FULL_MESSAGE
-from repositories.migrations import apply_migrations
 from service.app import create_app
+from tests.conftest import connect, fresh_database
 
 TMPFS_SIZE = "256k"
 BIG_RESULT = {"log": [f"line {i:07d} " + "x" * 90 for i in range(10_000)], "exit_code": 1}
@@ -34,34 +33,14 @@ BIG_RESULT = {"log": [f"line {i:07d} " + "x" * 90 for i in range(10_000)], "exit
 SMALL_RESULT = {"exit_code": 0, "ok": True}
 
 
-def _connect(url: str) -> pymysql.connections.Connection:
-    parts = DatabaseURL.parse(url)
-    return pymysql.connect(
-        host=parts.host,
-        port=parts.port,
-        user=parts.user,
-        password=parts.password,
-        database=parts.database,
-        autocommit=True,
-        charset="utf8mb4",
-    )
+_connect = connect
 
 
 @pytest.fixture(scope="module")
 def full_database_url(server_url: str) -> Iterator[str]:
     """A fresh, migrated database for this module only; dropped afterwards."""
-    server = DatabaseURL.parse(server_url)
-    name = f"jr_full_{uuid.uuid4().hex[:12]}"
-    admin_url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/mysql"
-    with _connect(admin_url) as admin, admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
-    url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/{name}"
-    try:
-        apply_migrations(Settings.from_env({}, database_url=url))
+    with fresh_database(server_url, "jr_full") as url:
         yield url
-    finally:
-        with _connect(admin_url) as admin, admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name}")
 
 
 @pytest.fixture
