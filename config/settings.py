@@ -99,6 +99,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """``JOBRESULTS_EXPORT_MAX_ATTEMPTS``: a range export failing this often on database errors is failed."""
     export_worker: bool = True
     """``JOBRESULTS_EXPORT_WORKER``: run range exports in this process's background worker."""
+    auth_enabled: bool = True
+    """``JOBRESULTS_AUTH_ENABLED``: require an API key on every ``/v1`` call and on ``/metrics``.
+    Switch off only for benchmarks of the bare service."""
+    auth_cache_ttl_s: Seconds = 5.0
+    """``JOBRESULTS_AUTH_CACHE_TTL_S``: how long a checked API key is cached per worker; a revoked key
+    stops working within this time."""
     log_level: str = "info"
     """``JOBRESULTS_LOG_LEVEL``: debug, info, warning or error."""
     docs_enabled: bool = True

@@ -18,6 +18,7 @@ from exports.pipeline import ExportService
 from observability.logging import configure_logging
 from observability.requests import RequestObservabilityMiddleware
 from repositories.database import Database
+from service.auth import Authenticator, authorize
 from service.controllers.exports import ExportController, JobExportController
 from service.controllers.health import healthz, metrics, readyz
 from service.controllers.job_results import JobResultController
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             log.warning("db.unreachable_at_startup", error=str(exc), database=settings.database.redacted())
             db = await Database.open(msgspec_replace(settings, pool_min_size=0))
         app.state.db = db
+        app.state.authenticator = Authenticator(db, settings.auth_cache_ttl_s)
         exports = ExportService(db, settings)
         app.state.exports = exports
         if settings.export_worker:
@@ -95,6 +97,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "exports": Provide(_provide_exports, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        guards=[authorize],
         openapi_config=openapi_config(_version()) if settings.docs_enabled else None,
         plugins=[RawJSONSchemaPlugin()],
         request_max_body_size=settings.max_body_bytes,

@@ -168,6 +168,43 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``keys create|list|revoke``: manage API keys."""
+    import asyncio
+
+    from observability.logging import configure_logging
+    from repositories.api_keys import ApiKeyNotFound
+    from service.auth import SCOPES
+    from service.operator import create_key, list_keys, revoke_key
+
+    settings = _settings()
+    configure_logging("warning")
+    if args.keys_command == "create":
+        scopes = tuple(dict.fromkeys(s.strip() for s in args.scopes.split(",") if s.strip()))
+        unknown = [s for s in scopes if s not in SCOPES]
+        if unknown or not scopes:
+            print(f"jobresults: --scopes takes a comma-separated list of {', '.join(SCOPES)}", file=sys.stderr)
+            return 2
+        token, key = asyncio.run(create_key(settings, args.name, scopes))
+        print(f"created key {key.key_id} ({key.name}) with scopes {' '.join(key.scopes)}")
+        print("token (shown once, store it now):")
+        print(token)
+        return 0
+    if args.keys_command == "list":
+        for key in asyncio.run(list_keys(settings)):
+            state = f"revoked {key.revoked_at:%Y-%m-%dT%H:%M:%SZ}" if key.revoked_at else "active"
+            created = f"{key.created_at:%Y-%m-%dT%H:%M:%SZ}"
+            print(f"{key.key_id}  {key.name}  {','.join(key.scopes)}  created {created}  {state}")
+        return 0
+    try:
+        key = asyncio.run(revoke_key(settings, args.key_id))
+    except ApiKeyNotFound:
+        print(f"jobresults: no API key {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {key.key_id}; services stop accepting it within {settings.auth_cache_ttl_s:g} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jobresults`` command."""
     parser = argparse.ArgumentParser(prog="jobresults", description="Job Result Service operator commands.")
@@ -189,6 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     exporter.add_argument("--status", choices=["succeeded", "failed", "cancelled"])
     exporter.add_argument("--out", required=True, help="file to write")
     exporter.set_defaults(func=cmd_export)
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print its token once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--scopes", required=True, help="comma-separated: results:read,results:write,...")
+    keys_sub.add_parser("list", help="list keys (never their tokens)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+    keys.set_defaults(func=cmd_keys)
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.add_argument("--out", help="write to this file instead of stdout")
     openapi.set_defaults(func=cmd_openapi)

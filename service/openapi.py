@@ -12,12 +12,14 @@ import msgspec
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import (
+    Components,
     OpenAPIMediaType,
     OpenAPIType,
     Operation,
     Reference,
     RequestBody,
     Schema,
+    SecurityScheme,
 )
 from litestar.plugins import OpenAPISchemaPlugin
 from litestar.typing import FieldDefinition
@@ -101,6 +103,16 @@ def openapi_config(version: str) -> OpenAPIConfig:
             "Errors are RFC 9457 problem details; timestamps are RFC 3339 UTC."
         ),
         path="/schema",
+        security=[{"BearerAuth": []}],
+        components=Components(
+            security_schemes={
+                "BearerAuth": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    description="An API key (jr_...) made with `jobresults keys create`.",
+                )
+            }
+        ),
         render_plugins=[
             SwaggerRenderPlugin(
                 js_url=f"{SWAGGER_STATIC_PATH}/swagger-ui-bundle.js",

@@ -1,4 +1,4 @@
-"""Operator commands behind ``jobresults import`` and ``jobresults export``.
+"""Operator commands behind ``jobresults import``, ``export`` and ``keys``.
 
 They use the same validation and the same export pipeline as the API.
 """
@@ -17,9 +17,11 @@ from tqdm import tqdm
 
 from config.settings import Settings
 from exports.pipeline import ExportService
+from repositories.api_keys import ApiKey, ApiKeyRepository
 from repositories.database import Connection, Database
 from repositories.exports import Export, ExportParameters
 from repositories.job_results import JobResultMeta, JobResultRepository
+from service.auth import new_token
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON, check_document
 from service.schemas import JOB_ID_RULE, is_valid_job_id
 
@@ -132,3 +134,36 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
+
+
+async def create_key(settings: Settings, name: str, scopes: tuple[str, ...]) -> tuple[str, ApiKey]:
+    """Create an API key; returns ``(token, key)``. The token is shown once and never stored."""
+    token, key_id, digest = new_token()
+    db = await Database.open(settings)
+    try:
+        key = await db.run(lambda conn: ApiKeyRepository(conn).insert(key_id, name, digest, scopes))
+    finally:
+        await db.close()
+    return token, key
+
+
+async def list_keys(settings: Settings) -> list[ApiKey]:
+    """Every API key (never a token)."""
+    db = await Database.open(settings)
+    try:
+        return await db.run(lambda conn: ApiKeyRepository(conn).list(), transaction=False)
+    finally:
+        await db.close()
+
+
+async def revoke_key(settings: Settings, key_id: str) -> ApiKey:
+    """Revoke a key; running services stop accepting it within ``JOBRESULTS_AUTH_CACHE_TTL_S``.
+
+    Raises:
+        ApiKeyNotFound: no such key.
+    """
+    db = await Database.open(settings)
+    try:
+        return await db.run(lambda conn: ApiKeyRepository(conn).revoke(key_id))
+    finally:
+        await db.close()

@@ -25,6 +25,7 @@ from config.settings import DatabaseURL, Settings
 from repositories.database import Database
 from repositories.migrations import apply_migrations
 from service.app import create_app
+from service.auth import new_token
 
 REALDATA = Path(os.environ.get("JOBRESULTS_REALDATA") or Path(__file__).resolve().parents[2] / "shared" / "realdata")
 """Real job-result documents (../shared/realdata beside the checkout, or JOBRESULTS_REALDATA)."""
@@ -100,6 +101,32 @@ def database_url(server_url: str) -> Iterator[str]:
         yield url
 
 
+ALL_SCOPES = ("results:read", "results:write", "exports:read", "exports:write", "metrics:read")
+
+
+def make_token(database_url: str, scopes: tuple[str, ...] = ALL_SCOPES, name: str = "tests") -> str:
+    """Create an API key in the database behind ``database_url``; return its token."""
+    token, key_id, digest = new_token()
+    with connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO api_keys (key_id, name, secret_sha256, scopes, created_at) "
+            "VALUES (%s, %s, %s, %s, UTC_TIMESTAMP(6))",
+            (key_id, name, digest, " ".join(scopes)),
+        )
+    return token
+
+
+@pytest.fixture(scope="session")
+def api_token(database_url: str) -> str:
+    """A token with every scope, in the session database."""
+    return make_token(database_url)
+
+
+@pytest.fixture(scope="session")
+def auth_headers(api_token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_token}"}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _fast_retries() -> Iterator[None]:
     stamina.set_testing(True, attempts=3)
@@ -126,8 +153,9 @@ def app(settings: Settings) -> Litestar:
 
 
 @pytest.fixture(scope="session")
-async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
+async def client(app: Litestar, auth_headers: dict[str, str]) -> AsyncIterator[AsyncTestClient[Litestar]]:
     async with AsyncTestClient(app=app) as test_client:
+        test_client.headers.update(auth_headers)
         yield test_client
 
 

@@ -113,7 +113,10 @@ class ExportPage(msgspec.Struct):
 
 
 def requested_by(request: Request[Any, Any, Any]) -> str:
-    """Who asked for an export. Until API keys exist, the client address (``ip:<address>``)."""
+    """Who asked for an export: ``key:<key_id>``, or ``ip:<address>`` when authentication is off."""
+    key_id = request.scope["state"].get("api_key_id")
+    if key_id:
+        return f"key:{key_id}"
     client = request.client
     return f"ip:{client.host}" if client else "ip:unknown"
 
@@ -144,13 +147,14 @@ class JobExportController(Controller):
 
     @post(
         "/{job_id:str}/exports",
+        opt={"scope": "exports:write"},
         summary="Export one job's result to a file",
         description=(
             "Synchronous: 201 with the export record once the file is complete and recorded. Reading the job "
             "and recording the export happen in one transaction on one snapshot."
         ),
         status_code=201,
-        responses=problem_responses(400, 404, 415, 503, 507),
+        responses=problem_responses(400, 401, 403, 404, 415, 503, 507),
         guards=[json_body_guard],
     )
     async def export_job(
@@ -179,13 +183,14 @@ class ExportController(Controller):
 
     @post(
         "/",
+        opt={"scope": "exports:write"},
         summary="Export a time range of job results to a file (asynchronous)",
         description=(
             "202 Accepted with `Location: /v1/exports/{export_id}`. The export runs in the background, "
             "survives restarts, and is done when its state is `succeeded` (or `failed`)."
         ),
         status_code=202,
-        responses=problem_responses(400, 415, 503),
+        responses=problem_responses(400, 401, 403, 415, 503),
         guards=[json_body_guard],
     )
     async def create_range_export(
@@ -202,14 +207,24 @@ class ExportController(Controller):
             ExportRecord.build(export), status_code=202, headers={"Location": f"/v1/exports/{export.export_id}"}
         )
 
-    @get("/{export_id:str}", summary="Read an export's state and progress", responses=problem_responses(404, 503))
+    @get(
+        "/{export_id:str}",
+        opt={"scope": "exports:read"},
+        summary="Read an export's state and progress",
+        responses=problem_responses(401, 403, 404, 503),
+    )
     async def get_export(
         self, db: NamedDependency[Database], export_id: Annotated[str, PathParameter(description="Export id.")]
     ) -> ExportRecord:
         """State, progress (rows written so far), size, sha256 and, once succeeded, the content URL."""
         return ExportRecord.build(await _get_export(db, export_id))
 
-    @get("/", summary="List exports, newest first", responses=problem_responses(400, 503))
+    @get(
+        "/",
+        opt={"scope": "exports:read"},
+        summary="List exports, newest first",
+        responses=problem_responses(400, 401, 403, 503),
+    )
     async def list_exports(
         self,
         db: NamedDependency[Database],
@@ -231,6 +246,7 @@ class ExportController(Controller):
 
     @get(
         "/{export_id:str}/content",
+        opt={"scope": "exports:read"},
         summary="Download an export's file",
         description=(
             "Streams the file with `Content-Disposition: attachment` and `ETag` (its sha256). Supports "
@@ -241,7 +257,7 @@ class ExportController(Controller):
             206: ResponseSpec(
                 data_container=bytes, description="Partial Content", media_type="application/octet-stream"
             ),
-            **problem_responses(404, 409, 416),
+            **problem_responses(401, 403, 404, 409, 416),
         },
     )
     async def get_content(

@@ -53,7 +53,13 @@ async def readyz(request: Request[Any, Any, Any], db: NamedDependency[Database])
     return Response(Health(status="ok"))
 
 
-@get("/metrics", tags=["health"], summary="Prometheus metrics (text format), all workers added up", cache=False)
+@get(
+    "/metrics",
+    opt={"scope": "metrics:read"},
+    tags=["health"],
+    summary="Prometheus metrics (text format), all workers added up",
+    cache=False,
+)
 async def metrics() -> Response[bytes]:
     """The ``jobresults_*`` metrics (and stamina's and the process's) in Prometheus text format."""
     body, content_type = render()

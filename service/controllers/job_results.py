@@ -124,6 +124,7 @@ class JobResultController(Controller):
 
     @put(
         "/{job_id:str}",
+        opt={"scope": "results:write"},
         operation_class=json_request_body(JobResultWrite),
         summary="Store a job result",
         description=(
@@ -133,7 +134,7 @@ class JobResultController(Controller):
         ),
         responses={
             201: ResponseSpec(data_container=JobResult, description="Created"),
-            **problem_responses(400, 412, 413, 415, 422, 503),
+            **problem_responses(400, 401, 403, 412, 413, 415, 422, 503),
         },
         status_code=200,
     )
@@ -180,9 +181,10 @@ class JobResultController(Controller):
 
     @get(
         "/{job_id:str}",
+        opt={"scope": "results:read"},
         summary="Read a job result",
         description="`If-None-Match` with the current ETag gives 304. The result comes back as stored.",
-        responses=problem_responses(400, 404, 503),
+        responses=problem_responses(400, 401, 403, 404, 503),
     )
     async def get_job_result(
         self,
@@ -202,13 +204,14 @@ class JobResultController(Controller):
 
     @get(
         "/",
+        opt={"scope": "results:read"},
         summary="List job results by time range",
         description=(
             "Half-open range `created_from <= created_at < created_to` (RFC 3339, any offset), oldest "
             "first, keyset-paginated: pass `next_cursor` back as `cursor`. Items carry metadata only "
             "unless `include=result`."
         ),
-        responses=problem_responses(400, 503),
+        responses=problem_responses(400, 401, 403, 503),
     )
     async def list_job_results(
         self,
@@ -263,9 +266,10 @@ class JobResultController(Controller):
 
     @delete(
         "/{job_id:str}",
+        opt={"scope": "results:write"},
         summary="Delete a job result",
         description="`If-Match: <etag>` deletes only if unchanged (412 otherwise).",
-        responses=problem_responses(400, 404, 412, 503),
+        responses=problem_responses(400, 401, 403, 404, 412, 503),
     )
     async def delete_job_result(
         self,
@@ -290,12 +294,12 @@ class JobResultController(Controller):
 
         await db.run(unit)
 
-    @put("/", include_in_schema=False)
+    @put("/", include_in_schema=False, opt={"scope": "results:write"})
     async def put_without_id(self) -> None:
         """``PUT /v1/job-results/`` names no job: 400 saying what a job id is."""
         raise ApiError(400, JOB_ID_RULE, slug="invalid-job-id")
 
-    @delete("/", include_in_schema=False)
+    @delete("/", include_in_schema=False, opt={"scope": "results:write"})
     async def delete_without_id(self) -> None:
         """``DELETE /v1/job-results/`` names no job: 400 saying what a job id is."""
         raise ApiError(400, JOB_ID_RULE, slug="invalid-job-id")

@@ -284,10 +284,11 @@ async def test_unknown_export_is_404(client: Client) -> None:
 
 
 @pytest.fixture
-async def idle_client(settings: Settings) -> AsyncIterator[Client]:
+async def idle_client(settings: Settings, auth_headers: dict[str, str]) -> AsyncIterator[Client]:
     """An app whose export worker is off, so a range export stays queued."""
     app = create_app(msgspec.structs.replace(settings, export_worker=False))
     async with AsyncTestClient(app=app) as test_client:
+        test_client.headers.update(auth_headers)
         yield test_client
 
 

@@ -29,7 +29,7 @@ import httpx
 import pymysql
 import pytest
 
-from tests.conftest import connect, fresh_database
+from tests.conftest import connect, fresh_database, make_token
 
 JOBRESULTS = Path(sys.executable).parent / "jobresults"
 STARTUP_TIMEOUT_S = 20.0
@@ -206,7 +206,8 @@ def test_sigkill_during_range_export_then_restart_finishes_it_cleanly(
         "created_from": _rfc3339(WINDOW_START),
         "created_to": _rfc3339(WINDOW_START + timedelta(seconds=1)),
     }
-    with httpx.Client(base_url=base, timeout=10.0) as http:
+    headers = {"Authorization": f"Bearer {make_token(crash_database_url)}"}
+    with httpx.Client(base_url=base, timeout=10.0, headers=headers) as http:
         queued = http.post("/v1/exports", json=window)
         assert queued.status_code == 202, queued.text
         export_id = queued.json()["export_id"]
@@ -247,7 +248,7 @@ def test_sigkill_during_range_export_then_restart_finishes_it_cleanly(
     # worker's lease has expired, removes the dead worker's temporary file and exports from scratch.
     restarted_at = time.monotonic()
     _, base = services.start(crash_database_url, exports_dir)
-    with httpx.Client(base_url=base, timeout=10.0) as http:
+    with httpx.Client(base_url=base, timeout=10.0, headers=headers) as http:
         deadline = time.monotonic() + 45.0
         while True:
             record = http.get(f"/v1/exports/{export_id}").json()

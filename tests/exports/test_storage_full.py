@@ -25,7 +25,7 @@ from litestar.testing import AsyncTestClient
 from config.settings import Settings
 from exports.pipeline import STORAGE_FULL_MESSAGE
 from service.app import create_app
-from tests.conftest import connect, fresh_database
+from tests.conftest import connect, fresh_database, make_token
 
 TMPFS_SIZE = "256k"
 BIG_RESULT = {"log": [f"line {i:07d} " + "x" * 90 for i in range(10_000)], "exit_code": 1}
@@ -74,6 +74,7 @@ async def full_client(
         )
     )
     async with AsyncTestClient(app=app) as client:
+        client.headers["Authorization"] = f"Bearer {make_token(full_database_url)}"
         yield client
 
 

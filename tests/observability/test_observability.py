@@ -50,10 +50,10 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return found
 
 
-def test_canonical_log_line_and_request_id(server: Server) -> None:
+def test_canonical_log_line_and_request_id(server: Server, auth_headers: dict[str, str], api_token: str) -> None:
     _proc, base, log = server
     job_id = f"obs-{uuid.uuid4().hex}"
-    with _server_log_on_failure(log), httpx.Client(base_url=base, timeout=10.0) as http:
+    with _server_log_on_failure(log), httpx.Client(base_url=base, timeout=10.0, headers=auth_headers) as http:
         put = http.put(
             f"/v1/job-results/{job_id}",
             json={"status": "succeeded", "result": {"x": 1}},
@@ -79,7 +79,8 @@ def test_canonical_log_line_and_request_id(server: Server) -> None:
         assert line["response_bytes"] == len(put.content)
         assert isinstance(line["duration_ms"], float)
         assert line["duration_ms"] >= 0
-        assert "api_key_id" in line
+        assert line["api_key_id"] == api_token.split("_")[1]
+        assert api_token not in log.read_text()
         assert line["level"] == "info"
         assert line["timestamp"].endswith("Z")
 
@@ -94,10 +95,10 @@ def test_canonical_log_line_and_request_id(server: Server) -> None:
         assert any(entry.get("logger") == "_granian" for entry in log_lines(log))
 
 
-def test_metrics_add_up_across_two_workers(server: Server) -> None:
+def test_metrics_add_up_across_two_workers(server: Server, auth_headers: dict[str, str]) -> None:
     _proc, base, log = server
     job_id = f"met-{uuid.uuid4().hex}"
-    with _server_log_on_failure(log), httpx.Client(base_url=base, timeout=10.0) as http:
+    with _server_log_on_failure(log), httpx.Client(base_url=base, timeout=10.0, headers=auth_headers) as http:
         before = samples(http.get("/metrics").text)
         key = (
             "jobresults_http_requests_total",
@@ -107,7 +108,7 @@ def test_metrics_add_up_across_two_workers(server: Server) -> None:
         n = 40
         # New connections each time, so both workers serve some of them.
         for _ in range(n):
-            assert httpx.get(f"{base}/v1/job-results/{job_id}", timeout=10.0).status_code == 200
+            assert httpx.get(f"{base}/v1/job-results/{job_id}", timeout=10.0, headers=auth_headers).status_code == 200
         export = http.post(f"/v1/job-results/{job_id}/exports", json={"format": "csv"})
         assert export.status_code == 201
         text = http.get("/metrics").text

@@ -442,6 +442,8 @@ def unreachable_settings(tmp_path: Path) -> Settings:
 async def test_unreachable_database_maps_to_503(unreachable_settings: Settings) -> None:
     app = create_app(unreachable_settings)
     async with AsyncTestClient(app=app) as client:
+        # A well-formed token: checking it needs the database, which is down.
+        client.headers["Authorization"] = "Bearer jr_0123456789ab_" + "A" * 43
         response = await client.get("/v1/job-results/x")
         assert response.status_code == 503
         assert response.headers["content-type"].startswith("application/problem+json")

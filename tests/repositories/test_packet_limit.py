@@ -28,10 +28,11 @@ def small_packet_limit(server_url: str) -> Iterator[None]:
 
 
 async def test_document_above_max_allowed_packet_is_413(
-    small_packet_limit: None, settings: Settings, job_id: str
+    small_packet_limit: None, settings: Settings, job_id: str, auth_headers: dict[str, str]
 ) -> None:
     app = create_app(Settings.from_env({}, database_url=settings.database_url, log_level="error", export_worker=False))
     async with AsyncTestClient(app=app) as client:
+        client.headers.update(auth_headers)
         url = f"/v1/job-results/{job_id}"
         assert (await client.put(url, json={"status": "succeeded", "result": {"small": True}})).status_code == 201
         big = {"status": "failed", "result": {"blob": "x" * 2_000_000}}

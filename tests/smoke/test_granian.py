@@ -97,10 +97,10 @@ def server(database_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen
 
 
 def test_serve_answers_over_http_and_stops_cleanly_on_sigterm(
-    server: tuple[subprocess.Popen[bytes], str, Path],
+    server: tuple[subprocess.Popen[bytes], str, Path], auth_headers: dict[str, str]
 ) -> None:
     proc, base, log = server
-    with _server_log_on_failure(log), httpx.Client(base_url=base, timeout=10.0) as http:
+    with _server_log_on_failure(log), httpx.Client(base_url=base, timeout=10.0, headers=auth_headers) as http:
         ready = http.get("/readyz")
         assert ready.status_code == 200, ready.text
         assert ready.json()["status"] == "ok"

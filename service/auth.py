@@ -1,0 +1,104 @@
+"""API keys: Bearer tokens with scopes, checked in constant time, cached for a short bounded time.
+
+A token looks like ``jr_<key_id>_<secret>``: ``key_id`` is 12 visible hex characters that name the key
+(shown by ``jobresults keys list`` and logged as ``api_key_id``); ``secret`` is 256 random bits
+(``secrets.token_urlsafe(32)``). Only SHA-256 of the secret is stored: for a 256-bit random secret a
+fast hash is enough (there is nothing to guess). Comparison uses ``hmac.compare_digest``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from typing import Any, Literal
+
+from cachetools import TTLCache
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from repositories.api_keys import ApiKey, ApiKeyNotFound, ApiKeyRepository
+from repositories.database import Database
+from service.problems import ApiError
+
+Scope = Literal["results:read", "results:write", "exports:read", "exports:write", "metrics:read"]
+SCOPES: tuple[str, ...] = ("results:read", "results:write", "exports:read", "exports:write", "metrics:read")
+TOKEN_PREFIX = "jr_"  # noqa: S105 - a visible prefix, not a secret
+_TOKEN = re.compile(r"jr_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="jobresults"'}
+
+
+def new_token() -> tuple[str, str, bytes]:
+    """A new token: ``(token, key_id, sha256 of the secret)``. The token is shown once, never stored."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return f"{TOKEN_PREFIX}{key_id}_{secret}", key_id, hashlib.sha256(secret.encode()).digest()
+
+
+class Authenticator:
+    """Resolves Bearer tokens to API keys with a per-process cache.
+
+    A key (or the absence of one) is cached for ``ttl_s`` seconds, at most ``max_entries`` of them: a
+    revoked key stops working within ``ttl_s``. Only a cache miss costs a database round trip.
+    """
+
+    def __init__(self, db: Database, ttl_s: float, max_entries: int = 10_000) -> None:
+        self.db = db
+        self._cache: TTLCache[str, ApiKey | None] = TTLCache(maxsize=max_entries, ttl=ttl_s)
+
+    async def authenticate(self, authorization: str | None) -> ApiKey:
+        """The live API key named by an ``Authorization: Bearer <token>`` header.
+
+        Raises:
+            ApiError: 401 with ``WWW-Authenticate: Bearer`` when the header is missing or malformed, or
+                the key is unknown, wrong or revoked.
+        """
+        if not authorization:
+            raise ApiError(401, "send Authorization: Bearer <API key>", slug="unauthenticated", headers=_CHALLENGE)
+        scheme, _, token = authorization.strip().partition(" ")
+        match = _TOKEN.fullmatch(token.strip()) if scheme.lower() == "bearer" else None
+        if match is None:
+            raise ApiError(401, "the API key is missing or malformed", slug="unauthenticated", headers=_CHALLENGE)
+        key_id, secret = match.groups()
+        digest = hashlib.sha256(secret.encode()).digest()
+        cache_key = digest.hex()
+        if cache_key in self._cache:
+            key = self._cache[cache_key]
+        else:
+            key = await self._load(key_id)
+            if key is not None and not hmac.compare_digest(key.secret_sha256, digest):
+                key = None
+            self._cache[cache_key] = key
+        if key is None or key.revoked_at is not None:
+            raise ApiError(401, "the API key is unknown or revoked", slug="unauthenticated", headers=_CHALLENGE)
+        return key
+
+    async def _load(self, key_id: str) -> ApiKey | None:
+        try:
+            return await self.db.run(lambda conn: ApiKeyRepository(conn).get(key_id), transaction=False)
+        except ApiKeyNotFound:
+            return None
+
+
+async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Litestar guard: the route's ``opt["scope"]`` must be one of the caller's API key scopes.
+
+    Routes without a scope (health, docs) are open; every ``/v1`` route must declare one. With
+    ``JOBRESULTS_AUTH_ENABLED=false`` nothing is checked (benchmarks of the bare service).
+
+    Raises:
+        ApiError: 401 (no valid key) or 403 (the key lacks the scope).
+    """
+    needed = handler.opt.get("scope")
+    if needed is None:
+        if connection.scope["path"].startswith("/v1"):
+            raise ApiError(403, "this operation declares no scope", slug="forbidden")
+        return
+    state = connection.app.state
+    if not state.settings.auth_enabled:
+        return
+    key = await state.authenticator.authenticate(connection.headers.get("authorization"))
+    connection.scope["state"]["api_key_id"] = key.key_id
+    if needed not in key.scopes:
+        raise ApiError(403, f"the API key lacks the scope {needed}", slug="forbidden")

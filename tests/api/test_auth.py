@@ -1,0 +1,174 @@
+"""API keys with scopes: 401 without a valid key, 403 without the scope, revocation within the cache TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from config.settings import Settings
+from service.app import create_app
+from tests.conftest import ALL_SCOPES, connect, make_token
+
+Client = AsyncTestClient[Litestar]
+JOBRESULTS = str(Path(sys.executable).parent / "jobresults")
+
+# (method, path template, body, scope the operation needs)
+OPERATIONS = [
+    ("GET", "/v1/job-results/{job}", None, "results:read"),
+    ("GET", "/v1/job-results", None, "results:read"),
+    ("PUT", "/v1/job-results/{job}", {"status": "succeeded", "result": 1}, "results:write"),
+    ("DELETE", "/v1/job-results/{job}-gone", None, "results:write"),
+    ("POST", "/v1/job-results/{job}/exports", {"format": "json"}, "exports:write"),
+    (
+        "POST",
+        "/v1/exports",
+        {"format": "json", "created_from": "2020-01-01T00:00:00Z", "created_to": "2020-01-02T00:00:00Z"},
+        "exports:write",
+    ),
+    ("GET", "/v1/exports", None, "exports:read"),
+    ("GET", "/v1/exports/" + "0" * 32, None, "exports:read"),
+    ("GET", "/metrics", None, "metrics:read"),
+]
+
+
+class Anonymous:
+    """The session client without its API key (a second client would run the app's lifespan again)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def request(self, method: str, url: str, headers: dict[str, str] | None = None, **kwargs: object):
+        return await self.client.request(method, url, headers={"Authorization": "", **(headers or {})}, **kwargs)
+
+    async def get(self, url: str, headers: dict[str, str] | None = None):
+        return await self.request("GET", url, headers=headers)
+
+
+@pytest.fixture
+def anonymous(client: Client) -> Anonymous:
+    return Anonymous(client)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize(("method", "path", "body", "scope"), OPERATIONS)
+async def test_every_protected_operation_needs_a_key(
+    anonymous: Anonymous, job_id: str, method: str, path: str, body: object, scope: str
+) -> None:
+    response = await anonymous.request(method, path.format(job=job_id), json=body)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("scope", ALL_SCOPES)
+async def test_each_scope_opens_exactly_its_operations(
+    anonymous: Anonymous, database_url: str, client: Client, job_id: str, scope: str
+) -> None:
+    await client.put(f"/v1/job-results/{job_id}", json={"status": "succeeded", "result": 1})
+    token = make_token(database_url, (scope,))
+    for method, path, body, needed in OPERATIONS:
+        response = await anonymous.request(method, path.format(job=job_id), json=body, headers=bearer(token))
+        if needed == scope:
+            assert response.status_code not in (401, 403), (method, path, response.text)
+        else:
+            assert response.status_code == 403, (method, path, scope, response.text)
+            assert needed in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "Bearer",
+        "Basic dXNlcjpwYXNz",
+        "Bearer not-a-key",
+        "Bearer jr_0123456789ab_" + "A" * 43,  # well-formed, unknown
+        "Bearer jr_0123456789ab_" + "A" * 42,  # too short
+    ],
+)
+async def test_bad_keys_are_401(anonymous: Anonymous, authorization: str) -> None:
+    response = await anonymous.get("/v1/job-results", headers={"Authorization": authorization})
+    assert response.status_code == 401
+    assert "Bearer" in response.headers["www-authenticate"]
+
+
+async def test_right_key_id_with_wrong_secret_is_401(anonymous: Anonymous, database_url: str) -> None:
+    token = make_token(database_url)
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    assert (await anonymous.get("/v1/job-results", headers=bearer(forged))).status_code == 401
+    assert (await anonymous.get("/v1/job-results", headers=bearer(token))).status_code == 200
+
+
+async def test_open_endpoints(anonymous: Anonymous) -> None:
+    for path in ("/healthz", "/readyz", "/schema/openapi.json", "/schema/swagger"):
+        assert (await anonymous.get(path)).status_code == 200, path
+
+
+async def test_tokens_are_long_random_and_stored_only_as_a_hash(database_url: str) -> None:
+    token = make_token(database_url, name="hash-check")
+    prefix, key_id, secret = token.split("_", 2)
+    assert prefix == "jr"
+    assert len(secret) >= 43  # 256 bits in base64url
+    with connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT key_id, name, secret_sha256, scopes FROM api_keys WHERE key_id = %s", (key_id,))
+        row = cur.fetchone()
+    assert row is not None
+    assert secret.encode() not in b"".join(str(v).encode() if not isinstance(v, bytes) else v for v in row)
+
+
+async def test_revoked_key_stops_within_the_cache_ttl(settings: Settings, database_url: str) -> None:
+    ttl = 0.5
+    app = create_app(msgspec.structs.replace(settings, auth_cache_ttl_s=ttl, export_worker=False))
+    token = make_token(database_url, name="to-revoke")
+    key_id = token.split("_")[1]
+    async with AsyncTestClient(app=app) as test_client:
+        test_client.headers.update(bearer(token))
+        assert (await test_client.get("/v1/job-results")).status_code == 200
+        with connect(database_url) as conn, conn.cursor() as cur:
+            cur.execute("UPDATE api_keys SET revoked_at = UTC_TIMESTAMP(6) WHERE key_id = %s", (key_id,))
+        await asyncio.sleep(ttl + 0.2)
+        response = await test_client.get("/v1/job-results")
+        assert response.status_code == 401
+        assert "revoked" in response.json()["detail"]
+
+
+async def test_exports_record_the_key_that_asked(client: Client, job_id: str, api_token: str) -> None:
+    await client.put(f"/v1/job-results/{job_id}", json={"status": "succeeded", "result": 1})
+    record = (await client.post(f"/v1/job-results/{job_id}/exports", json={"format": "json"})).json()
+    assert record["requested_by"] == f"key:{api_token.split('_')[1]}"
+
+
+def test_keys_cli_creates_lists_and_revokes(database_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
+    env["JOBRESULTS_DATABASE_URL"] = database_url
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [JOBRESULTS, "keys", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    created = run("create", "--name", "ci-uploader", "--scopes", "results:write,results:read")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+    assert token.startswith("jr_")
+    key_id = token.split("_")[1]
+    listed = run("list")
+    assert key_id in listed.stdout
+    assert "ci-uploader" in listed.stdout
+    assert token.split("_", 2)[2] not in listed.stdout
+    assert run("revoke", key_id).returncode == 0
+    assert "revoked" in run("list").stdout
+    bad = run("create", "--name", "x", "--scopes", "results:read,admin")
+    assert bad.returncode == 2
+    assert "results:read" in bad.stderr
+    assert run("revoke", "ffffffffffff").returncode == 1
