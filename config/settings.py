@@ -105,6 +105,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     auth_cache_ttl_s: Seconds = 5.0
     """``JOBRESULTS_AUTH_CACHE_TTL_S``: how long a checked API key is cached per worker; a revoked key
     stops working within this time."""
+    hsts_max_age_s: Annotated[int, msgspec.Meta(ge=0)] = 63072000
+    """``JOBRESULTS_HSTS_MAX_AGE_S``: ``Strict-Transport-Security`` max-age in seconds (2 years); 0 turns
+    the header off (e.g. when a proxy in front sets it)."""
     log_level: str = "info"
     """``JOBRESULTS_LOG_LEVEL``: debug, info, warning or error."""
     docs_enabled: bool = True

@@ -22,8 +22,9 @@ from service.auth import Authenticator, authorize
 from service.controllers.exports import ExportController, JobExportController
 from service.controllers.health import healthz, metrics, readyz
 from service.controllers.job_results import JobResultController
-from service.openapi import SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
+from service.openapi import APP_STATIC_DIR, SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
 from service.problems import EXCEPTION_HANDLERS
+from service.security_headers import SecurityHeadersMiddleware
 
 log = structlog.get_logger("jobresults.app")
 
@@ -86,7 +87,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     if settings.docs_enabled:
         route_handlers.append(
             create_static_files_router(
-                path=SWAGGER_STATIC_PATH, directories=[swagger_static_dir()], include_in_schema=False
+                path=SWAGGER_STATIC_PATH,
+                directories=[APP_STATIC_DIR, swagger_static_dir()],
+                include_in_schema=False,
             )
         )
     app = Litestar(
@@ -105,7 +108,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
     )
     # Outermost layer, around routing and error handling, so every response is logged and counted.
-    app.asgi_handler = RequestObservabilityMiddleware(app.asgi_handler)
+    app.asgi_handler = RequestObservabilityMiddleware(
+        SecurityHeadersMiddleware(app.asgi_handler, hsts_max_age_s=settings.hsts_max_age_s)
+    )
     return app
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -26,6 +27,40 @@ from litestar.typing import FieldDefinition
 
 SWAGGER_STATIC_PATH = "/schema/static"
 """URL prefix of the packaged Swagger UI assets (swagger-ui-py's copy of swagger-ui-dist)."""
+
+
+APP_STATIC_DIR = Path(__file__).resolve().parent / "static"
+"""The service's own static files for the docs page (``swagger-init.js``)."""
+
+
+class LocalSwaggerRenderPlugin(SwaggerRenderPlugin):
+    """Swagger UI with no inline script or style: every asset comes from ``/schema/static``.
+
+    Litestar's stock page embeds the document and the start-up code in an inline ``<script>``, which a
+    strict Content-Security-Policy (``script-src 'self'``) forbids; this page loads
+    ``swagger-init.js``, which fetches ``/schema/openapi.json``.
+    """
+
+    def render(self, request: Any, openapi_schema: dict[str, Any]) -> bytes:
+        """The HTML page."""
+        title = html.escape(str(openapi_schema["info"]["title"]))
+        return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<link rel="icon" type="image/png" href="{SWAGGER_STATIC_PATH}/favicon-32x32.png">
+<link rel="stylesheet" href="{self.css_url}">
+<script src="{self.js_url}"></script>
+<script src="{self.standalone_preset_js_url}"></script>
+<script src="{SWAGGER_STATIC_PATH}/swagger-init.js"></script>
+</head>
+<body>
+<div id="swagger-container"></div>
+</body>
+</html>
+""".encode()
 
 
 def swagger_static_dir() -> Path:
@@ -114,11 +149,10 @@ def openapi_config(version: str) -> OpenAPIConfig:
             }
         ),
         render_plugins=[
-            SwaggerRenderPlugin(
+            LocalSwaggerRenderPlugin(
                 js_url=f"{SWAGGER_STATIC_PATH}/swagger-ui-bundle.js",
                 css_url=f"{SWAGGER_STATIC_PATH}/swagger-ui.css",
                 standalone_preset_js_url=f"{SWAGGER_STATIC_PATH}/swagger-ui-standalone-preset.js",
-                favicon=f"<link rel='icon' type='image/png' href='{SWAGGER_STATIC_PATH}/favicon-32x32.png'>",
                 path="/swagger",
             )
         ],
