@@ -105,6 +105,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     auth_cache_ttl_s: Seconds = 5.0
     """``JOBRESULTS_AUTH_CACHE_TTL_S``: how long a checked API key is cached per worker; a revoked key
     stops working within this time."""
+    redis_url: str | None = None
+    """``JOBRESULTS_REDIS_URL``: e.g. ``redis://127.0.0.1:6379/0``. Rate-limit counters live there, shared
+    by every worker and instance. Required with more than one worker."""
+    rate_limit_enabled: bool = True
+    """``JOBRESULTS_RATE_LIMIT_ENABLED``: apply rate limits to the API (``/v1``, ``/metrics``)."""
+    rate_limit_per_ip: str = "10/second"
+    """``JOBRESULTS_RATE_LIMIT_PER_IP``: requests per client IP (``limits`` notation: ``10/second``,
+    ``600/minute``); applies to requests without a key of their own limit."""
+    rate_limit_per_key: str | None = None
+    """``JOBRESULTS_RATE_LIMIT_PER_KEY``: an extra limit per API key for keys without their own limit
+    (none by default). A key's own limit (``jobresults keys create --rate-limit``) replaces both."""
+    trusted_proxies: str = ""
+    """``JOBRESULTS_TRUSTED_PROXIES``: comma-separated addresses or networks of reverse proxies whose
+    ``X-Forwarded-For`` / ``Forwarded`` headers name the client; empty trusts none."""
     hsts_max_age_s: Annotated[int, msgspec.Meta(ge=0)] = 63072000
     """``JOBRESULTS_HSTS_MAX_AGE_S``: ``Strict-Transport-Security`` max-age in seconds (2 years); 0 turns
     the header off (e.g. when a proxy in front sets it)."""
@@ -155,9 +169,40 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 f"{PREFIX}POOL_MIN_SIZE ({settings.pool_min_size}) must not exceed "
                 f"{PREFIX}POOL_MAX_SIZE ({settings.pool_max_size})"
             )
+        for name in ("rate_limit_per_ip", "rate_limit_per_key"):
+            value = getattr(settings, name)
+            if value is not None and not _is_rate(value):
+                raise SettingsError(f"{PREFIX}{name.upper()}={value!r} is invalid: use e.g. 10/second or 600/minute")
+        try:
+            _networks(settings.trusted_proxies)
+        except ValueError:
+            raise SettingsError(
+                f"{PREFIX}TRUSTED_PROXIES={settings.trusted_proxies!r} is invalid: comma-separated IPs or networks"
+            ) from None
+        if settings.workers > 1 and settings.rate_limit_enabled and not settings.redis_url:
+            raise SettingsError(
+                f"{PREFIX}WORKERS={settings.workers} needs {PREFIX}REDIS_URL: without a shared store each worker "
+                f"would count rate limits on its own and multiply them (or set {PREFIX}RATE_LIMIT_ENABLED=false)"
+            )
         if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise SettingsError(f"{PREFIX}LOG_LEVEL must be one of debug, info, warning, error")
         return settings
+
+
+def _is_rate(value: str) -> bool:
+    from limits import parse
+
+    try:
+        parse(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _networks(spec: str) -> list[object]:
+    import ipaddress
+
+    return [ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip()]
 
 
 def _why(exc: msgspec.ValidationError) -> str:

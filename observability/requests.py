@@ -77,14 +77,15 @@ class RequestObservabilityMiddleware:
             HTTP_REQUESTS.labels(method, route, str(status)).inc()
             HTTP_DURATION.labels(method, route).observe(seconds)
             client = scope.get("client")
+            state = scope.get("state", {})
             log.info(
                 "request",
                 method=method,
                 route=route,
                 status=status,
                 duration_ms=round(seconds * 1000, 3),
-                client_ip=client[0] if client else None,
-                api_key_id=scope.get("state", {}).get("api_key_id"),
+                client_ip=state.get("client_ip") or (client[0] if client else None),
+                api_key_id=state.get("api_key_id"),
                 response_bytes=outcome["bytes"],
             )
             structlog.contextvars.clear_contextvars()

@@ -23,9 +23,11 @@ class ApiKey(msgspec.Struct, frozen=True):
     created_at: datetime
     revoked_at: datetime | None
     secret_sha256: bytes = b""
+    rate_limit: str | None = None
+    """Own rate limit in the ``limits`` notation (``"1000/second"``), or None for the per-IP limit."""
 
 
-_COLUMNS = "key_id, name, scopes, created_at, revoked_at, secret_sha256"
+_COLUMNS = "key_id, name, scopes, created_at, revoked_at, secret_sha256, rate_limit"
 
 
 def _key(row: tuple[object, ...]) -> ApiKey:
@@ -36,6 +38,7 @@ def _key(row: tuple[object, ...]) -> ApiKey:
         created_at=row[3],  # type: ignore[arg-type]
         revoked_at=row[4],  # type: ignore[arg-type]
         secret_sha256=row[5] if isinstance(row[5], bytes) else bytes(str(row[5]), "latin-1"),
+        rate_limit=str(row[6]) if row[6] else None,
     )
 
 
@@ -45,18 +48,21 @@ class ApiKeyRepository:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    async def insert(self, key_id: str, name: str, secret_sha256: bytes, scopes: tuple[str, ...]) -> ApiKey:
+    async def insert(
+        self, key_id: str, name: str, secret_sha256: bytes, scopes: tuple[str, ...], rate_limit: str | None = None
+    ) -> ApiKey:
         """Store a new key."""
         async with self.conn.cursor() as cur:
             await cur.execute(
-                "INSERT INTO api_keys (key_id, name, secret_sha256, scopes, created_at) "
-                "VALUES (%(key_id)s, %(name)s, UNHEX(%(secret)s), %(scopes)s, %(now)s)",
+                "INSERT INTO api_keys (key_id, name, secret_sha256, scopes, rate_limit, created_at) "
+                "VALUES (%(key_id)s, %(name)s, UNHEX(%(secret)s), %(scopes)s, %(rate_limit)s, %(now)s)",
                 # as hex: aiomysql 0.3.2 with PyMySQL 1.2 fails to escape bytes parameters
                 {
                     "key_id": key_id,
                     "name": name,
                     "secret": secret_sha256.hex(),
                     "scopes": " ".join(scopes),
+                    "rate_limit": rate_limit,
                     "now": utcnow(),
                 },
             )

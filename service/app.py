@@ -24,6 +24,7 @@ from service.controllers.health import healthz, metrics, readyz
 from service.controllers.job_results import JobResultController
 from service.openapi import APP_STATIC_DIR, SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
 from service.problems import EXCEPTION_HANDLERS
+from service.rate_limit import RateLimiter, parse_networks
 from service.security_headers import SecurityHeadersMiddleware
 
 log = structlog.get_logger("jobresults.app")
@@ -39,6 +40,13 @@ def _version() -> str:
 def _provide_db(state: State) -> Database:
     db: Database = state.db
     return db
+
+
+def _limits_storage(redis_url: str | None) -> str:
+    """The ``limits`` storage URI: async Redis when configured, else this process's memory."""
+    if redis_url is None:
+        return "async+memory://"
+    return "async+" + redis_url
 
 
 def _provide_exports(state: State) -> ExportService:
@@ -66,6 +74,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             db = await Database.open(msgspec_replace(settings, pool_min_size=0))
         app.state.db = db
         app.state.authenticator = Authenticator(db, settings.auth_cache_ttl_s)
+        app.state.trusted_proxies = parse_networks(settings.trusted_proxies)
+        app.state.rate_limiter = (
+            RateLimiter(_limits_storage(settings.redis_url), settings.rate_limit_per_ip, settings.rate_limit_per_key)
+            if settings.rate_limit_enabled
+            else None
+        )
         exports = ExportService(db, settings)
         app.state.exports = exports
         if settings.export_worker:
@@ -106,6 +120,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         state=State({"settings": settings}),
         debug=False,
+        logging_config=None,  # observability.logging already routes every logger into one JSON stream
     )
     # Outermost layer, around routing and error handling, so every response is logged and counted.
     app.asgi_handler = RequestObservabilityMiddleware(

@@ -15,12 +15,14 @@ import secrets
 from typing import Any, Literal
 
 from cachetools import TTLCache
+from limits import parse as parse_limit
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from repositories.api_keys import ApiKey, ApiKeyNotFound, ApiKeyRepository
 from repositories.database import Database
 from service.problems import ApiError
+from service.rate_limit import RateLimiter, bucket_of, client_ip
 
 Scope = Literal["results:read", "results:write", "exports:read", "exports:write", "metrics:read"]
 SCOPES: tuple[str, ...] = ("results:read", "results:write", "exports:read", "exports:write", "metrics:read")
@@ -82,13 +84,15 @@ class Authenticator:
 
 
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Litestar guard: the route's ``opt["scope"]`` must be one of the caller's API key scopes.
+    """Litestar guard: client IP, rate limit, API key and scope, in that order.
 
-    Routes without a scope (health, docs) are open; every ``/v1`` route must declare one. With
-    ``JOBRESULTS_AUTH_ENABLED=false`` nothing is checked (benchmarks of the bare service).
+    The route's ``opt["scope"]`` must be one of the caller's API key scopes. Routes without a scope
+    (health, docs) are open and unlimited; every ``/v1`` route must declare one. Requests without a
+    valid key count against the per-IP limit before they get their 401. With
+    ``JOBRESULTS_AUTH_ENABLED=false`` keys are not checked (benchmarks of the bare service).
 
     Raises:
-        ApiError: 401 (no valid key) or 403 (the key lacks the scope).
+        ApiError: 401 (no valid key), 403 (the key lacks the scope), 429 (rate limit).
     """
     needed = handler.opt.get("scope")
     if needed is None:
@@ -96,9 +100,27 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
             raise ApiError(403, "this operation declares no scope", slug="forbidden")
         return
     state = connection.app.state
+    client = connection.scope.get("client")
+    ip = client_ip(client[0] if client else None, dict(connection.headers), state.trusted_proxies)
+    connection.scope["state"]["client_ip"] = ip
+    limiter: RateLimiter | None = state.rate_limiter
     if not state.settings.auth_enabled:
+        if limiter is not None:
+            await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)
         return
-    key = await state.authenticator.authenticate(connection.headers.get("authorization"))
+    try:
+        key = await state.authenticator.authenticate(connection.headers.get("authorization"))
+    except ApiError:
+        if limiter is not None:
+            await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)
+        raise
     connection.scope["state"]["api_key_id"] = key.key_id
+    if limiter is not None:
+        if key.rate_limit:
+            await limiter.enforce("key", key.key_id, parse_limit(key.rate_limit))
+        else:
+            await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)
+            if limiter.per_key is not None:
+                await limiter.enforce("key", key.key_id, limiter.per_key)
     if needed not in key.scopes:
         raise ApiError(403, f"the API key lacks the scope {needed}", slug="forbidden")

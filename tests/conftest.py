@@ -101,17 +101,29 @@ def database_url(server_url: str) -> Iterator[str]:
         yield url
 
 
+REDIS_URL = os.environ.get("JOBRESULTS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+"""A real Redis for rate-limit counters shared by Granian workers (JOBRESULTS_TEST_REDIS_URL)."""
+
 ALL_SCOPES = ("results:read", "results:write", "exports:read", "exports:write", "metrics:read")
 
 
-def make_token(database_url: str, scopes: tuple[str, ...] = ALL_SCOPES, name: str = "tests") -> str:
-    """Create an API key in the database behind ``database_url``; return its token."""
+def make_token(
+    database_url: str,
+    scopes: tuple[str, ...] = ALL_SCOPES,
+    name: str = "tests",
+    rate_limit: str | None = "100000/second",
+) -> str:
+    """Create an API key in the database behind ``database_url``; return its token.
+
+    Test keys carry their own high rate limit (as a load generator's key would), so tests against a
+    real server are not held to the 10/s per-IP default; rate-limit tests pass ``rate_limit=None``.
+    """
     token, key_id, digest = new_token()
     with connect(database_url) as conn, conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO api_keys (key_id, name, secret_sha256, scopes, created_at) "
-            "VALUES (%s, %s, %s, %s, UTC_TIMESTAMP(6))",
-            (key_id, name, digest, " ".join(scopes)),
+            "INSERT INTO api_keys (key_id, name, secret_sha256, scopes, rate_limit, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, UTC_TIMESTAMP(6))",
+            (key_id, name, digest, " ".join(scopes), rate_limit),
         )
     return token
 
@@ -144,6 +156,8 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         pool_max_size=4,
         log_level="warning",
         export_poll_s=0.1,
+        # Rate limits have their own tests; the rest of the suite must not trip over 10/s.
+        rate_limit_per_ip="100000/second",
     )
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import REDIS_URL
+
 JOBRESULTS = Path(sys.executable).parent / "jobresults"
 STARTUP_TIMEOUT_S = 20.0
 SHUTDOWN_TIMEOUT_S = 10.0
@@ -65,6 +67,7 @@ def server(database_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen
         JOBRESULTS_DATABASE_URL=database_url,
         JOBRESULTS_PORT=str(port),
         JOBRESULTS_WORKERS="2",
+        JOBRESULTS_REDIS_URL=REDIS_URL,
         JOBRESULTS_EXPORTS_DIR=str(tmp_path / "exports"),
         JOBRESULTS_LOG_LEVEL="info",
     )

@@ -20,6 +20,7 @@ def test_reads_prefixed_variables() -> None:
         {
             "JOBRESULTS_DATABASE_URL": URL,
             "JOBRESULTS_WORKERS": "4",
+            "JOBRESULTS_REDIS_URL": "redis://127.0.0.1:6379/0",
             "JOBRESULTS_POOL_MAX_SIZE": "3",
             "JOBRESULTS_DOCS_ENABLED": "false",
             "OTHER": "ignored",
@@ -45,6 +46,9 @@ def test_reads_prefixed_variables() -> None:
         ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_POOL_MIN_SIZE": "9"}, "JOBRESULTS_POOL_MIN_SIZE"),
         ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_LOG_LEVEL": "loud"}, "JOBRESULTS_LOG_LEVEL"),
         ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_MAX_BODY_BYTES": "-1"}, "JOBRESULTS_MAX_BODY_BYTES"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_WORKERS": "2"}, "JOBRESULTS_REDIS_URL"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_RATE_LIMIT_PER_IP": "lots"}, "JOBRESULTS_RATE_LIMIT_PER_IP"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_TRUSTED_PROXIES": "10.0.0.0/33"}, "JOBRESULTS_TRUSTED_PROXIES"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:

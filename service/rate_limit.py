@@ -1,0 +1,158 @@
+"""Rate limits per client IP and per API key, shared by every worker and instance through Redis.
+
+Counting uses the ``limits`` library's moving window (one Redis script call per request) on
+``JOBRESULTS_REDIS_URL``, or on process memory when no Redis is configured (one worker only: the
+settings refuse several workers without a shared store, so a limit is never silently multiplied).
+
+The client IP is the TCP peer. ``X-Forwarded-For`` / ``Forwarded`` are honoured only when the peer is
+one of ``JOBRESULTS_TRUSTED_PROXIES``: the client is then the right-most address that is not a trusted
+proxy. IPv6 clients are counted per /64 network (one host usually owns a whole /64).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+from limits import RateLimitItem, parse
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+from limits.storage import storage_from_string
+
+from observability.metrics import RATE_LIMITED
+from service.problems import ApiError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+log = structlog.get_logger("jobresults.rate_limit")
+_FORWARDED_FOR = re.compile(r'for="?\[?([^\]";,]+)\]?(?::\d+)?"?', re.IGNORECASE)
+
+
+def parse_networks(spec: str) -> tuple[IPNetwork, ...]:
+    """``"10.0.0.1, 192.168.0.0/16, ::1"`` to networks.
+
+    Raises:
+        ValueError: an entry is not an IP address or network.
+    """
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip().strip('"')
+    if text.startswith("[") and "]" in text:
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # IPv4 with a port
+        text = text.split(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def client_ip(peer: str | None, headers: dict[str, str], trusted: Sequence[IPNetwork]) -> str:
+    """The client's address: the peer, or (behind trusted proxies) the forwarded client.
+
+    ``headers`` maps lower-case header names to values. Sources: RFC 7239 (``Forwarded``) and the
+    de-facto ``X-Forwarded-For``; both are appended to by each proxy, so the list is read from the
+    right and trusted proxies are skipped.
+    """
+    address = _address(peer) if peer else None
+    if address is None:
+        return peer or "unknown"
+    if not any(address in network for network in trusted):
+        return str(address)
+    chain: list[str] = []
+    if "forwarded" in headers:
+        chain = _FORWARDED_FOR.findall(headers["forwarded"])
+    elif "x-forwarded-for" in headers:
+        chain = [part for part in headers["x-forwarded-for"].split(",") if part.strip()]
+    for hop in reversed(chain):
+        forwarded = _address(hop)
+        if forwarded is None:
+            break
+        if not any(forwarded in network for network in trusted):
+            return str(forwarded)
+        address = forwarded
+    return str(address)
+
+
+def bucket_of(ip: str) -> str:
+    """The counting key of an address: IPv4 as is, IPv6 by its /64 network."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Outcome of one check: the limit, what remains of it, seconds until the window frees a slot."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: int
+
+    def headers(self) -> dict[str, str]:
+        """``RateLimit-*`` headers (IETF draft-ietf-httpapi-ratelimit-headers) and, when refused, ``Retry-After``."""
+        headers = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_s),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, self.reset_s))
+        return headers
+
+
+class RateLimiter:
+    """Moving-window limits keyed by ``ip:<bucket>`` or ``key:<key_id>``."""
+
+    def __init__(self, storage_url: str, per_ip: str, per_key: str | None) -> None:
+        # wrap_exceptions: Redis failures surface as limits.errors.StorageError, answered with 503.
+        self.storage = storage_from_string(storage_url, wrap_exceptions=True)
+        self.strategy = MovingWindowRateLimiter(self.storage)
+        self.per_ip: RateLimitItem = parse(per_ip)
+        self.per_key: RateLimitItem | None = parse(per_key) if per_key else None
+
+    async def check(self, kind: str, identity: str, item: RateLimitItem) -> Decision:
+        """Count one request of ``identity`` against ``item``; the decision says whether it may pass."""
+        try:
+            allowed = await self.strategy.hit(item, "jobresults", kind, identity)
+            stats = await self.strategy.get_window_stats(item, "jobresults", kind, identity)
+        except StorageError as exc:
+            log.error("rate_limit.store_unavailable", error=repr(exc))
+            raise ApiError(
+                503,
+                "the rate-limit store is unavailable; retry later",
+                slug="rate-limit-store-unavailable",
+                headers={"Retry-After": "1"},
+            ) from None
+        reset_s = max(0, math.ceil(stats.reset_time - time.time()))
+        return Decision(allowed=allowed, limit=item.amount, remaining=stats.remaining, reset_s=reset_s)
+
+    async def enforce(self, kind: str, identity: str, item: RateLimitItem) -> Decision:
+        """Like :meth:`check`, but refuse with a 429 problem (``Retry-After``, ``RateLimit-*``).
+
+        Raises:
+            ApiError: 429 when the limit is used up.
+        """
+        decision = await self.check(kind, identity, item)
+        if not decision.allowed:
+            RATE_LIMITED.labels(kind).inc()
+            log.warning("rate_limited", limit_kind=kind, identity=identity, limit=str(item))
+            raise ApiError(
+                429,
+                f"rate limit of {item.amount} requests per {item.get_expiry()} s exceeded; "
+                f"retry after {max(1, decision.reset_s)} s",
+                slug="rate-limited",
+                headers=decision.headers(),
+            )
+        return decision
