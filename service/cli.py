@@ -185,8 +185,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if unknown or not scopes:
             print(f"jobresults: --scopes takes a comma-separated list of {', '.join(SCOPES)}", file=sys.stderr)
             return 2
-        token, key = asyncio.run(create_key(settings, args.name, scopes))
-        print(f"created key {key.key_id} ({key.name}) with scopes {' '.join(key.scopes)}")
+        from limits import parse
+
+        if args.rate_limit is not None:
+            try:
+                parse(args.rate_limit)
+            except ValueError:
+                print("jobresults: --rate-limit takes e.g. 1000/second or 600/minute", file=sys.stderr)
+                return 2
+        token, key = asyncio.run(create_key(settings, args.name, scopes, args.rate_limit))
+        limit = key.rate_limit or f"the per-IP limit ({settings.rate_limit_per_ip})"
+        print(f"created key {key.key_id} ({key.name}) with scopes {' '.join(key.scopes)}, rate limit {limit}")
         print("token (shown once, store it now):")
         print(token)
         return 0
@@ -194,7 +203,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         for key in asyncio.run(list_keys(settings)):
             state = f"revoked {key.revoked_at:%Y-%m-%dT%H:%M:%SZ}" if key.revoked_at else "active"
             created = f"{key.created_at:%Y-%m-%dT%H:%M:%SZ}"
-            print(f"{key.key_id}  {key.name}  {','.join(key.scopes)}  created {created}  {state}")
+            limit = key.rate_limit or "per-IP limit"
+            print(f"{key.key_id}  {key.name}  {','.join(key.scopes)}  {limit}  created {created}  {state}")
         return 0
     try:
         key = asyncio.run(revoke_key(settings, args.key_id))
@@ -231,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     create = keys_sub.add_parser("create", help="create a key and print its token once")
     create.add_argument("--name", required=True)
     create.add_argument("--scopes", required=True, help="comma-separated: results:read,results:write,...")
+    create.add_argument("--rate-limit", help="the key's own limit, e.g. 1000/second (default: the per-IP limit)")
     keys_sub.add_parser("list", help="list keys (never their tokens)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")

@@ -136,12 +136,14 @@ def _user() -> str:
         return str(os.getuid())
 
 
-async def create_key(settings: Settings, name: str, scopes: tuple[str, ...]) -> tuple[str, ApiKey]:
+async def create_key(
+    settings: Settings, name: str, scopes: tuple[str, ...], rate_limit: str | None = None
+) -> tuple[str, ApiKey]:
     """Create an API key; returns ``(token, key)``. The token is shown once and never stored."""
     token, key_id, digest = new_token()
     db = await Database.open(settings)
     try:
-        key = await db.run(lambda conn: ApiKeyRepository(conn).insert(key_id, name, digest, scopes))
+        key = await db.run(lambda conn: ApiKeyRepository(conn).insert(key_id, name, digest, scopes, rate_limit))
     finally:
         await db.close()
     return token, key

@@ -157,7 +157,9 @@ def test_keys_cli_creates_lists_and_revokes(database_url: str) -> None:
             [JOBRESULTS, "keys", *args], env=env, capture_output=True, text=True, timeout=60, check=False
         )
 
-    created = run("create", "--name", "ci-uploader", "--scopes", "results:write,results:read")
+    created = run(
+        "create", "--name", "ci-uploader", "--scopes", "results:write,results:read", "--rate-limit", "50/second"
+    )
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip().splitlines()[-1]
     assert token.startswith("jr_")
@@ -165,6 +167,7 @@ def test_keys_cli_creates_lists_and_revokes(database_url: str) -> None:
     listed = run("list")
     assert key_id in listed.stdout
     assert "ci-uploader" in listed.stdout
+    assert "50/second" in created.stdout
     assert token.split("_", 2)[2] not in listed.stdout
     assert run("revoke", key_id).returncode == 0
     assert "revoked" in run("list").stdout

@@ -1,0 +1,192 @@
+"""Rate limits: 10/s per client IP by default, a key's own limit instead, shared by workers through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import random
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from config.settings import Settings
+from service.app import create_app
+from tests.conftest import REDIS_URL, make_token
+from tests.smoke.test_granian import JOBRESULTS, STARTUP_TIMEOUT_S, _env, _free_port, _group_alive
+
+Client = AsyncTestClient[Litestar]
+
+
+@pytest.fixture
+async def limited(settings: Settings) -> AsyncIterator[Client]:
+    """An in-process app with the default 10/s per IP, counting in memory (one process)."""
+    app = create_app(msgspec.structs.replace(settings, rate_limit_per_ip="10/second", export_worker=False))
+    async with AsyncTestClient(app=app) as test_client:
+        yield test_client
+
+
+async def test_per_ip_limit_gives_429_problem_with_headers(limited: Client) -> None:
+    statuses = [(await limited.get("/v1/job-results")).status_code for _ in range(15)]
+    assert statuses[:10] == [401] * 10  # no key: counted per IP, then refused for the key
+    assert statuses[10:] == [429] * 5
+    response = await limited.get("/v1/job-results")
+    assert response.status_code == 429
+    assert response.headers["content-type"] == "application/problem+json"
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.headers["ratelimit-limit"] == "10"
+    assert response.headers["ratelimit-remaining"] == "0"
+    assert "ratelimit-reset" in response.headers
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "10 requests per 1 s" in response.json()["detail"]
+    # Health and docs are not limited.
+    assert (await limited.get("/healthz")).status_code == 200
+
+
+async def test_a_keys_own_limit_replaces_the_ip_limit(limited: Client, database_url: str) -> None:
+    token = make_token(database_url, rate_limit="3/second")
+    headers = {"Authorization": f"Bearer {token}"}
+    statuses = [(await limited.get("/v1/job-results", headers=headers)).status_code for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    await asyncio.sleep(1.05)
+    assert (await limited.get("/v1/job-results", headers=headers)).status_code == 200
+
+
+# --- a real Granian with 4 workers sharing Redis ---------------------------------------------------
+
+
+@pytest.fixture
+def four_workers(database_url: str, tmp_path: Path):
+    port = _free_port()
+    log = tmp_path / "server.log"
+    env = _env(
+        JOBRESULTS_DATABASE_URL=database_url,
+        JOBRESULTS_PORT=str(port),
+        JOBRESULTS_WORKERS="4",
+        JOBRESULTS_REDIS_URL=REDIS_URL,
+        JOBRESULTS_EXPORTS_DIR=str(tmp_path / "exports"),
+        JOBRESULTS_POOL_MIN_SIZE="1",
+        JOBRESULTS_POOL_MAX_SIZE="2",
+    )
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(JOBRESULTS), "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        time.sleep(1.1)  # let earlier tests' windows for this address pass
+        yield base
+    finally:
+        if _group_alive(proc.pid):
+            import os
+            import signal
+
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def burst(base: str, count: int, headers_of) -> tuple[list[int], float]:
+    """``count`` requests as fast as 8 threads on a pooled client send them; statuses and seconds taken.
+
+    Eight connections are opened, so the kernel spreads them over the workers.
+    """
+    with httpx.Client(base_url=base, timeout=10, limits=httpx.Limits(max_connections=8)) as client:
+        client.get("/healthz")  # open a connection before the clock starts
+
+        def one(i: int) -> int:
+            return client.get("/v1/job-results?limit=1", headers=headers_of(i)).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            started = time.monotonic()
+            statuses = list(pool.map(one, range(count)))
+            return statuses, time.monotonic() - started
+
+
+def test_four_workers_share_one_limit(four_workers: str, database_url: str) -> None:
+    token = make_token(database_url, rate_limit=None)  # held to the 10/s per-IP default
+    statuses, seconds = burst(four_workers, 40, lambda i: {"Authorization": f"Bearer {token}"})
+    allowed = 10 * math.ceil(seconds)  # a moving window of 1 s: 10 per started second
+    assert 10 <= statuses.count(200) <= allowed, (statuses, seconds)
+    assert statuses.count(200) + statuses.count(429) == 40
+    if seconds < 1.0:
+        assert statuses.count(200) == 10
+
+
+def test_spoofed_forwarded_for_from_an_untrusted_peer_is_one_client(four_workers: str, database_url: str) -> None:
+    token = make_token(database_url, rate_limit=None)
+
+    def spoofed(i: int) -> dict[str, str]:
+        fake = ".".join(str(random.randint(1, 254)) for _ in range(4))
+        return {"Authorization": f"Bearer {token}", "X-Forwarded-For": fake, "Forwarded": f"for={fake}"}
+
+    statuses, seconds = burst(four_workers, 100, spoofed)
+    assert statuses.count(200) <= 10 * math.ceil(seconds), (statuses, seconds)
+    assert statuses.count(429) >= 100 - 10 * math.ceil(seconds)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_ipv6_peers_are_limited(database_url: str, tmp_path: Path) -> None:
+    port = _free_port()
+    env = _env(
+        JOBRESULTS_DATABASE_URL=database_url,
+        JOBRESULTS_HOST="::1",
+        JOBRESULTS_PORT=str(port),
+        JOBRESULTS_WORKERS="1",
+        JOBRESULTS_EXPORTS_DIR=str(tmp_path / "exports"),
+    )
+    log = tmp_path / "server6.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(JOBRESULTS), "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    base = f"http://[::1]:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        statuses = [httpx.get(f"{base}/v1/job-results", timeout=5).status_code for _ in range(14)]
+        assert statuses.count(401) == 10, statuses
+        assert statuses.count(429) == 4, statuses
+        lines = [line for line in log.read_text().splitlines() if '"event":"request"' in line]
+        assert any('"client_ip":"::1"' in line for line in lines), lines[-3:]
+    finally:
+        import os
+        import signal
+
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
