@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import unquote, urlsplit
 
 import msgspec
@@ -105,6 +105,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     auth_cache_ttl_s: Seconds = 5.0
     """``JOBRESULTS_AUTH_CACHE_TTL_S``: how long a checked API key is cached per worker; a revoked key
     stops working within this time."""
+    exports_visibility: Literal["any", "own"] = "any"
+    """``JOBRESULTS_EXPORTS_VISIBILITY``: ``any`` lets every key with ``exports:read`` see and download
+    every export; ``own`` limits a key to the exports it requested."""
     redis_url: str | None = None
     """``JOBRESULTS_REDIS_URL``: e.g. ``redis://127.0.0.1:6379/0``. Rate-limit counters live there, shared
     by every worker and instance. Required with more than one worker."""

@@ -187,10 +187,18 @@ class ExportRepository:
             raise ExportNotFound(export_id)
         return _export(row)
 
-    async def list(self, *, state: str | None, before_id: int | None, limit: int) -> list[Export]:
-        """Exports newest first (keyset on ``id``): at most ``limit``, with ``id < before_id`` if given."""
+    async def list(
+        self, *, state: str | None, before_id: int | None, limit: int, requested_by: str | None = None
+    ) -> list[Export]:
+        """Exports newest first (keyset on ``id``), at most ``limit``.
+
+        Only those with ``id < before_id`` and requested by ``requested_by``, when given.
+        """
         where: list[str] = []
         params: dict[str, object] = {"limit": limit}
+        if requested_by is not None:
+            where.append("requested_by = %(requested_by)s")
+            params["requested_by"] = requested_by
         if state is not None:
             where.append("state = %(state)s")
             params["state"] = state

@@ -15,6 +15,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import (
     Components,
     OpenAPIMediaType,
+    OpenAPIResponse,
     OpenAPIType,
     Operation,
     Reference,
@@ -124,6 +125,32 @@ def json_request_body(struct: type[msgspec.Struct]) -> type[Operation]:
             self.request_body = RequestBody(
                 content={"application/json": OpenAPIMediaType(schema=schema)}, required=True
             )
+
+    return _Operation
+
+
+def file_response(media_types: dict[str, str]) -> type[Operation]:
+    """An ``Operation`` class documenting a 200 that is a file in one of ``media_types`` (type -> note).
+
+    Litestar documents one media type per response; a download's type depends on the export's format.
+    """
+
+    @dataclass
+    class _Operation(Operation):
+        def __post_init__(self) -> None:
+            if self.responses is not None and "200" in self.responses:
+                described = self.responses["200"]
+                content = {
+                    media_type: OpenAPIMediaType(
+                        schema=Schema(description=note)
+                        if media_type == "application/json"
+                        else Schema(type=OpenAPIType.STRING, description=note)
+                    )
+                    for media_type, note in media_types.items()
+                }
+                self.responses["200"] = OpenAPIResponse(
+                    description=getattr(described, "description", "OK"), content=content
+                )
 
     return _Operation
 

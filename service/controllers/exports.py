@@ -24,6 +24,7 @@ from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService
 from repositories.database import Database
 from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
+from service.openapi import file_response
 from service.problems import ApiError, problem_responses
 from service.schemas import JOB_ID_RULE, format_timestamp, parse_timestamp
 
@@ -130,13 +131,26 @@ def _storage_full() -> ApiError:
     return ApiError(507, STORAGE_FULL_MESSAGE, slug="insufficient-storage")
 
 
-async def _get_export(db: Database, export_id: str) -> Export:
+def _visible_to(request: Request[Any, Any, Any]) -> str | None:
+    """With ``JOBRESULTS_EXPORTS_VISIBILITY=own``, the ``requested_by`` a caller may see; else None (all)."""
+    if request.app.state.settings.exports_visibility == "own":
+        return requested_by(request)
+    return None
+
+
+async def _get_export(db: Database, export_id: str, request: Request[Any, Any, Any]) -> Export:
+    """The export, or 404 if it does not exist or (visibility ``own``) another key requested it."""
+    not_found = ApiError(404, f"no export with id {export_id!r}", slug="export-not-found")
     if not EXPORT_ID.fullmatch(export_id):
-        raise ApiError(404, f"no export with id {export_id!r}", slug="export-not-found")
+        raise not_found
     try:
-        return await db.run(lambda conn: ExportRepository(conn).get(export_id), transaction=False)
+        export = await db.run(lambda conn: ExportRepository(conn).get(export_id), transaction=False)
     except ExportNotFound:
-        raise ApiError(404, f"no export with id {export_id!r}", slug="export-not-found") from None
+        raise not_found from None
+    owner = _visible_to(request)
+    if owner is not None and export.requested_by != owner:
+        raise not_found
+    return export
 
 
 class JobExportController(Controller):
@@ -214,10 +228,13 @@ class ExportController(Controller):
         responses=problem_responses(401, 403, 404, 503),
     )
     async def get_export(
-        self, db: NamedDependency[Database], export_id: Annotated[str, PathParameter(description="Export id.")]
+        self,
+        request: Request[Any, Any, Any],
+        db: NamedDependency[Database],
+        export_id: Annotated[str, PathParameter(description="Export id.")],
     ) -> ExportRecord:
         """State, progress (rows written so far), size, sha256 and, once succeeded, the content URL."""
-        return ExportRecord.build(await _get_export(db, export_id))
+        return ExportRecord.build(await _get_export(db, export_id, request))
 
     @get(
         "/",
@@ -227,6 +244,7 @@ class ExportController(Controller):
     )
     async def list_exports(
         self,
+        request: Request[Any, Any, Any],
         db: NamedDependency[Database],
         state_filter: Annotated[
             ExportState | None, QueryParameter(name="state", description="Only exports in this state.")
@@ -237,7 +255,9 @@ class ExportController(Controller):
         """A page of export records."""
         before_id = _decode_cursor(cursor) if cursor else None
         rows = await db.run(
-            lambda conn: ExportRepository(conn).list(state=state_filter, before_id=before_id, limit=limit + 1),
+            lambda conn: ExportRepository(conn).list(
+                state=state_filter, before_id=before_id, limit=limit + 1, requested_by=_visible_to(request)
+            ),
             transaction=False,
         )
         page = rows[:limit]
@@ -247,6 +267,14 @@ class ExportController(Controller):
     @get(
         "/{export_id:str}/content",
         opt={"scope": "exports:read"},
+        operation_class=file_response(
+            {
+                "application/json": "a json export",
+                "application/x-ndjson": "an ndjson export",
+                "text/csv": "a csv export (UTF-8, RFC 4180)",
+                "application/gzip": "any export with compression gzip",
+            }
+        ),
         summary="Download an export's file",
         description=(
             "Streams the file with `Content-Disposition: attachment` and `ETag` (its sha256). Supports "
@@ -270,7 +298,7 @@ class ExportController(Controller):
         if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
     ) -> Response[bytes]:
         """The export's file, whole or one byte range (RFC 9110 section 14)."""
-        export = await _get_export(db, export_id)
+        export = await _get_export(db, export_id, request)
         if export.state != "succeeded" or not export.file_name or export.sha256 is None:
             raise ApiError(
                 409,

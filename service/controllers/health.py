@@ -59,6 +59,8 @@ async def readyz(request: Request[Any, Any, Any], db: NamedDependency[Database])
     tags=["health"],
     summary="Prometheus metrics (text format), all workers added up",
     cache=False,
+    media_type="text/plain",
+    responses=problem_responses(401, 403, 429),
 )
 async def metrics() -> Response[bytes]:
     """The ``jobresults_*`` metrics (and stamina's and the process's) in Prometheus text format."""

@@ -52,3 +52,19 @@ async def test_swagger_ui_uses_only_local_assets(client: Client) -> None:
     asset = await client.get("/schema/static/swagger-ui-bundle.js")
     assert asset.status_code == 200
     assert len(asset.content) > 100_000
+
+
+async def test_metrics_are_documented_as_text_with_their_errors(client: Client) -> None:
+    """Found by schemathesis: /metrics answered text/plain and 401 that the document did not list."""
+    operation = (await client.get("/schema/openapi.json")).json()["paths"]["/metrics"]["get"]
+    assert "text/plain" in operation["responses"]["200"]["content"]
+    assert {"401", "403", "429"} <= set(operation["responses"])
+    response = await client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+
+
+async def test_download_documents_every_file_type(client: Client) -> None:
+    """Found by schemathesis: downloads are json, ndjson, csv or gzip, not only application/json."""
+    paths = (await client.get("/schema/openapi.json")).json()["paths"]
+    content = paths["/v1/exports/{export_id}/content"]["get"]["responses"]["200"]["content"]
+    assert set(content) == {"application/json", "application/x-ndjson", "text/csv", "application/gzip"}

@@ -21,7 +21,7 @@ from litestar.testing import AsyncTestClient
 
 from config.settings import Settings
 from service.app import create_app
-from tests.conftest import REALDATA
+from tests.conftest import REALDATA, make_token
 
 Client = AsyncTestClient[Litestar]
 csv.field_size_limit(2**31 - 1)  # cells can hold whole arrays (e.g. SAST findings); the default is 128 KiB
@@ -372,3 +372,28 @@ async def test_ranges_the_server_does_not_serve_are_ignored(client: Client, job_
         response = await client.get(record["content_url"], headers={"Range": header})
         assert response.status_code == 200, header
         assert response.content == full
+
+
+async def test_own_visibility_hides_other_keys_exports(settings: Settings, database_url: str, job_id: str) -> None:
+    app = create_app(msgspec.structs.replace(settings, exports_visibility="own", export_worker=False))
+    alice = {"Authorization": f"Bearer {make_token(database_url, name='alice')}"}
+    bob = {"Authorization": f"Bearer {make_token(database_url, name='bob')}"}
+    async with AsyncTestClient(app=app) as test_client:
+        await test_client.put(f"/v1/job-results/{job_id}", json={"status": "succeeded", "result": 1}, headers=alice)
+        mine = (
+            await test_client.post(f"/v1/job-results/{job_id}/exports", json={"format": "json"}, headers=alice)
+        ).json()
+        export_url = f"/v1/exports/{mine['export_id']}"
+        assert (await test_client.get(export_url, headers=alice)).status_code == 200
+        assert (await test_client.get(export_url + "/content", headers=alice)).status_code == 200
+        assert (await test_client.get(export_url, headers=bob)).status_code == 404
+        assert (await test_client.get(export_url + "/content", headers=bob)).status_code == 404
+        listed = (await test_client.get("/v1/exports", headers=bob)).json()["items"]
+        assert mine["export_id"] not in [item["export_id"] for item in listed]
+
+
+async def test_any_visibility_is_the_default(client: Client, database_url: str, job_id: str) -> None:
+    await put(client, job_id, {})
+    record = (await client.post(f"/v1/job-results/{job_id}/exports", json={"format": "json"})).json()
+    other = {"Authorization": f"Bearer {make_token(database_url, ('exports:read',), name='reader')}"}
+    assert (await client.get(record["content_url"], headers=other)).status_code == 200
