@@ -46,6 +46,11 @@ serve: install
 test *args: install
     pytest {{ args }}
 
+# k6 load scenario: 2 Granian workers (auth, rate limits, logs on) on JOBRESULTS_PERF_SERVER, 200 it/s for 30 s
+[group('perf')]
+perf rate="200" duration="30s": install
+    python perf/run_perf.py --rate {{ rate }} --duration {{ duration }}
+
 # Lint: ruff, formatting, mypy, hadolint, compose file, OpenAPI drift
 [group('test')]
 lint: install

@@ -1,0 +1,99 @@
+// Load scenario for the Job Result Service (issue 6): an open model at a constant arrival rate.
+//
+// Mix per iteration: 70% GET of a stored result, 15% PUT of a new result, 10% list by time range,
+// 5% single-job export. Payloads are real job-result documents from ../shared/realdata (the files of
+// 100 KB or less: 22 of the 32, the typical CI report), prepared by perf/run_perf.py.
+//
+// Environment: BASE_URL, API_KEY (a key with its own rate limit above RATE), LIMITED_KEY (a key held to
+// the per-IP default), RATE (iterations/s, default 200), DURATION (default 30s), PAYLOADS (JSON file),
+// SEEDED (number of stored job ids perf-seed-0 .. perf-seed-N-1), RANGE_FROM / RANGE_TO (RFC 3339).
+import http from "k6/http";
+import { check } from "k6";
+import { Counter } from "k6/metrics";
+import { SharedArray } from "k6/data";
+
+const BASE = __ENV.BASE_URL || "http://127.0.0.1:8000";
+const RATE = parseInt(__ENV.RATE || "200", 10);
+const DURATION = __ENV.DURATION || "30s";
+const SEEDED = parseInt(__ENV.SEEDED || "1000", 10);
+const AUTH = { Authorization: `Bearer ${__ENV.API_KEY}` };
+const JSON_AUTH = Object.assign({ "Content-Type": "application/json" }, AUTH);
+const payloads = new SharedArray("payloads", () => JSON.parse(open(__ENV.PAYLOADS)));
+const rateLimited = new Counter("rate_limited_responses");
+
+export const options = {
+  discardResponseBodies: true,
+  summaryTrendStats: ["avg", "min", "med", "p(90)", "p(95)", "p(99)", "max"],
+  scenarios: {
+    mix: {
+      executor: "constant-arrival-rate",
+      exec: "mix",
+      rate: RATE,
+      timeUnit: "1s",
+      duration: DURATION,
+      preAllocatedVUs: Math.max(20, Math.ceil(RATE / 4)),
+      maxVUs: Math.max(100, RATE * 2),
+    },
+    // One client without a limit of its own, at three times the 10/s per-IP default: it must see 429s.
+    limiter: {
+      executor: "constant-arrival-rate",
+      exec: "limiter",
+      rate: 30,
+      timeUnit: "1s",
+      duration: "3s",
+      startTime: "2s",
+      preAllocatedVUs: 5,
+      maxVUs: 20,
+    },
+  },
+  thresholds: {
+    "http_req_duration{scenario:mix}": ["p(99)<300"],
+    "http_req_failed{scenario:mix}": ["rate<0.001"],
+    dropped_iterations: ["count<1"],
+    rate_limited_responses: ["count>0"],
+  },
+};
+
+function pick(n) {
+  return Math.floor(Math.random() * n);
+}
+
+export function mix() {
+  const roll = Math.random();
+  if (roll < 0.7) {
+    const res = http.get(`${BASE}/v1/job-results/perf-seed-${pick(SEEDED)}`, { headers: AUTH, tags: { op: "get" } });
+    check(res, { "get 200": (r) => r.status === 200 });
+  } else if (roll < 0.85) {
+    const body = payloads[pick(payloads.length)];
+    const id = `perf-${__VU}-${__ITER}-${Date.now()}`;
+    const res = http.put(`${BASE}/v1/job-results/${id}`, `{"status":"succeeded","result":${body}}`, {
+      headers: JSON_AUTH,
+      tags: { op: "put" },
+    });
+    check(res, { "put 201": (r) => r.status === 201 });
+  } else if (roll < 0.95) {
+    const res = http.get(
+      `${BASE}/v1/job-results?created_from=${__ENV.RANGE_FROM}&created_to=${__ENV.RANGE_TO}&limit=50`,
+      { headers: AUTH, tags: { op: "list" } },
+    );
+    check(res, { "list 200": (r) => r.status === 200 });
+  } else {
+    const res = http.post(
+      `${BASE}/v1/job-results/perf-seed-${pick(SEEDED)}/exports`,
+      '{"format":"json"}',
+      { headers: JSON_AUTH, tags: { op: "export" } },
+    );
+    check(res, { "export 201": (r) => r.status === 201 });
+  }
+}
+
+export function limiter() {
+  const res = http.get(`${BASE}/v1/job-results?limit=1`, {
+    headers: { Authorization: `Bearer ${__ENV.LIMITED_KEY}` },
+    tags: { op: "limited" },
+    responseCallback: http.expectedStatuses(200, 429),
+  });
+  if (res.status === 429) {
+    rateLimited.add(1);
+  }
+}

@@ -1,0 +1,188 @@
+"""`just perf`: the k6 scenario end to end against a production-like local service.
+
+1. creates (or reuses) the database ``jr_perf`` on ``--server`` and migrates it;
+2. makes two API keys: the load's key, with a rate limit above the test rate, and a key held to the
+   10/s per-IP default (the limiter scenario shows it getting 429s);
+3. seeds ``--seed`` stored results from ../shared/realdata and writes the PUT payloads for k6;
+4. starts Granian with production settings: 2 workers, JSON logging, auth and rate limiting on
+   (counters in Redis);
+5. runs k6 (perf/k6/mix.js) and writes its summary to perf/results/k6-summary-<time>.json.
+
+Exits with k6's status: non-zero when a threshold is crossed. Targets only loopback.
+
+    uv run python perf/run_perf.py --server mysql://root:@127.0.0.1:3306/test --rate 200 --duration 30s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pymysql
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from config.settings import DatabaseURL, Settings  # noqa: E402
+from repositories.migrations import apply_migrations  # noqa: E402
+from service.auth import new_token  # noqa: E402
+
+BIN = Path(sys.executable).parent
+MAX_PAYLOAD = 100_000
+ALL_SCOPES = "results:read results:write exports:read exports:write metrics:read"
+
+
+def realdata() -> Path:
+    configured = os.environ.get("JOBRESULTS_REALDATA")
+    for candidate in (configured, ROOT.parent / "shared" / "realdata", Path("/work/shared/realdata")):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    raise SystemExit("real data not found: set JOBRESULTS_REALDATA to ../shared/realdata")
+
+
+def payloads() -> list[str]:
+    """Real documents of at most 100 KB, minified (k6 sends them as the PUT's result)."""
+    docs = []
+    for path in sorted(realdata().glob("*/*.json")):
+        if path.stat().st_size > MAX_PAYLOAD:
+            continue
+        try:
+            docs.append(json.dumps(json.loads(path.read_bytes()), separators=(",", ":")))
+        except json.JSONDecodeError:
+            continue  # the govulncheck stream is not one document
+    return docs
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--server", default=os.environ.get("JOBRESULTS_PERF_SERVER", "mysql://root:@127.0.0.1:3306/test")
+    )
+    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--rate", default=os.environ.get("RATE", "200"))
+    parser.add_argument("--duration", default=os.environ.get("DURATION", "30s"))
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--workers", default="2")
+    args = parser.parse_args()
+
+    server = DatabaseURL.parse(args.server)
+    url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/jr_perf"
+    conn = pymysql.connect(
+        host=server.host,
+        port=server.port,
+        user=server.user,
+        password=server.password,
+        autocommit=True,
+        charset="utf8mb4",
+    )
+    with conn.cursor() as cur:
+        cur.execute("CREATE DATABASE IF NOT EXISTS jr_perf CHARACTER SET utf8mb4")
+    apply_migrations(Settings.from_env({}, database_url=url))
+    conn.select_db("jr_perf")
+
+    tokens = {}
+    with conn.cursor() as cur:
+        for name, limit in (("perf-load", "100000/second"), ("perf-limited", None)):
+            token, key_id, digest = new_token()
+            cur.execute(
+                "INSERT INTO api_keys (key_id, name, secret_sha256, scopes, rate_limit, created_at) "
+                "VALUES (%s, %s, %s, %s, %s, UTC_TIMESTAMP(6))",
+                (key_id, name, digest, ALL_SCOPES, limit),
+            )
+            tokens[name] = token
+
+    docs = payloads()
+    seed_from = datetime.now(UTC)
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM job_results WHERE job_id LIKE 'perf-seed-%%'")
+        rows = []
+        for i in range(args.seed):
+            at = datetime.now(UTC).replace(tzinfo=None)
+            rows.append((f"perf-seed-{i}", "succeeded", docs[i % len(docs)], at, at))
+        cur.executemany(
+            "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) "
+            "VALUES (%s, %s, %s, 1, %s, %s)",
+            rows,
+        )
+    conn.close()
+    results = ROOT / "perf" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    payload_file = results / "payloads.json"
+    payload_file.write_text(json.dumps(docs))
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
+    env.update(
+        JOBRESULTS_DATABASE_URL=url,
+        JOBRESULTS_PORT=str(port),
+        JOBRESULTS_WORKERS=args.workers,
+        JOBRESULTS_REDIS_URL=args.redis,
+        JOBRESULTS_EXPORTS_DIR=str(results / "exports"),
+        JOBRESULTS_POOL_MAX_SIZE="6",
+        JOBRESULTS_LOG_LEVEL="info",
+    )
+    log = results / "perf-server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "jobresults"), "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"the service exited: see {log}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the service did not get ready: see {log}")
+            time.sleep(0.2)
+        summary = results / f"k6-summary-{datetime.now():%Y%m%dT%H%M%S}.json"
+        k6_env = dict(
+            os.environ,
+            BASE_URL=base,
+            API_KEY=tokens["perf-load"],
+            LIMITED_KEY=tokens["perf-limited"],
+            RATE=str(args.rate),
+            DURATION=args.duration,
+            PAYLOADS=str(payload_file),
+            SEEDED=str(args.seed),
+            RANGE_FROM=(seed_from - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            RANGE_TO=(datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            K6_NO_USAGE_REPORT="true",
+        )
+        done = subprocess.run(
+            [str(BIN / "k6"), "run", "--quiet", "--summary-export", str(summary), str(ROOT / "perf" / "k6" / "mix.js")],
+            env=k6_env,
+            check=False,
+        )
+        print(f"k6 summary: {summary}")
+        return done.returncode
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
