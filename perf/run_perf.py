@@ -39,6 +39,7 @@ from service.auth import new_token  # noqa: E402
 BIN = Path(sys.executable).parent
 MAX_PAYLOAD = 100_000
 ALL_SCOPES = "results:read results:write exports:read exports:write metrics:read"
+RESULTS = ROOT / "perf" / "results"
 
 
 def realdata() -> Path:
@@ -68,19 +69,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--server", default=os.environ.get("JOBRESULTS_PERF_SERVER", "mysql://root:@127.0.0.1:3306/test")
-    )
-    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--rate", default=os.environ.get("RATE", "200"))
-    parser.add_argument("--duration", default=os.environ.get("DURATION", "30s"))
-    parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--workers", default="2")
-    args = parser.parse_args()
-
-    server = DatabaseURL.parse(args.server)
+def prepare(server_url: str, seed: int) -> tuple[str, dict[str, str], Path, str, str]:
+    """Database, keys, seeded rows and payload file; returns (database URL, tokens, payloads, range)."""
+    server = DatabaseURL.parse(server_url)
     url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/jr_perf"
     conn = pymysql.connect(
         host=server.host,
@@ -94,7 +85,6 @@ def main() -> int:
         cur.execute("CREATE DATABASE IF NOT EXISTS jr_perf CHARACTER SET utf8mb4")
     apply_migrations(Settings.from_env({}, database_url=url))
     conn.select_db("jr_perf")
-
     tokens = {}
     with conn.cursor() as cur:
         for name, limit in (("perf-load", "100000/second"), ("perf-limited", None)):
@@ -105,13 +95,12 @@ def main() -> int:
                 (key_id, name, digest, ALL_SCOPES, limit),
             )
             tokens[name] = token
-
     docs = payloads()
     seed_from = datetime.now(UTC)
     with conn.cursor() as cur:
-        cur.execute("DELETE FROM job_results WHERE job_id LIKE 'perf-seed-%%'")
+        cur.execute("DELETE FROM job_results WHERE job_id LIKE 'perf-seed-%'")
         rows = []
-        for i in range(args.seed):
+        for i in range(seed):
             at = datetime.now(UTC).replace(tzinfo=None)
             rows.append((f"perf-seed-{i}", "succeeded", docs[i % len(docs)], at, at))
         cur.executemany(
@@ -120,68 +109,132 @@ def main() -> int:
             rows,
         )
     conn.close()
-    results = ROOT / "perf" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    payload_file = results / "payloads.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload_file = RESULTS / "payloads.json"
     payload_file.write_text(json.dumps(docs))
+    range_from = (seed_from - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    range_to = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return url, tokens, payload_file, range_from, range_to
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
-    env.update(
-        JOBRESULTS_DATABASE_URL=url,
-        JOBRESULTS_PORT=str(port),
-        JOBRESULTS_WORKERS=args.workers,
-        JOBRESULTS_REDIS_URL=args.redis,
-        JOBRESULTS_EXPORTS_DIR=str(results / "exports"),
-        JOBRESULTS_POOL_MAX_SIZE="6",
-        JOBRESULTS_LOG_LEVEL="info",
-    )
-    log = results / "perf-server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "jobresults"), "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+
+class Service:
+    """A running ``jobresults serve`` (its own process group); stop it with :meth:`stop`."""
+
+    def __init__(self, url: str, redis: str, workers: str, **overrides: str) -> None:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
+        env.update(
+            JOBRESULTS_DATABASE_URL=url,
+            JOBRESULTS_PORT=str(self.port),
+            JOBRESULTS_WORKERS=workers,
+            JOBRESULTS_REDIS_URL=redis,
+            JOBRESULTS_EXPORTS_DIR=str(RESULTS / "exports"),
+            JOBRESULTS_POOL_MAX_SIZE="6",
+            JOBRESULTS_LOG_LEVEL="info",
         )
-    base = f"http://127.0.0.1:{port}"
-    try:
+        env.update(overrides)
+        self.log = RESULTS / "perf-server.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(BIN / "jobresults"), "serve"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the service exited: see {log}")
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the service exited: see {self.log}")
             try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise SystemExit(f"the service did not get ready: see {log}")
+                raise SystemExit(f"the service did not get ready: see {self.log}")
             time.sleep(0.2)
-        summary = results / f"k6-summary-{datetime.now():%Y%m%dT%H%M%S}.json"
-        k6_env = dict(
-            os.environ,
-            BASE_URL=base,
-            API_KEY=tokens["perf-load"],
-            LIMITED_KEY=tokens["perf-limited"],
-            RATE=str(args.rate),
-            DURATION=args.duration,
-            PAYLOADS=str(payload_file),
-            SEEDED=str(args.seed),
-            RANGE_FROM=(seed_from - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            RANGE_TO=(datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            K6_NO_USAGE_REPORT="true",
-        )
-        done = subprocess.run(
-            [str(BIN / "k6"), "run", "--quiet", "--summary-export", str(summary), str(ROOT / "perf" / "k6" / "mix.js")],
-            env=k6_env,
-            check=False,
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def run_k6(
+    base: str,
+    tokens: dict[str, str],
+    payload_file: Path,
+    range_from: str,
+    range_to: str,
+    *,
+    rate: str,
+    duration: str,
+    seed: int,
+    summary: Path,
+    quiet: bool = False,
+    **extra: str,
+) -> int:
+    """Run perf/k6/mix.js; returns k6's exit code (99 when a threshold is crossed)."""
+    k6_env = dict(
+        os.environ,
+        BASE_URL=base,
+        API_KEY=tokens["perf-load"],
+        LIMITED_KEY=tokens["perf-limited"],
+        RATE=str(rate),
+        DURATION=duration,
+        PAYLOADS=str(payload_file),
+        SEEDED=str(seed),
+        RANGE_FROM=range_from,
+        RANGE_TO=range_to,
+        K6_NO_USAGE_REPORT="true",
+        **extra,
+    )
+    command = [
+        str(BIN / "k6"),
+        "run",
+        "--quiet",
+        "--summary-export",
+        str(summary),
+        str(ROOT / "perf" / "k6" / "mix.js"),
+    ]
+    output = subprocess.DEVNULL if quiet else None
+    return subprocess.run(command, env=k6_env, check=False, stdout=output, stderr=output).returncode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--server", default=os.environ.get("JOBRESULTS_PERF_SERVER", "mysql://root:@127.0.0.1:3306/test")
+    )
+    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--rate", default=os.environ.get("RATE", "200"))
+    parser.add_argument("--duration", default=os.environ.get("DURATION", "30s"))
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--workers", default="2")
+    args = parser.parse_args()
+    url, tokens, payload_file, range_from, range_to = prepare(args.server, args.seed)
+    service = Service(url, args.redis, args.workers)
+    try:
+        summary = RESULTS / f"k6-summary-{datetime.now():%Y%m%dT%H%M%S}.json"
+        code = run_k6(
+            service.base,
+            tokens,
+            payload_file,
+            range_from,
+            range_to,
+            rate=args.rate,
+            duration=args.duration,
+            seed=args.seed,
+            summary=summary,
         )
         print(f"k6 summary: {summary}")
-        return done.returncode
+        return code
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        service.stop()
 
 
 if __name__ == "__main__":

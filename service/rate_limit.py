@@ -98,6 +98,7 @@ class Decision:
     allowed: bool
     limit: int
     remaining: int
+    """Requests left in the window; -1 when not read (allowed requests skip that Redis call)."""
     reset_s: int
 
     def headers(self) -> dict[str, str]:
@@ -123,9 +124,15 @@ class RateLimiter:
         self.per_key: RateLimitItem | None = parse(per_key) if per_key else None
 
     async def check(self, kind: str, identity: str, item: RateLimitItem) -> Decision:
-        """Count one request of ``identity`` against ``item``; the decision says whether it may pass."""
+        """Count one request of ``identity`` against ``item``; the decision says whether it may pass.
+
+        An allowed request costs one Redis call (the moving window's script); only a refused one also
+        reads the window (for ``Retry-After`` and ``RateLimit-*``).
+        """
         try:
             allowed = await self.strategy.hit(item, "jobresults", kind, identity)
+            if allowed:
+                return Decision(allowed=True, limit=item.amount, remaining=-1, reset_s=0)
             stats = await self.strategy.get_window_stats(item, "jobresults", kind, identity)
         except StorageError as exc:
             log.error("rate_limit.store_unavailable", error=repr(exc))
@@ -136,7 +143,7 @@ class RateLimiter:
                 headers={"Retry-After": "1"},
             ) from None
         reset_s = max(0, math.ceil(stats.reset_time - time.time()))
-        return Decision(allowed=allowed, limit=item.amount, remaining=stats.remaining, reset_s=reset_s)
+        return Decision(allowed=False, limit=item.amount, remaining=stats.remaining, reset_s=reset_s)
 
     async def enforce(self, kind: str, identity: str, item: RateLimitItem) -> Decision:
         """Like :meth:`check`, but refuse with a 429 problem (``Retry-After``, ``RateLimit-*``).
