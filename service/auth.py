@@ -95,8 +95,10 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
         ApiError: 401 (no valid key), 403 (the key lacks the scope), 429 (rate limit).
     """
     needed = handler.opt.get("scope")
-    if needed is None:
-        if connection.scope["path"].startswith("/v1"):
+    path = connection.scope["path"]
+    is_options = connection.scope.get("method") == "OPTIONS"
+    if needed is None and not (is_options and path.startswith("/v1")):
+        if path.startswith("/v1"):
             raise ApiError(403, "this operation declares no scope", slug="forbidden")
         return
     state = connection.app.state
@@ -104,6 +106,11 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     ip = client_ip(client[0] if client else None, dict(connection.headers), state.trusted_proxies)
     connection.scope["state"]["client_ip"] = ip
     limiter: RateLimiter | None = state.rate_limiter
+    if is_options:
+        # Litestar's automatic OPTIONS answers only with the Allow header: open, but counted per IP.
+        if limiter is not None:
+            await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)
+        return
     if not state.settings.auth_enabled:
         if limiter is not None:
             await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)

@@ -138,6 +138,11 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
         detail = "no such resource"
     if status == 413:
         detail = "request body is larger than the configured limit"
+    if status == 405:
+        allowed = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow")
+        detail = (
+            f"this method is not allowed here; allowed: {allowed}" if allowed else "this method is not allowed here"
+        )
     headers = dict(exc.headers or {})
     return problem_response(request, status, detail, headers=headers or None)
 

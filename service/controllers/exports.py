@@ -168,7 +168,7 @@ class JobExportController(Controller):
             "and recording the export happen in one transaction on one snapshot."
         ),
         status_code=201,
-        responses=problem_responses(400, 401, 403, 404, 415, 503, 507),
+        responses=problem_responses(400, 401, 403, 404, 415, 429, 503, 507),
         guards=[json_body_guard],
     )
     async def export_job(
@@ -204,7 +204,7 @@ class ExportController(Controller):
             "survives restarts, and is done when its state is `succeeded` (or `failed`)."
         ),
         status_code=202,
-        responses=problem_responses(400, 401, 403, 415, 503),
+        responses=problem_responses(400, 401, 403, 415, 429, 503),
         guards=[json_body_guard],
     )
     async def create_range_export(
@@ -225,7 +225,7 @@ class ExportController(Controller):
         "/{export_id:str}",
         opt={"scope": "exports:read"},
         summary="Read an export's state and progress",
-        responses=problem_responses(401, 403, 404, 503),
+        responses=problem_responses(401, 403, 404, 429, 503),
     )
     async def get_export(
         self,
@@ -240,7 +240,7 @@ class ExportController(Controller):
         "/",
         opt={"scope": "exports:read"},
         summary="List exports, newest first",
-        responses=problem_responses(400, 401, 403, 503),
+        responses=problem_responses(400, 401, 403, 429, 503),
     )
     async def list_exports(
         self,
@@ -285,7 +285,8 @@ class ExportController(Controller):
             206: ResponseSpec(
                 data_container=bytes, description="Partial Content", media_type="application/octet-stream"
             ),
-            **problem_responses(401, 403, 404, 409, 416),
+            **problem_responses(401, 403, 404, 409, 416, 429, 503),
+            304: ResponseSpec(data_container=None, description="Not Modified (If-None-Match)"),
         },
     )
     async def get_content(

@@ -17,7 +17,7 @@ READY_TIMEOUT_S = 1.0
 """``/readyz`` reports 503 if the database takes longer than this to answer (seconds)."""
 
 
-@get("/healthz", tags=["health"], summary="Liveness: the process is up (no database call)", cache=False)
+@get("/healthz", tags=["health"], security=[{}], summary="Liveness: the process is up (no database call)", cache=False)
 async def healthz() -> Health:
     """Always 200 while the process serves requests."""
     return Health(status="ok")
@@ -26,7 +26,8 @@ async def healthz() -> Health:
 @get(
     "/readyz",
     tags=["health"],
-    summary="Readiness: the database answers within 1 s and the schema is current",
+    summary="Readiness: the database (and Redis, when configured) answer within 1 s, the schema is current",
+    security=[{}],
     responses=problem_responses(503),
 )
 async def readyz(request: Request[Any, Any, Any], db: NamedDependency[Database]) -> Response[Health]:
@@ -45,6 +46,15 @@ async def readyz(request: Request[Any, Any, Any], db: NamedDependency[Database])
         return _unready(request, "database did not answer within 1 s")
     except Exception:  # noqa: BLE001 - any failure to reach the database means not ready
         return _unready(request, "database unreachable")
+    limiter = getattr(request.app.state, "rate_limiter", None)
+    if limiter is not None and request.app.state.settings.redis_url:
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                redis_ok = await limiter.storage.check()
+        except Exception:  # noqa: BLE001 - any failure to reach Redis means not ready
+            redis_ok = False
+        if not redis_ok:
+            return _unready(request, "the rate-limit store (Redis) is unreachable")
     missing = expected_migrations() - applied
     if missing:
         return _unready(

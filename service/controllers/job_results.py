@@ -134,7 +134,7 @@ class JobResultController(Controller):
         ),
         responses={
             201: ResponseSpec(data_container=JobResult, description="Created"),
-            **problem_responses(400, 401, 403, 412, 413, 415, 422, 503),
+            **problem_responses(400, 401, 403, 412, 413, 415, 422, 429, 503),
         },
         status_code=200,
     )
@@ -184,7 +184,8 @@ class JobResultController(Controller):
         opt={"scope": "results:read"},
         summary="Read a job result",
         description="`If-None-Match` with the current ETag gives 304. The result comes back as stored.",
-        responses=problem_responses(400, 401, 403, 404, 503),
+        responses={304: ResponseSpec(data_container=None, description="Not Modified")}
+        | problem_responses(400, 401, 403, 404, 429, 503),
     )
     async def get_job_result(
         self,
@@ -211,7 +212,7 @@ class JobResultController(Controller):
             "first, keyset-paginated: pass `next_cursor` back as `cursor`. Items carry metadata only "
             "unless `include=result`."
         ),
-        responses=problem_responses(400, 401, 403, 503),
+        responses=problem_responses(400, 401, 403, 429, 503),
     )
     async def list_job_results(
         self,
@@ -269,7 +270,7 @@ class JobResultController(Controller):
         opt={"scope": "results:write"},
         summary="Delete a job result",
         description="`If-Match: <etag>` deletes only if unchanged (412 otherwise).",
-        responses=problem_responses(400, 401, 403, 404, 412, 503),
+        responses=problem_responses(400, 401, 403, 404, 412, 429, 503),
     )
     async def delete_job_result(
         self,

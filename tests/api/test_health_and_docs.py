@@ -68,3 +68,12 @@ async def test_download_documents_every_file_type(client: Client) -> None:
     paths = (await client.get("/schema/openapi.json")).json()["paths"]
     content = paths["/v1/exports/{export_id}/content"]["get"]["responses"]["200"]["content"]
     assert set(content) == {"application/json", "application/x-ndjson", "text/csv", "application/gzip"}
+
+
+async def test_open_endpoints_are_documented_as_open(client: Client) -> None:
+    schema = (await client.get("/schema/openapi.json")).json()
+    assert schema["security"] == [{"BearerAuth": []}]
+    for path in ("/healthz", "/readyz"):
+        assert schema["paths"][path]["get"]["security"] == [{}]
+    assert "429" in schema["paths"]["/v1/job-results/{job_id}"]["put"]["responses"]
+    assert "304" in schema["paths"]["/v1/job-results/{job_id}"]["get"]["responses"]

@@ -271,3 +271,9 @@ async def test_duplicate_keys_in_the_envelope_are_422(client: Client, job_id: st
     )
     assert response.status_code == 422
     assert response.json()["json_path"] == "$.status"
+
+
+async def test_405_says_what_is_allowed(client: Client) -> None:
+    response = await client.delete("/healthz")
+    assert response.status_code == 405
+    assert "GET" in response.json()["detail"]

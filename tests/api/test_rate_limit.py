@@ -190,3 +190,18 @@ def test_ipv6_peers_are_limited(database_url: str, tmp_path: Path) -> None:
         if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+async def test_options_is_open_but_counted(limited: Client) -> None:
+    statuses = [(await limited.options("/v1/job-results/x")).status_code for _ in range(12)]
+    assert statuses[:10] == [204] * 10 or statuses[:10] == [200] * 10, statuses
+    assert statuses[10:] == [429, 429]
+
+
+async def test_readyz_is_503_when_redis_is_unreachable(settings: Settings) -> None:
+    app = create_app(msgspec.structs.replace(settings, redis_url="redis://127.0.0.1:1/0", export_worker=False))
+    async with AsyncTestClient(app=app) as test_client:
+        ready = await test_client.get("/readyz")
+        assert ready.status_code == 503
+        assert "Redis" in ready.json()["detail"]
+        assert (await test_client.get("/healthz")).status_code == 200
