@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
+import msgspec
 import pymysql
 import structlog
 from litestar import Litestar
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         except pymysql.err.OperationalError as exc:
             # Start anyway: /readyz reports 503 until the database answers; connections open on demand.
             log.warning("db.unreachable_at_startup", error=str(exc), database=settings.database.redacted())
-            db = await Database.open(msgspec_replace(settings, pool_min_size=0))
+            db = await Database.open(msgspec.structs.replace(settings, pool_min_size=0))
         app.state.db = db
         app.state.authenticator = Authenticator(db, settings.auth_cache_ttl_s)
         app.state.trusted_proxies = parse_networks(settings.trusted_proxies)
@@ -127,10 +128,3 @@ def create_app(settings: Settings | None = None) -> Litestar:
         SecurityHeadersMiddleware(app.asgi_handler, hsts_max_age_s=settings.hsts_max_age_s)
     )
     return app
-
-
-def msgspec_replace(settings: Settings, **changes: object) -> Settings:
-    """A copy of ``settings`` with ``changes`` applied."""
-    import msgspec
-
-    return msgspec.structs.replace(settings, **changes)
