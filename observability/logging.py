@@ -66,8 +66,6 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    # coredis (Redis client of the rate limiter) logs every reconnect attempt at INFO.
-    logging.getLogger("coredis").setLevel(max(numeric, logging.WARNING))
 
 
 def granian_log_config(level: str = "info", *, json: bool | None = None) -> dict[str, Any]:

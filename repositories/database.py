@@ -10,11 +10,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 import aiomysql
 import pymysql
+import pymysql.constants
+import pymysql.converters
 import stamina
 import stamina.instrumentation
 
@@ -103,6 +106,23 @@ class QueryTimeout(DatabaseUnavailable):
     """A unit of work took longer than ``query_timeout_s`` (waiting for a connection included)."""
 
 
+def _convert_datetime(text: str | bytes) -> datetime | str | bytes:
+    """A ``DATETIME`` column value to ``datetime``: ``fromisoformat`` (C) first, PyMySQL's parser otherwise.
+
+    ``YYYY-MM-DD HH:MM:SS[.ffffff]`` is what both servers send; ``fromisoformat`` reads it about 20x
+    faster than PyMySQL's regex, and a list page holds two timestamps per row.
+    """
+    try:
+        return datetime.fromisoformat(text if isinstance(text, str) else text.decode("ascii"))
+    except ValueError:
+        parsed: datetime | str | bytes = pymysql.converters.convert_datetime(text)  # zero dates, as PyMySQL reads them
+        return parsed
+
+
+CONVERSIONS = {**pymysql.converters.conversions, pymysql.constants.FIELD_TYPE.DATETIME: _convert_datetime}
+"""PyMySQL's type conversions with the faster ``DATETIME`` reader."""
+
+
 class Database:
     """An aiomysql pool plus helpers that run units of work on it.
 
@@ -136,6 +156,7 @@ class Database:
             autocommit=True,
             connect_timeout=settings.connect_timeout_s,
             init_command="SET time_zone = '+00:00'",
+            conv=CONVERSIONS,
         )
         return cls(pool, settings)
 
@@ -217,9 +238,11 @@ class Database:
 
     async def acquire(self) -> Connection:
         """A connection from the pool (wait for one if all are in use); give it back with :meth:`release`."""
-        self._observe_pool()
+        pool = self.pool
+        if not pool.freesize:  # may wait: publish the figures now (the last release published them otherwise)
+            self._observe_pool()
         try:
-            return await self.pool.acquire()
+            return await pool.acquire()
         finally:
             self._observe_pool()
 

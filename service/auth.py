@@ -8,6 +8,7 @@ fast hash is enough (there is nothing to guess). Comparison uses ``hmac.compare_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -15,6 +16,7 @@ import secrets
 from typing import Any, Literal
 
 from cachetools import TTLCache
+from limits import RateLimitItem
 from limits import parse as parse_limit
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
@@ -83,6 +85,12 @@ class Authenticator:
             return None
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed_limit(spec: str) -> RateLimitItem:
+    """``limits.parse`` of a key's own limit, cached: the same few strings are parsed on every request."""
+    return parse_limit(spec)
+
+
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """Litestar guard: client IP, rate limit, API key and scope, in that order.
 
@@ -103,7 +111,7 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
         return
     state = connection.app.state
     client = connection.scope.get("client")
-    ip = client_ip(client[0] if client else None, dict(connection.headers), state.trusted_proxies)
+    ip = client_ip(client[0] if client else None, connection.headers, state.trusted_proxies)
     connection.scope["state"]["client_ip"] = ip
     limiter: RateLimiter | None = state.rate_limiter
     if is_options:
@@ -124,7 +132,7 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     connection.scope["state"]["api_key_id"] = key.key_id
     if limiter is not None:
         if key.rate_limit:
-            await limiter.enforce("key", key.key_id, parse_limit(key.rate_limit))
+            await limiter.enforce("key", key.key_id, _parsed_limit(key.rate_limit))
         else:
             await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)
             if limiter.per_key is not None:

