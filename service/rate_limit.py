@@ -132,7 +132,7 @@ class RateLimiter:
             options["connection_pool"] = redis.asyncio.BlockingConnectionPool.from_url(
                 storage_url.removeprefix("async+"), max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_POOL_WAIT_S
             )
-        self.storage = storage_from_string(storage_url, wrap_exceptions=True, **options)
+        self.storage = storage_from_string(storage_url, wrap_exceptions=True, **options)  # type: ignore[arg-type]
         self.strategy = MovingWindowRateLimiter(self.storage)
         self.per_ip: RateLimitItem = parse(per_ip)
         self.per_key: RateLimitItem | None = parse(per_key) if per_key else None
