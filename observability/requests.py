@@ -6,9 +6,9 @@ It wraps Litestar's whole handler (routing and error handling included), so 404s
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -29,7 +29,7 @@ def request_id_of(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == REQUEST_ID_HEADER and _SANE_REQUEST_ID.fullmatch(value):
             return value.decode("ascii")
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits, as uuid4().hex without its 1.3 µs of UUID object
 
 
 class RequestObservabilityMiddleware:
