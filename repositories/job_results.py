@@ -62,7 +62,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-_META_COLUMNS = "id, job_id, status, version, created_at, updated_at"
+_META_COLUMNS = "CONCAT_WS(' ', id, version, status, created_at, updated_at, job_id)"
+"""A row's metadata packed into one column: ``b"<id> <version> <status> <created> <updated> <job_id>"``.
+
+Each column of a result set costs aiomysql's pure-Python protocol code a field-descriptor parse per
+query and a length-coded read per row; one packed column instead of six took about 10% off a GET's
+CPU (see perf/README.md). Timestamps come as ``YYYY-MM-DD HH:MM:SS.ffffff`` (``DATETIME(6)``); the
+job id goes last, so it is the rest of the string whatever it holds."""
 
 SQL_GET = f"SELECT {_META_COLUMNS}, result_data FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
 SQL_GET_META = f"SELECT {_META_COLUMNS} FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
@@ -78,14 +84,17 @@ SQL_DELETE = "DELETE FROM job_results WHERE job_id = %(job_id)s"
 
 
 def _meta(row: tuple[object, ...]) -> JobResultMeta:
-    job_id = row[1]
+    """Unpack :data:`_META_COLUMNS` (the row's first column; bytes, since ``job_id`` is binary)."""
+    packed = row[0]
+    text = packed.decode("utf-8") if isinstance(packed, bytes) else str(packed)
+    row_id, version, status, created_day, created_time, updated_day, updated_time, job_id = text.split(" ", 7)
     return JobResultMeta(
-        id=row[0],  # type: ignore[arg-type]
-        job_id=job_id.decode("ascii") if isinstance(job_id, bytes) else str(job_id),
-        status=row[2],  # type: ignore[arg-type]
-        version=row[3],  # type: ignore[arg-type]
-        created_at=row[4],  # type: ignore[arg-type]
-        updated_at=row[5],  # type: ignore[arg-type]
+        id=int(row_id),
+        job_id=job_id,
+        status=status,
+        version=int(version),
+        created_at=datetime.fromisoformat(f"{created_day} {created_time}"),
+        updated_at=datetime.fromisoformat(f"{updated_day} {updated_time}"),
     )
 
 
@@ -106,7 +115,7 @@ class JobResultRepository:
             row = await cur.fetchone()
         if row is None:
             raise JobResultNotFound(job_id)
-        document = row[6]
+        document = row[1]
         return JobResultRow(meta=_meta(row), result=document.encode() if isinstance(document, str) else document)
 
     async def get_meta(self, job_id: str) -> JobResultMeta:
@@ -223,7 +232,7 @@ class JobResultRepository:
             rows = await cur.fetchall()
         out = []
         for row in rows:
-            document = row[6] if include_result else b""
+            document = row[1] if include_result else b""
             out.append(
                 JobResultRow(meta=_meta(row), result=document.encode() if isinstance(document, str) else document)
             )
