@@ -119,6 +119,47 @@ def _convert_datetime(text: str | bytes) -> datetime | str | bytes:
         return parsed
 
 
+class SQLText:
+    """A query parameter holding a (large) string, escaped with :func:`escape_text`: e.g. a JSON document.
+
+    Not a ``str`` subclass on purpose: aiomysql escapes every ``str`` itself, and hands other types to
+    PyMySQL's encoder registry, where this type is registered below.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def escape_text(value: str) -> str:
+    """``value`` as a quoted MySQL string literal, escaped exactly as PyMySQL's ``escape_string`` does.
+
+    PyMySQL runs ``str.translate`` with a table of seven characters, about 60 MB/s on real job
+    results; seven chained ``str.replace`` calls (backslash first) produce the same text at about
+    330 MB/s. The escapes are MySQL's backslash escapes of NUL, LF, CR, Ctrl-Z, both quotes and the
+    backslash itself (MySQL manual, "String Literals", table 11.1); like PyMySQL's, they assume
+    ``NO_BACKSLASH_ESCAPES`` is off, MySQL's and MariaDB's default.
+    """
+    escaped = (
+        value.replace("\\", "\\\\")
+        .replace("\0", "\\0")
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\x1a", "\\Z")
+        .replace("'", "\\'")
+        .replace('"', '\\"')
+    )
+    return f"'{escaped}'"
+
+
+def _escape_sql_text(value: SQLText, mapping: object = None) -> str:
+    return escape_text(value.text)
+
+
+# aiomysql ignores the connection's ``conv`` for encoding and uses PyMySQL's module-level registry.
+pymysql.converters.encoders[SQLText] = _escape_sql_text
+
 CONVERSIONS = {**pymysql.converters.conversions, pymysql.constants.FIELD_TYPE.DATETIME: _convert_datetime}
 """PyMySQL's type conversions with the faster ``DATETIME`` reader."""
 

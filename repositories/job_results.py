@@ -14,7 +14,7 @@ import aiomysql
 import msgspec
 import pymysql
 
-from repositories.database import ER_DUP_ENTRY, Connection, error_code
+from repositories.database import ER_DUP_ENTRY, Connection, SQLText, error_code
 
 Status = Literal["succeeded", "failed", "cancelled"]
 STATUSES: tuple[Status, ...] = ("succeeded", "failed", "cancelled")
@@ -151,7 +151,9 @@ class JobResultRepository:
         now = utcnow()
         async with self.conn.cursor() as cur:
             try:
-                await cur.execute(SQL_INSERT, {"job_id": job_id, "status": status, "result": result, "now": now})
+                await cur.execute(
+                    SQL_INSERT, {"job_id": job_id, "status": status, "result": SQLText(result), "now": now}
+                )
             except pymysql.err.IntegrityError as exc:
                 if error_code(exc) == ER_DUP_ENTRY:
                     raise JobResultExists(job_id) from None
@@ -165,7 +167,7 @@ class JobResultRepository:
         Raises:
             JobResultNotFound: no such job id.
         """
-        params = {"job_id": job_id, "status": status, "result": result, "now": utcnow()}
+        params = {"job_id": job_id, "status": status, "result": SQLText(result), "now": utcnow()}
         async with self.conn.cursor() as cur:
             changed = await cur.execute(SQL_UPDATE, params)
         if not changed:

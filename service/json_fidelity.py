@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 
 MAX_DEPTH = 64
 """Deepest accepted nesting of arrays and objects; the document root counts as level 1."""
@@ -91,48 +92,86 @@ def check_document(raw: bytes | str, root: str = "$", *, max_depth: int = MAX_DE
     return text
 
 
+_Trail = tuple["_Trail | None", "str | int"]
+"""Where a value sits: (the parent's trail, its key or index); ``None`` is the document root."""
+
+_DUPLICATE_KEY = "duplicate object key; each key may appear once"
+_INT_RANGE = "integer out of range; integers must lie in -2^63 .. 2^64-1 to be stored exactly"
+_NOT_A_DOUBLE = "number out of range for an IEEE 754 double"
+_LONE_SURROGATE = "string contains a lone UTF-16 surrogate escape; only Unicode scalar values are allowed"
+
+
 def _walk(value: object, root: str, max_depth: int, *, check_strings: bool) -> None:
-    # Iterative, so a deep document cannot exhaust the Python stack here.
-    stack: list[tuple[object, str, int]] = [(value, root, 0)]
+    # Iterative, so a deep document cannot exhaust the Python stack here. Only containers go on the
+    # stack, scalars are checked in place, and the JSONPath of a value is built only when it breaks
+    # a rule (from its trail): this walk sees every value of every stored document.
+    if not isinstance(value, list):  # a scalar document (_Pairs is a list too)
+        _check_scalar(value, root, None, check_strings=check_strings)
+        return
+    stack: list[tuple[list[object], _Trail | None, int]] = [(value, None, 1)]
     while stack:
-        node, path, depth = stack.pop()
-        if isinstance(node, _Pairs | list):
-            depth += 1
-            if depth > max_depth:
-                raise UnfaithfulJSON(path, f"nesting is deeper than {MAX_DEPTH} levels")
-            if isinstance(node, _Pairs):
+        node, trail, depth = stack.pop()
+        if depth > max_depth:
+            raise UnfaithfulJSON(_path(root, trail), f"nesting is deeper than {MAX_DEPTH} levels")
+        items: Iterable[tuple[str | int, object]]
+        if isinstance(node, _Pairs):
+            keys = [key for key, _ in node]
+            if len(set(keys)) != len(keys):
                 seen: set[str] = set()
-                for key, child in node:
-                    child_path = _member_path(path, key)
+                for key in keys:
                     if key in seen:
-                        raise UnfaithfulJSON(child_path, "duplicate object key; each key may appear once")
+                        raise UnfaithfulJSON(
+                            _path(root, (trail, key)), "duplicate object key; each key may appear once"
+                        )
                     seen.add(key)
-                    if check_strings:
-                        _check_string(key, child_path)
-                    stack.append((child, child_path, depth))
+            if check_strings:
+                for key in keys:
+                    if not _is_scalar_text(key):
+                        raise UnfaithfulJSON(_path(root, (trail, key)), _LONE_SURROGATE)
+            items = node
+        else:
+            items = enumerate(node)
+        for step, child in items:
+            if isinstance(child, list):
+                stack.append((child, (trail, step), depth + 1))
+            elif child is None or child is True or child is False:
+                continue
             else:
-                stack.extend((child, f"{path}[{index}]", depth) for index, child in enumerate(node))
-        elif isinstance(node, bool) or node is None:
-            continue
-        elif isinstance(node, int):
-            if not INT_MIN <= node <= INT_MAX:
-                raise UnfaithfulJSON(
-                    path, "integer out of range; integers must lie in -2^63 .. 2^64-1 to be stored exactly"
-                )
-        elif isinstance(node, float):
-            if not math.isfinite(node):
-                raise UnfaithfulJSON(path, "number out of range for an IEEE 754 double")
-        elif check_strings and isinstance(node, str):
-            _check_string(node, path)
+                _check_scalar(child, root, (trail, step), check_strings=check_strings)
 
 
-def _check_string(text: str, path: str) -> None:
+def _check_scalar(value: object, root: str, trail: _Trail | None, *, check_strings: bool) -> None:
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise UnfaithfulJSON(_path(root, trail), _INT_RANGE)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise UnfaithfulJSON(_path(root, trail), _NOT_A_DOUBLE)
+    elif check_strings and isinstance(value, str) and not _is_scalar_text(value):
+        raise UnfaithfulJSON(_path(root, trail), _LONE_SURROGATE)
+
+
+def _is_scalar_text(text: str) -> bool:
+    """False if ``text`` holds a lone surrogate (no UTF-8 encoding exists for it)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise UnfaithfulJSON(
-            path, "string contains a lone UTF-16 surrogate escape; only Unicode scalar values are allowed"
-        ) from None
+        return False
+    return True
+
+
+def _path(root: str, trail: _Trail | None) -> str:
+    """The JSONPath of the value at ``trail``, e.g. ``$.result.runs[0]["odd key"]``."""
+    steps: list[str | int] = []
+    while trail is not None:
+        trail, step = trail
+        steps.append(step)
+    path = root
+    for step in reversed(steps):
+        path = f"{path}[{step}]" if isinstance(step, int) else _member_path(path, step)
+    return path
 
 
 def _member_path(path: str, key: str) -> str:

@@ -31,6 +31,7 @@ from repositories.database import (
     Database,
     DatabaseUnavailable,
     QueryTimeout,
+    SQLText,
     error_code,
 )
 from service.app import create_app
@@ -127,6 +128,26 @@ async def test_pooled_connection_is_utf8mb4_and_utc(db: Database) -> None:
     # A 4-byte character survives the round trip (it would not on 3-byte utf8).
     ((echo,),) = await db.run(lambda conn: _query(conn, "SELECT %s", ("\U0001f680 ok",)), transaction=False)
     assert echo == "\U0001f680 ok"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "plain",
+        "quote ' double \" back \\ slash",
+        "nul \x00 lf \n cr \r tab \t ctrl-z \x1a",
+        "%s %(name)s %% percent signs",
+        "\\' \\\\' '' \\\\\\",
+        "\U0001f680 é ü \u2028",
+        '{"json": "with \\"escapes\\" and \\\\u0000", "n": [1, 2.5]}',
+    ],
+)
+async def test_sql_text_parameters_round_trip(db: Database, text: str) -> None:
+    # SQLText (large documents) is escaped by our own function, not PyMySQL's: the server must read
+    # back exactly the text that was sent, specials included.
+    ((echo,),) = await db.run(lambda conn: _query(conn, "SELECT %s", (SQLText(text),)), transaction=False)
+    assert echo == text
 
 
 async def test_pool_recycles_before_wait_timeout(db: Database) -> None:
