@@ -1,6 +1,6 @@
 """`just perf`: the k6 scenario end to end against a production-like local service.
 
-1. creates (or reuses) the database ``jr_perf`` on ``--server`` and migrates it;
+1. creates the database ``jr_perf`` on ``--server`` afresh (dropping an earlier one) and migrates it;
 2. makes two API keys: the load's key, with a rate limit above the test rate, and a key held to the
    10/s per-IP default (the limiter scenario shows it getting 429s);
 3. seeds ``--seed`` stored results from ../shared/realdata and writes the PUT payloads for k6;
@@ -83,7 +83,11 @@ def prepare(server_url: str, seed: int) -> tuple[str, dict[str, str], Path, str,
         charset="utf8mb4",
     )
     with conn.cursor() as cur:
-        cur.execute("CREATE DATABASE IF NOT EXISTS jr_perf CHARACTER SET utf8mb4")
+        # A fresh database each run: the rows PUT by earlier runs would otherwise pile up (GBs after a
+        # day of runs, far beyond the default 128 MB buffer pool) and change what is measured.
+        cur.execute("DROP DATABASE IF EXISTS jr_perf")
+        cur.execute("CREATE DATABASE jr_perf CHARACTER SET utf8mb4")
+    shutil.rmtree(RESULTS / "exports", ignore_errors=True)
     apply_migrations(Settings.from_env({}, database_url=url))
     conn.select_db("jr_perf")
     tokens = {}
@@ -99,7 +103,6 @@ def prepare(server_url: str, seed: int) -> tuple[str, dict[str, str], Path, str,
     docs = payloads()
     seed_from = datetime.now(UTC)
     with conn.cursor() as cur:
-        cur.execute("DELETE FROM job_results WHERE job_id LIKE 'perf-seed-%'")
         rows = []
         for i in range(seed):
             at = datetime.now(UTC).replace(tzinfo=None)
