@@ -8,6 +8,7 @@ logging, auth and rate limiting switched off, and prints the ratios so the cost 
 Writes perf/results/capacity-<time>.json and perf/capacity.png (latency against rate).
 
     uv run python perf/capacity.py --server mysql://root:@127.0.0.1:3306/test
+    uv run python perf/capacity.py --rates 500 750 1000 1250   # finer steps around a limit
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def step(base: str, ctx: tuple, rate: int, duration: str, seed: int, mix: str) -
     }
 
 
-def series(base: str, ctx: tuple, duration: str, seed: int, mix: str) -> list[dict]:
+def series(base: str, ctx: tuple, duration: str, seed: int, mix: str, rates: list[int]) -> list[dict]:
     steps = []
-    for rate in RATES:
+    for rate in rates:
         result = step(base, ctx, rate, duration, seed, mix)
         steps.append(result)
         verdict = "pass" if result["passed"] else "FAIL"
@@ -143,6 +144,9 @@ def main() -> int:
     parser.add_argument("--step", default="15s")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--workers", default="2")
+    parser.add_argument(
+        "--rates", type=int, nargs="+", default=RATES, help="arrival rates to step through (default: %(default)s)"
+    )
     args = parser.parse_args()
     ctx = prepare(args.server, args.seed)
     url = ctx[0]
@@ -150,8 +154,8 @@ def main() -> int:
     service = Service(url, args.redis, args.workers)
     try:
         print("full service (logs, auth, rate limits on):")
-        mix_steps = series(service.base, ctx, args.step, args.seed, "mix")
-        get_steps = series(service.base, ctx, args.step, args.seed, "get")
+        mix_steps = series(service.base, ctx, args.step, args.seed, "mix", args.rates)
+        get_steps = series(service.base, ctx, args.step, args.seed, "get", args.rates)
     finally:
         service.stop()
     bare = Service(
@@ -164,7 +168,7 @@ def main() -> int:
     )
     try:
         print("GET with logging, auth and rate limiting off:")
-        bare_steps = series(bare.base, ctx, args.step, args.seed, "get")
+        bare_steps = series(bare.base, ctx, args.step, args.seed, "get", args.rates)
     finally:
         bare.stop()
     raw = asyncio.run(raw_point_selects(url, args.seed, concurrency=50, seconds=10))

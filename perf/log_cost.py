@@ -86,56 +86,18 @@ def asgi_worker(url: str, level: str, requests: int) -> float:
     import random
     import time
 
-    from config.settings import Settings
-    from service.app import create_app
+    from app_cost import AsgiDriver, build_app
 
-    settings = Settings.from_env(
-        {},
-        database_url=url,
-        auth_enabled=False,
-        rate_limit_enabled=False,
-        export_worker=False,
-        log_level=level,
-        exports_dir=str(RESULTS / "exports"),
-    )
-    app = create_app(settings)
-
-    async def get(path: str) -> int:
-        status = 0
-
-        async def receive() -> dict[str, object]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, object]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])  # type: ignore[call-overload]
-
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"log-cost")],
-            "client": ("127.0.0.1", 50000),
-            "server": ("127.0.0.1", 8000),
-            "state": {},
-        }
-        await app(scope, receive, send)  # type: ignore[arg-type]
-        return status
+    app = build_app(url, auth_enabled=False, rate_limit_enabled=False, log_level=level)
+    driver = AsgiDriver(app, token=None)
 
     async def run() -> float:
         async with app.lifespan():
             for i in range(500):  # warm-up: pool, caches, lazily built handlers
-                await get(f"/v1/job-results/perf-seed-{i % 1000}")
+                await driver.request("GET", f"/v1/job-results/perf-seed-{i % 1000}")
             started = time.process_time()
             for _ in range(requests):
-                if await get(f"/v1/job-results/perf-seed-{random.randrange(1000)}") != 200:
+                if await driver.request("GET", f"/v1/job-results/perf-seed-{random.randrange(1000)}") != 200:
                     raise SystemExit("a GET failed")
             return (time.process_time() - started) / requests * 1e6
 

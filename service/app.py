@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -85,6 +86,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.exports = exports
         if settings.export_worker:
             exports.start()
+        # Everything built so far (modules, routes, pools) lives as long as the process: collect once,
+        # then move it out of the cycle collector's reach (gc.freeze, Python docs), so a full collection
+        # scans only what requests allocated since. Measured under the k6 mix at 1000/s: the longest
+        # gen-2 pause went from 62-74 ms to 6 ms (perf/README.md).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
