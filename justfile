@@ -54,7 +54,7 @@ perf rate="200" duration="30s": install
 # py-spy on both Granian workers while k6 runs the mix (or one of get, put, list, export) for 15 s
 [group('perf')]
 profile rate="800" mix="mix": install
-    python perf/profile.py --rate {{ rate }} --mix {{ mix }}
+    python perf/profile_load.py --rate {{ rate }} --mix {{ mix }}
 
 # Lint: ruff, formatting, mypy, hadolint, compose file, OpenAPI drift
 [group('test')]

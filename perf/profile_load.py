@@ -7,7 +7,7 @@ worker's collapsed stacks to ``perf/results/profile-<time>-<pid>.txt`` (input of
 speedscope) and prints the functions that were on the stack in the most samples, own code and
 libraries alike.
 
-    uv run python perf/profile.py --rate 800 --duration 15
+    uv run python perf/profile_load.py --rate 800 --duration 15
 
 py-spy needs ptrace rights over the workers (root, or ``kernel.yama.ptrace_scope=0``).
 """
