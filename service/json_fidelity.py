@@ -58,7 +58,25 @@ def _reject_constant(name: str) -> object:
     raise MalformedJSON(f"{name} is not a JSON value (RFC 8259 allows no NaN or Infinity)")
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_Pairs, parse_constant=_reject_constant)
+class _OutOfRange:
+    """Stands in for an integer literal of more than 20 digits: beyond 64 bits whatever its value."""
+
+    __slots__ = ()
+
+
+_OUT_OF_RANGE = _OutOfRange()
+
+
+def _parse_int(literal: str) -> int | _OutOfRange:
+    # A literal of thousands of digits would otherwise make int() raise ValueError (CPython's
+    # int_max_str_digits, 4300 by default; CVE-2020-10735) or cost quadratic time. The walk reports
+    # the stand-in with its JSONPath.
+    if len(literal) > 21:  # 2**64 - 1 has 20 digits; a minus sign makes 21 characters
+        return _OUT_OF_RANGE
+    return int(literal)
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_Pairs, parse_constant=_reject_constant, parse_int=_parse_int)
 
 
 def check_document(raw: bytes | str, root: str = "$", *, max_depth: int = MAX_DEPTH) -> str:
@@ -143,6 +161,8 @@ def _walk(value: object, root: str, max_depth: int, *, check_strings: bool) -> N
 def _check_scalar(value: object, root: str, trail: _Trail | None, *, check_strings: bool) -> None:
     if isinstance(value, bool) or value is None:
         return
+    if value is _OUT_OF_RANGE:
+        raise UnfaithfulJSON(_path(root, trail), _INT_RANGE)
     if isinstance(value, int):
         if not INT_MIN <= value <= INT_MAX:
             raise UnfaithfulJSON(_path(root, trail), _INT_RANGE)

@@ -101,6 +101,9 @@ def problem_response(
     )
 
 
+INTERNAL_ERROR_DETAIL = "the server failed to handle the request; the X-Request-ID header names it in the server's logs"
+
+
 def _api_error(request: Request[Any, Any, Any], exc: ApiError) -> Response[bytes]:
     return problem_response(request, exc.status, exc.detail, slug=exc.slug, headers=exc.headers, **exc.extensions)
 
@@ -132,7 +135,7 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
         return problem_response(request, 400, JOB_ID_RULE, slug="invalid-job-id")
     if status >= 500:
         log.error("http.server_error", status=status, error=exc.detail)
-        return problem_response(request, status, None)
+        return problem_response(request, status, INTERNAL_ERROR_DETAIL if status == 500 else None)
     detail = exc.detail if exc.detail and exc.detail != _TITLES.get(status) else None
     if status == 404 and detail is None:
         detail = "no such resource"
@@ -158,7 +161,7 @@ def _invalid_parameter(request: Request[Any, Any, Any], exc: InvalidParameter) -
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("http.unhandled_exception", path=request.url.path, method=request.method)
-    return problem_response(request, 500, None)
+    return problem_response(request, 500, INTERNAL_ERROR_DETAIL)
 
 
 def _not_found(request: Request[Any, Any, Any], exc: JobResultNotFound) -> Response[bytes]:

@@ -69,7 +69,14 @@ async def test_integers_are_exact(client: Client, job_id: str, value: int) -> No
 
 
 @pytest.mark.parametrize(
-    ("literal", "path"), [("18446744073709551616", "$.result.big"), ("-9223372036854775809", "$.result.big")]
+    ("literal", "path"),
+    [
+        ("18446744073709551616", "$.result.big"),
+        ("-9223372036854775809", "$.result.big"),
+        # Beyond CPython's 4300-digit int conversion limit: was a 500 (ValueError) before.
+        ("9" * 5000, "$.result.big"),
+        ("-" + "1" * 4400, "$.result.big"),
+    ],
 )
 async def test_integers_out_of_range_are_422(client: Client, job_id: str, literal: str, path: str) -> None:
     response = await put_raw(client, job_id, f'{{"ok": 1, "big": {literal}}}')

@@ -17,6 +17,8 @@ from service.json_fidelity import UnfaithfulJSON, check_document
         ('{"s": ["ok", "\\ud800"]}', "$.s[1]", "lone UTF-16 surrogate"),
         ('{"\\udc00": 1}', '$["\\udc00"]', "lone UTF-16 surrogate"),
         ("18446744073709551616", "$", "integer out of range"),
+        ("[0, " + "9" * 5000 + "]", "$[1]", "integer out of range"),
+        ('{"k": 1, "big": -' + "1" * 4400 + "}", "$.big", "integer out of range"),
     ],
 )
 def test_offending_value_is_named(document: str, path: str, reason: str) -> None:
@@ -32,6 +34,13 @@ def test_nesting_limit_counts_the_root_as_level_one() -> None:
         check_document('{"a": ' + "[" * 64 + "]" * 64 + "}")
     assert caught.value.path == "$.a" + "[0]" * 63
     assert "nesting" in caught.value.reason
+
+
+def test_integer_limits_are_exact() -> None:
+    assert check_document("[18446744073709551615, -9223372036854775808]")
+    for literal in ("18446744073709551616", "-9223372036854775809", "-18446744073709551615"):
+        with pytest.raises(UnfaithfulJSON):
+            check_document(f"[{literal}]")
 
 
 def test_faithful_document_is_returned_unchanged() -> None:
