@@ -140,13 +140,13 @@ class ExportService:
         started = time.perf_counter()
 
         async def unit(conn: Connection) -> Export:
+            begun = utcnow()
             stored = await JobResultRepository(conn).get(job_id)
             export_id = new_export_id()
             file, size, sha256 = await asyncio.to_thread(
                 _write_single, self.directory, export_id, fmt, compression, self.owner, _row_of(stored)
             )
             files.append(file)
-            now = utcnow()
             return await ExportRepository(conn).insert(
                 export_id=export_id,
                 kind="job",
@@ -159,8 +159,9 @@ class ExportService:
                 bytes=size,
                 sha256=sha256,
                 file_name=file.path.name,
-                started_at=now,
-                finished_at=now,
+                created_at=begun,
+                started_at=begun,
+                finished_at=utcnow(),
                 attempts=1,
             )
 

@@ -76,6 +76,9 @@ async def test_single_job_export(client: Client, job_id: str, fmt: str, compress
     assert record["job_id"] == job_id
     assert record["rows_written"] == 1
     assert record["requested_by"]
+    # RFC 3339 with fixed-width fractions compares as text: requested, started, then finished.
+    assert record["created_at"] <= record["started_at"] <= record["finished_at"]
+    assert (await client.get(f"/v1/exports/{record['export_id']}")).json() == record
     body = await download(client, record)
     expected = {"job_id": job_id, "status": "failed", "created_at": stored["created_at"], "result": result}
     if fmt == "json":
