@@ -58,7 +58,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(),
+            structlog.processors.JSONRenderer(separators=(",", ":")) if use_json else structlog.dev.ConsoleRenderer(),
         ],
     )
     handler = logging.StreamHandler(stdout)
@@ -79,7 +79,7 @@ def granian_log_config(level: str = "info", *, json: bool | None = None) -> dict
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.stdlib.add_logger_name,
     ]
-    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    renderer = structlog.processors.JSONRenderer(separators=(",", ":")) if use_json else structlog.dev.ConsoleRenderer()
     return {
         "version": 1,
         "disable_existing_loggers": False,

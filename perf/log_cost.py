@@ -5,6 +5,8 @@ Two methods, both with auth and rate limits off so that only logging differs:
 * ``--method granian`` (end to end): starts the service (1 Granian worker), sends the GETs with k6
   and reads the server processes' CPU time from /proc. Real, but the shared machine's noise
   (about +-5% between identical runs) is as large as the effect.
+* ``--method line``: times the request log line itself (thread CPU of the middleware's ``log.info``)
+  inside the running app, GETs through the ASGI interface.
 * ``--method asgi`` (default): a fresh process builds the app, drives it through the ASGI interface
   (no HTTP server, no load generator) with GETs against the real database, one after another, and
   reads its own CPU time; the log lines go to a file, as in production. Rounds alternate off and on.
@@ -104,6 +106,60 @@ def asgi_worker(url: str, level: str, requests: int) -> float:
     return asyncio.run(run())
 
 
+def line_worker(url: str, requests: int, rounds: int) -> list[dict[str, float]]:
+    """In this process: thread CPU of each request log line itself, inside the running app (``--method line``).
+
+    The middleware's logger is wrapped with ``time.thread_time_ns``; GETs go through the ASGI callable
+    with logging at ``info`` (auth and rate limits off). Returns per round: mean, median, p99 in µs and
+    the whole GET's CPU in µs.
+    """
+    import asyncio
+    import random
+    import statistics
+    import time
+
+    from app_cost import AsgiDriver, build_app
+
+    import observability.requests as requests_module
+
+    real = requests_module.log
+    spent: list[int] = []
+
+    class TimedLogger:
+        def info(self, *args: object, **kwargs: object) -> None:
+            started = time.thread_time_ns()
+            real.info(*args, **kwargs)
+            spent.append(time.thread_time_ns() - started)
+
+    requests_module.log = TimedLogger()  # type: ignore[assignment]
+    app = build_app(url, auth_enabled=False, rate_limit_enabled=False, log_level="info")
+    driver = AsgiDriver(app, token=None)
+
+    async def run() -> list[dict[str, float]]:
+        out = []
+        async with app.lifespan():
+            for i in range(500):
+                await driver.request("GET", f"/v1/job-results/perf-seed-{i % 1000}")
+            for _ in range(rounds):
+                spent.clear()
+                started = time.process_time()
+                for _ in range(requests):
+                    await driver.request("GET", f"/v1/job-results/perf-seed-{random.randrange(1000)}")
+                per_get = (time.process_time() - started) / requests * 1e6
+                ordered = sorted(spent)
+                out.append(
+                    {
+                        "line_mean_us": statistics.fmean(ordered) / 1e3,
+                        "line_median_us": ordered[len(ordered) // 2] / 1e3,
+                        "line_p99_us": ordered[int(len(ordered) * 0.99)] / 1e3,
+                        "get_cpu_us": per_get,
+                    }
+                )
+        return out
+
+    return asyncio.run(run())
+
+
 def measure_asgi(url: str, requests: int, level: str) -> float:
     log = RESULTS / f"log-cost-{level}.log"
     with log.open("wb") as out:
@@ -125,7 +181,7 @@ def main() -> int:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--method", choices=("asgi", "granian"), default="asgi")
+    parser.add_argument("--method", choices=("asgi", "granian", "line"), default="asgi")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--server-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -133,6 +189,19 @@ def main() -> int:
         print(f"{asgi_worker(args.server_url, args.child, args.requests):.3f}", file=sys.stderr)
         return 0
     url = prepare(args.server, 1000)[0]
+    if args.method == "line":
+        log = RESULTS / "log-cost-line.log"
+        with log.open("wb") as out:
+            os.dup2(out.fileno(), 1)  # the lines go to a file, as in production
+            results = line_worker(url, args.requests, args.rounds)
+        for r in results:
+            print(
+                f"request log line: mean {r['line_mean_us']:.1f} µs, median {r['line_median_us']:.1f} µs, "
+                f"p99 {r['line_p99_us']:.1f} µs of thread CPU; the whole GET {r['get_cpu_us']:.0f} µs",
+                file=sys.stderr,
+            )
+        (RESULTS / "log-cost-line.json").write_text(json.dumps(results, indent=2))
+        return 0
     rows = []
     for _ in range(args.rounds):
         if args.method == "asgi":

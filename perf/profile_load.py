@@ -75,7 +75,7 @@ def summarize(raw_files: list[Path], top: int) -> list[tuple[str, float]]:
             seen = set()
             for frame in stack.split(";"):
                 match = _FRAME.match(frame)
-                name = f"{match['function']} ({match['file']})" if match else frame
+                name = f"{match['function']} ({match['file']})" if match else frame or "(no Python frame: native code)"
                 if match and match["file"].startswith(_WRAPPERS):
                     continue
                 if name not in seen:
