@@ -21,7 +21,7 @@ from litestar.testing import AsyncTestClient
 
 from config.settings import Settings
 from service.app import create_app
-from tests.conftest import REALDATA, make_token
+from tests.conftest import REALDATA, fresh_database, make_token
 
 Client = AsyncTestClient[Litestar]
 csv.field_size_limit(2**31 - 1)  # cells can hold whole arrays (e.g. SAST findings); the default is 128 KiB
@@ -287,12 +287,16 @@ async def test_unknown_export_is_404(client: Client) -> None:
 
 
 @pytest.fixture
-async def idle_client(settings: Settings, auth_headers: dict[str, str]) -> AsyncIterator[Client]:
-    """An app whose export worker is off, so a range export stays queued."""
-    app = create_app(msgspec.structs.replace(settings, export_worker=False))
-    async with AsyncTestClient(app=app) as test_client:
-        test_client.headers.update(auth_headers)
-        yield test_client
+async def idle_client(settings: Settings, server_url: str) -> AsyncIterator[Client]:
+    """An app whose export worker is off, on a database of its own, so a range export stays queued.
+
+    Its own database: the session app's export worker would otherwise claim the export (it polls).
+    """
+    with fresh_database(server_url, "jr_idle") as url:
+        app = create_app(msgspec.structs.replace(settings, database_url=url, export_worker=False))
+        async with AsyncTestClient(app=app) as test_client:
+            test_client.headers.update({"Authorization": f"Bearer {make_token(url)}"})
+            yield test_client
 
 
 async def test_content_is_409_until_finished(idle_client: Client) -> None:
