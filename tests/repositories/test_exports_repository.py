@@ -9,7 +9,11 @@ from typing import Any
 import pytest
 
 from repositories.database import Connection, Database
-from repositories.exports import Export, ExportParameters, ExportRepository
+from repositories.exports import ExportParameters, ExportRepository
+
+
+class _RolledBack(Exception):
+    """Carries the records out of a unit of work that is then rolled back."""
 
 
 @pytest.mark.parametrize(
@@ -50,10 +54,13 @@ async def test_insert_returns_what_get_reads(db: Database, fields: dict[str, Any
     export_id = uuid.uuid4().hex
     values = {"format": "ndjson", "compression": "gzip", "requested_by": None, **fields}
 
-    async def unit(conn: Connection) -> tuple[Export, Export]:
+    async def unit(conn: Connection) -> None:
         repo = ExportRepository(conn)
         inserted = await repo.insert(export_id=export_id, **values)
-        return inserted, await repo.get(export_id)
+        # Rolled back: a queued or lease-expired row must not reach the session's export worker.
+        raise _RolledBack(inserted, await repo.get(export_id))
 
-    inserted, stored = await db.run(unit)
+    with pytest.raises(_RolledBack) as caught:
+        await db.run(unit)
+    inserted, stored = caught.value.args
     assert inserted == stored
