@@ -19,6 +19,11 @@ def _msgspec_dumps(obj: object, default: object = None) -> bytes:
     return msgspec.json.encode(obj, enc_hook=str)
 
 
+def _stdlib_renderer(use_json: bool) -> structlog.typing.Processor:
+    """Renderer of stdlib records (Granian, Litestar, aiomysql): compact JSON like the service's own lines."""
+    return structlog.processors.JSONRenderer(separators=(",", ":")) if use_json else structlog.dev.ConsoleRenderer()
+
+
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     """Configure structlog and route stdlib loggers (granian, litestar, aiomysql) through it.
 
@@ -58,7 +63,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.JSONRenderer(separators=(",", ":")) if use_json else structlog.dev.ConsoleRenderer(),
+            _stdlib_renderer(use_json),
         ],
     )
     handler = logging.StreamHandler(stdout)
@@ -79,7 +84,7 @@ def granian_log_config(level: str = "info", *, json: bool | None = None) -> dict
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.stdlib.add_logger_name,
     ]
-    renderer = structlog.processors.JSONRenderer(separators=(",", ":")) if use_json else structlog.dev.ConsoleRenderer()
+    renderer = _stdlib_renderer(use_json)
     return {
         "version": 1,
         "disable_existing_loggers": False,

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -82,26 +83,41 @@ def measure(url: str, redis: str, requests: int, level: str) -> float:
         service.stop()
 
 
-def asgi_worker(url: str, level: str, requests: int) -> float:
-    """In this process: CPU µs per GET through the app's ASGI callable (the ``--method asgi`` child)."""
-    import asyncio
-    import random
-    import time
-
+def _bare_get_app(url: str, level: str) -> tuple[Any, Any]:
+    """The app with auth and rate limits off (only logging differs) and an ASGI driver for it."""
     from app_cost import AsgiDriver, build_app
 
     app = build_app(url, auth_enabled=False, rate_limit_enabled=False, log_level=level)
-    driver = AsgiDriver(app, token=None)
+    return app, AsgiDriver(app, token=None)
+
+
+async def _timed_gets(driver: Any, requests: int) -> float:
+    """CPU µs per GET of ``requests`` GETs of seeded results, one after another."""
+    import random
+    import time
+
+    started = time.process_time()
+    for _ in range(requests):
+        if await driver.request("GET", f"/v1/job-results/perf-seed-{random.randrange(1000)}") != 200:
+            raise SystemExit("a GET failed")
+    return (time.process_time() - started) / requests * 1e6
+
+
+async def _warm_up(driver: Any) -> None:
+    for i in range(500):  # pool, caches, lazily built handlers
+        await driver.request("GET", f"/v1/job-results/perf-seed-{i % 1000}")
+
+
+def asgi_worker(url: str, level: str, requests: int) -> float:
+    """In this process: CPU µs per GET through the app's ASGI callable (the ``--method asgi`` child)."""
+    import asyncio
+
+    app, driver = _bare_get_app(url, level)
 
     async def run() -> float:
         async with app.lifespan():
-            for i in range(500):  # warm-up: pool, caches, lazily built handlers
-                await driver.request("GET", f"/v1/job-results/perf-seed-{i % 1000}")
-            started = time.process_time()
-            for _ in range(requests):
-                if await driver.request("GET", f"/v1/job-results/perf-seed-{random.randrange(1000)}") != 200:
-                    raise SystemExit("a GET failed")
-            return (time.process_time() - started) / requests * 1e6
+            await _warm_up(driver)
+            return await _timed_gets(driver, requests)
 
     return asyncio.run(run())
 
@@ -114,11 +130,8 @@ def line_worker(url: str, requests: int, rounds: int) -> list[dict[str, float]]:
     the whole GET's CPU in µs.
     """
     import asyncio
-    import random
     import statistics
     import time
-
-    from app_cost import AsgiDriver, build_app
 
     import observability.requests as requests_module
 
@@ -132,20 +145,15 @@ def line_worker(url: str, requests: int, rounds: int) -> list[dict[str, float]]:
             spent.append(time.thread_time_ns() - started)
 
     requests_module.log = TimedLogger()  # type: ignore[assignment]
-    app = build_app(url, auth_enabled=False, rate_limit_enabled=False, log_level="info")
-    driver = AsgiDriver(app, token=None)
+    app, driver = _bare_get_app(url, "info")
 
     async def run() -> list[dict[str, float]]:
         out = []
         async with app.lifespan():
-            for i in range(500):
-                await driver.request("GET", f"/v1/job-results/perf-seed-{i % 1000}")
+            await _warm_up(driver)
             for _ in range(rounds):
                 spent.clear()
-                started = time.process_time()
-                for _ in range(requests):
-                    await driver.request("GET", f"/v1/job-results/perf-seed-{random.randrange(1000)}")
-                per_get = (time.process_time() - started) / requests * 1e6
+                per_get = await _timed_gets(driver, requests)
                 ordered = sorted(spent)
                 out.append(
                     {
