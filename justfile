@@ -46,6 +46,11 @@ serve: install
 test *args: install
     pytest {{ args }}
 
+# Run the in-process tests only (no Granian servers, no CLI processes): the `slow` marker is left out
+[group('test')]
+test-fast *args: install
+    pytest -m "not slow" {{ args }}
+
 # k6 load scenario: 2 Granian workers (auth, rate limits, logs on) on JOBRESULTS_PERF_SERVER, 200 it/s for 30 s
 [group('perf')]
 perf rate="200" duration="30s": install

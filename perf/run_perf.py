@@ -16,6 +16,7 @@ Exits with k6's status: non-zero when a threshold is crossed. Targets only loopb
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -35,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from config.settings import DatabaseURL, Settings  # noqa: E402
 from repositories.migrations import apply_migrations  # noqa: E402
-from service.auth import new_token  # noqa: E402
+from service.auth import SCOPES  # noqa: E402
+from service.operator import create_key  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MAX_PAYLOAD = 100_000
-ALL_SCOPES = "results:read results:write exports:read exports:write metrics:read"
 RESULTS = ROOT / "perf" / "results"
 
 
@@ -91,15 +92,9 @@ def prepare(server_url: str, seed: int) -> tuple[str, dict[str, str], Path, str,
     apply_migrations(Settings.from_env({}, database_url=url))
     conn.select_db("jr_perf")
     tokens = {}
-    with conn.cursor() as cur:
-        for name, limit in (("perf-load", "100000/second"), ("perf-limited", None)):
-            token, key_id, digest = new_token()
-            cur.execute(
-                "INSERT INTO api_keys (key_id, name, secret_sha256, scopes, rate_limit, created_at) "
-                "VALUES (%s, %s, %s, %s, %s, UTC_TIMESTAMP(6))",
-                (key_id, name, digest, ALL_SCOPES, limit),
-            )
-            tokens[name] = token
+    settings = Settings.from_env({}, database_url=url)
+    for name, limit in (("perf-load", "100000/second"), ("perf-limited", None)):
+        tokens[name], _key = asyncio.run(create_key(settings, name, SCOPES, limit))
     docs = payloads()
     seed_from = datetime.now(UTC)
     with conn.cursor() as cur:

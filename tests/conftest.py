@@ -11,24 +11,31 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
-import pymysql
 import pytest
 import stamina
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from config.settings import DatabaseURL, Settings
+from config.settings import Settings
 from repositories.database import Database
-from repositories.migrations import apply_migrations
 from service.app import create_app
-from service.auth import new_token
+from tests.support.database import ALL_SCOPES, connect, fresh_database, make_token
+from tests.support.servers import Server, Servers
+
+__all__ = ["ALL_SCOPES", "REALDATA", "REDIS_URL", "connect", "fresh_database", "make_token"]
 
 REALDATA = Path(os.environ.get("JOBRESULTS_REALDATA") or Path(__file__).resolve().parents[2] / "shared" / "realdata")
 """Real job-result documents (../shared/realdata beside the checkout, or JOBRESULTS_REALDATA)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that starts real services (the ``servers`` fixture) as ``slow``."""
+    for item in items:
+        if "servers" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 def _docker_answers() -> bool:
@@ -63,37 +70,6 @@ def server_url() -> Iterator[str]:
         yield f"mysql://root:test@{host}:{port}/test"
 
 
-def connect(url: str | DatabaseURL) -> pymysql.connections.Connection:
-    """A plain autocommit pymysql connection (utf8mb4) for setting up and inspecting test data."""
-    parts = DatabaseURL.parse(url) if isinstance(url, str) else url
-    return pymysql.connect(
-        host=parts.host,
-        port=parts.port,
-        user=parts.user,
-        password=parts.password,
-        database=parts.database or None,
-        autocommit=True,
-        charset="utf8mb4",
-    )
-
-
-@contextmanager
-def fresh_database(server_url: str, prefix: str) -> Iterator[str]:
-    """Create and migrate ``<prefix>_<random>`` on the server; yield its URL; drop it afterwards."""
-    server = DatabaseURL.parse(server_url)
-    admin = msgspec.structs.replace(server, database="")
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with connect(admin) as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
-    url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/{name}"
-    try:
-        apply_migrations(Settings.from_env({}, database_url=url))
-        yield url
-    finally:
-        with connect(admin) as conn, conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name}")
-
-
 @pytest.fixture(scope="session")
 def database_url(server_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test session; dropped afterwards."""
@@ -103,29 +79,6 @@ def database_url(server_url: str) -> Iterator[str]:
 
 REDIS_URL = os.environ.get("JOBRESULTS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 """A real Redis for rate-limit counters shared by Granian workers (JOBRESULTS_TEST_REDIS_URL)."""
-
-ALL_SCOPES = ("results:read", "results:write", "exports:read", "exports:write", "metrics:read")
-
-
-def make_token(
-    database_url: str,
-    scopes: tuple[str, ...] = ALL_SCOPES,
-    name: str = "tests",
-    rate_limit: str | None = "100000/second",
-) -> str:
-    """Create an API key in the database behind ``database_url``; return its token.
-
-    Test keys carry their own high rate limit (as a load generator's key would), so tests against a
-    real server are not held to the 10/s per-IP default; rate-limit tests pass ``rate_limit=None``.
-    """
-    token, key_id, digest = new_token()
-    with connect(database_url) as conn, conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO api_keys (key_id, name, secret_sha256, scopes, rate_limit, created_at) "
-            "VALUES (%s, %s, %s, %s, %s, UTC_TIMESTAMP(6))",
-            (key_id, name, digest, " ".join(scopes), rate_limit),
-        )
-    return token
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +101,11 @@ def _fast_retries() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings of the session app: the session database, no background export worker.
+
+    Without a worker nothing in the session database changes behind a test's back: a queued range
+    export stays queued. Tests of the worker use ``worker_client`` (a database of its own).
+    """
     return Settings.from_env(
         {},
         database_url=database_url,
@@ -156,9 +114,16 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         pool_max_size=4,
         log_level="warning",
         export_poll_s=0.1,
+        export_worker=False,
         # Rate limits have their own tests; the rest of the suite must not trip over 10/s.
         rate_limit_per_ip="100000/second",
     )
+
+
+@pytest.fixture
+def exports_dir(tmp_path: Path) -> Path:
+    """An export directory of this test's own (for apps and services a test builds itself)."""
+    return tmp_path / "exports"
 
 
 @pytest.fixture(scope="session")
@@ -171,6 +136,23 @@ async def client(app: Litestar, auth_headers: dict[str, str]) -> AsyncIterator[A
     async with AsyncTestClient(app=app) as test_client:
         test_client.headers.update(auth_headers)
         yield test_client
+
+
+@pytest.fixture(scope="module")
+async def worker_client(
+    settings: Settings, server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    """An in-process app whose background export worker runs, on a database and directory of its own.
+
+    One per test module: the worker claims only the range exports this module's tests queue.
+    """
+    with fresh_database(server_url, "jr_worker") as url:
+        worker_settings = msgspec.structs.replace(
+            settings, database_url=url, exports_dir=str(tmp_path_factory.mktemp("worker-exports")), export_worker=True
+        )
+        async with AsyncTestClient(app=create_app(worker_settings)) as test_client:
+            test_client.headers.update({"Authorization": f"Bearer {make_token(url)}"})
+            yield test_client
 
 
 @pytest.fixture(scope="session")
@@ -195,3 +177,35 @@ def engine(server_url: str) -> str:
         cur.execute("SELECT VERSION()")
         (version,) = cur.fetchone()  # type: ignore[misc]
     return "mariadb" if "mariadb" in str(version).lower() else "mysql"
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    """Starts real ``jobresults serve`` processes for this test; kills their process groups afterwards.
+
+    Their output is printed at teardown, so pytest shows it when the test failed.
+    """
+    running = Servers(tmp_path)
+    try:
+        yield running
+    finally:
+        running.close()
+        running.dump_logs()
+
+
+@pytest.fixture
+def server(servers: Servers, database_url: str) -> Server:
+    """A running ``jobresults serve`` on the session database: 2 Granian workers sharing Redis, info logs.
+
+    Like the session app it runs no export worker (tests of the worker use databases of their own).
+    """
+    return servers.start(database_url, workers=2, redis_url=REDIS_URL, log_level="info", export_worker=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_exports_in_the_checkout() -> Iterator[None]:
+    """Fail the session if a test wrote export files into the checkout (the default ``./data/exports``)."""
+    default = Path(Settings.from_env({}, database_url="mysql://u@h/d").exports_dir).resolve()
+    existed = default.exists()
+    yield
+    assert existed or not default.exists(), f"a test wrote {default}: give its app an exports_dir"

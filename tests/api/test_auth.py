@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import hashlib
+import re
 import subprocess
-import sys
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -15,10 +14,11 @@ from litestar.testing import AsyncTestClient
 
 from config.settings import Settings
 from service.app import create_app
+from service.operator import create_key, revoke_key
 from tests.conftest import ALL_SCOPES, connect, make_token
+from tests.support.servers import JOBRESULTS, service_env
 
 Client = AsyncTestClient[Litestar]
-JOBRESULTS = str(Path(sys.executable).parent / "jobresults")
 
 # (method, path template, body, scope the operation needs)
 OPERATIONS = [
@@ -114,16 +114,26 @@ async def test_open_endpoints(anonymous: Anonymous) -> None:
         assert (await anonymous.get(path)).status_code == 200, path
 
 
-async def test_tokens_are_long_random_and_stored_only_as_a_hash(database_url: str) -> None:
-    token = make_token(database_url, name="hash-check")
-    prefix, key_id, secret = token.split("_", 2)
-    assert prefix == "jr"
-    assert len(secret) >= 43  # 256 bits in base64url
-    with connect(database_url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT key_id, name, secret_sha256, scopes FROM api_keys WHERE key_id = %s", (key_id,))
-        row = cur.fetchone()
-    assert row is not None
-    assert secret.encode() not in b"".join(str(v).encode() if not isinstance(v, bytes) else v for v in row)
+async def test_tokens_are_long_random_and_stored_only_as_a_hash(settings: Settings, database_url: str) -> None:
+    """``create_key`` (behind ``jobresults keys create``) stores the SHA-256 of the secret, never the secret."""
+    made = [await create_key(settings, "hash-check", ("results:read",)) for _ in range(2)]
+    secrets = []
+    for token, key in made:
+        prefix, key_id, secret = token.split("_", 2)
+        assert prefix == "jr"
+        assert key_id == key.key_id
+        assert re.fullmatch(r"[A-Za-z0-9_-]{43}", secret), secret  # 256 bits in base64url
+        secrets.append(secret)
+        with connect(database_url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT * FROM api_keys WHERE key_id = %s", (key_id,))
+            row = cur.fetchone()
+        assert row is not None
+        stored = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in row)
+        assert secret.encode() not in stored
+        assert token.encode() not in stored
+        assert hashlib.sha256(secret.encode()).digest() in row
+    assert secrets[0] != secrets[1]
+    assert made[0][1].key_id != made[1][1].key_id
 
 
 async def test_revoked_key_stops_within_the_cache_ttl(settings: Settings, database_url: str) -> None:
@@ -134,8 +144,7 @@ async def test_revoked_key_stops_within_the_cache_ttl(settings: Settings, databa
     async with AsyncTestClient(app=app) as test_client:
         test_client.headers.update(bearer(token))
         assert (await test_client.get("/v1/job-results")).status_code == 200
-        with connect(database_url) as conn, conn.cursor() as cur:
-            cur.execute("UPDATE api_keys SET revoked_at = UTC_TIMESTAMP(6) WHERE key_id = %s", (key_id,))
+        await revoke_key(settings, key_id)
         await asyncio.sleep(ttl + 0.2)
         response = await test_client.get("/v1/job-results")
         assert response.status_code == 401
@@ -148,9 +157,9 @@ async def test_exports_record_the_key_that_asked(client: Client, job_id: str, ap
     assert record["requested_by"] == f"key:{api_token.split('_')[1]}"
 
 
+@pytest.mark.slow
 def test_keys_cli_creates_lists_and_revokes(database_url: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
-    env["JOBRESULTS_DATABASE_URL"] = database_url
+    env = service_env({"database_url": database_url})
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import math
 
-import pymysql
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from config.settings import DatabaseURL
+from tests.support.database import connect
 
 Client = AsyncTestClient[Litestar]
 
@@ -160,13 +159,7 @@ async def test_any_json_value_is_a_result(client: Client, job_id: str, document:
 async def test_get_passes_the_stored_text_through(client: Client, job_id: str, database_url: str) -> None:
     """GET returns the database's own JSON text byte for byte: no decode and re-encode in Python."""
     await put_raw(client, job_id, '{"b" : [1,   2.50, "x"],\n "a": {"k": null}}')
-    url = DatabaseURL.parse(database_url)
-    with (
-        pymysql.connect(
-            host=url.host, port=url.port, user=url.user, password=url.password, database=url.database, charset="utf8mb4"
-        ) as conn,
-        conn.cursor() as cur,
-    ):
+    with connect(database_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT result_data FROM job_results WHERE job_id = %s", (job_id,))
         (stored,) = cur.fetchone()
     response = await client.get(f"/v1/job-results/{job_id}")

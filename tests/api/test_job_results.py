@@ -112,14 +112,11 @@ async def test_delete(client: Client, job_id: str) -> None:
 
 @pytest.mark.parametrize(
     "bad_id",
-    ["a" * 129, "a b", "%2E%2E", ".hidden", "-x", "_x", "caf\u00e9", "x\u2028", "a%2Fb", "a*b", "a?b=1"],
+    ["a" * 129, "a b", "%2E%2E", ".hidden", "-x", "_x", "caf\u00e9", "x\u2028", "a%2Fb", "a*b", "a%3Fb%3D1"],
 )
 async def test_invalid_job_id_is_400_saying_what_is_allowed(client: Client, bad_id: str) -> None:
     for method in ("GET", "PUT", "DELETE"):
         response = await client.request(method, f"/v1/job-results/{bad_id}", json=body())
-        if bad_id == "a?b=1":
-            # "?" starts the query string: the id is "a", which is valid; nothing to test here.
-            break
         assert response.status_code == 400, (method, bad_id, response.text)
         problem = response.json()
         assert "A-Z a-z 0-9 . _ : -" in problem["detail"]

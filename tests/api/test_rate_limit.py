@@ -7,10 +7,8 @@ import concurrent.futures
 import math
 import random
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import msgspec
@@ -21,7 +19,7 @@ from litestar.testing import AsyncTestClient
 from config.settings import Settings
 from service.app import create_app
 from tests.conftest import REDIS_URL, make_token
-from tests.smoke.test_granian import JOBRESULTS, STARTUP_TIMEOUT_S, _env, _free_port, _group_alive
+from tests.support.servers import Servers
 
 Client = AsyncTestClient[Litestar]
 
@@ -64,43 +62,13 @@ async def test_a_keys_own_limit_replaces_the_ip_limit(limited: Client, database_
 
 
 @pytest.fixture
-def four_workers(database_url: str, tmp_path: Path):
-    port = _free_port()
-    log = tmp_path / "server.log"
-    env = _env(
-        JOBRESULTS_DATABASE_URL=database_url,
-        JOBRESULTS_PORT=str(port),
-        JOBRESULTS_WORKERS="4",
-        JOBRESULTS_REDIS_URL=REDIS_URL,
-        JOBRESULTS_EXPORTS_DIR=str(tmp_path / "exports"),
-        JOBRESULTS_POOL_MIN_SIZE="1",
-        JOBRESULTS_POOL_MAX_SIZE="2",
+def four_workers(servers: Servers, database_url: str) -> str:
+    """Base URL of a real ``jobresults serve`` with 4 workers counting in one Redis."""
+    server = servers.start(
+        database_url, workers=4, redis_url=REDIS_URL, pool_min_size=1, pool_max_size=2, ready_path="/readyz"
     )
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(JOBRESULTS), "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        time.sleep(1.1)  # let earlier tests' windows for this address pass
-        yield base
-    finally:
-        if _group_alive(proc.pid):
-            import os
-            import signal
-
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    time.sleep(1.1)  # let earlier tests' windows for this address pass
+    return server.base_url
 
 
 def burst(base: str, count: int, headers_of) -> tuple[list[int], float]:
@@ -152,44 +120,13 @@ def _ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
-def test_ipv6_peers_are_limited(database_url: str, tmp_path: Path) -> None:
-    port = _free_port()
-    env = _env(
-        JOBRESULTS_DATABASE_URL=database_url,
-        JOBRESULTS_HOST="::1",
-        JOBRESULTS_PORT=str(port),
-        JOBRESULTS_WORKERS="1",
-        JOBRESULTS_EXPORTS_DIR=str(tmp_path / "exports"),
-    )
-    log = tmp_path / "server6.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(JOBRESULTS), "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    base = f"http://[::1]:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        statuses = [httpx.get(f"{base}/v1/job-results", timeout=5).status_code for _ in range(14)]
-        assert statuses.count(401) == 10, statuses
-        assert statuses.count(429) == 4, statuses
-        lines = [line for line in log.read_text().splitlines() if '"event":"request"' in line]
-        assert any('"client_ip":"::1"' in line for line in lines), lines[-3:]
-    finally:
-        import os
-        import signal
-
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+def test_ipv6_peers_are_limited(servers: Servers, database_url: str) -> None:
+    server = servers.start(database_url, host="::1", workers=1)
+    statuses = [httpx.get(f"{server.base_url}/v1/job-results", timeout=5).status_code for _ in range(14)]
+    assert statuses.count(401) == 10, statuses
+    assert statuses.count(429) == 4, statuses
+    lines = [line for line in server.output().splitlines() if '"event":"request"' in line]
+    assert any('"client_ip":"::1"' in line for line in lines), lines[-3:]
 
 
 async def test_options_is_open_but_counted(limited: Client) -> None:

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import stat
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from litestar.testing import AsyncTestClient
 
 from config.settings import Settings
 from service.app import create_app
-from tests.conftest import REALDATA, fresh_database, make_token
+from tests.conftest import REALDATA, make_token
 
 Client = AsyncTestClient[Litestar]
 csv.field_size_limit(2**31 - 1)  # cells can hold whole arrays (e.g. SAST findings); the default is 128 KiB
@@ -185,19 +184,19 @@ async def make_range(client: Client, job_id: str) -> tuple[str, str, list[dict]]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-async def test_range_export(client: Client, job_id: str, fmt: str) -> None:
-    start, end, made = await make_range(client, job_id)
-    response = await client.post(
+async def test_range_export(worker_client: Client, job_id: str, fmt: str) -> None:
+    start, end, made = await make_range(worker_client, job_id)
+    response = await worker_client.post(
         "/v1/exports", json={"format": fmt, "compression": "gzip", "created_from": start, "created_to": end}
     )
     assert response.status_code == 202, response.text
     queued = response.json()
     assert response.headers["location"] == f"/v1/exports/{queued['export_id']}"
     assert queued["state"] in ("queued", "running")
-    record = await wait_done(client, queued["export_id"])
+    record = await wait_done(worker_client, queued["export_id"])
     assert record["state"] == "succeeded", record
     assert record["rows_written"] == 4
-    body = (await download(client, record)).decode()
+    body = (await download(worker_client, record)).decode()
     ids = [m["job_id"] for m in made]
     if fmt == "json":
         items = json.loads(body)
@@ -215,26 +214,26 @@ async def test_range_export(client: Client, job_id: str, fmt: str) -> None:
         assert rows[4][6] == "'-1+1"
 
 
-async def test_range_is_half_open_with_status_filter(client: Client, job_id: str) -> None:
-    start, _end, made = await make_range(client, job_id)
-    response = await client.post(
+async def test_range_is_half_open_with_status_filter(worker_client: Client, job_id: str) -> None:
+    start, _end, made = await make_range(worker_client, job_id)
+    response = await worker_client.post(
         "/v1/exports",
         json={"format": "ndjson", "created_from": start, "created_to": made[3]["created_at"], "status": "succeeded"},
     )
-    record = await wait_done(client, response.json()["export_id"])
-    lines = (await download(client, record)).decode().splitlines()
+    record = await wait_done(worker_client, response.json()["export_id"])
+    lines = (await download(worker_client, record)).decode().splitlines()
     assert [json.loads(line)["job_id"] for line in lines] == [made[0]["job_id"], made[2]["job_id"]]
     assert record["status"] == "succeeded"
 
 
-async def test_empty_range(client: Client) -> None:
-    response = await client.post(
+async def test_empty_range(worker_client: Client) -> None:
+    response = await worker_client.post(
         "/v1/exports",
         json={"format": "json", "created_from": "1970-01-01T00:00:00Z", "created_to": "1970-01-02T00:00:00+01:00"},
     )
-    record = await wait_done(client, response.json()["export_id"])
+    record = await wait_done(worker_client, response.json()["export_id"])
     assert record["rows_written"] == 0
-    assert json.loads(await download(client, record)) == []
+    assert json.loads(await download(worker_client, record)) == []
 
 
 @pytest.mark.parametrize(
@@ -286,29 +285,17 @@ async def test_unknown_export_is_404(client: Client) -> None:
         assert response.headers["content-type"] == "application/problem+json"
 
 
-@pytest.fixture
-async def idle_client(settings: Settings, server_url: str) -> AsyncIterator[Client]:
-    """An app whose export worker is off, on a database of its own, so a range export stays queued.
-
-    Its own database: the session app's export worker would otherwise claim the export (it polls).
-    """
-    with fresh_database(server_url, "jr_idle") as url:
-        app = create_app(msgspec.structs.replace(settings, database_url=url, export_worker=False))
-        async with AsyncTestClient(app=app) as test_client:
-            test_client.headers.update({"Authorization": f"Bearer {make_token(url)}"})
-            yield test_client
-
-
-async def test_content_is_409_until_finished(idle_client: Client) -> None:
-    response = await idle_client.post(
+async def test_content_is_409_until_finished(client: Client) -> None:
+    """The session app runs no export worker: a range export stays queued."""
+    response = await client.post(
         "/v1/exports",
         json={"format": "json", "created_from": "1971-01-01T00:00:00Z", "created_to": "1971-01-02T00:00:00Z"},
     )
     export_id = response.json()["export_id"]
-    record = (await idle_client.get(f"/v1/exports/{export_id}")).json()
+    record = (await client.get(f"/v1/exports/{export_id}")).json()
     assert record["state"] == "queued"
     assert "content_url" not in record
-    content = await idle_client.get(f"/v1/exports/{export_id}/content")
+    content = await client.get(f"/v1/exports/{export_id}/content")
     assert content.status_code == 409
     assert "queued" in content.json()["detail"]
 
@@ -381,8 +368,10 @@ async def test_ranges_the_server_does_not_serve_are_ignored(client: Client, job_
         assert response.content == full
 
 
-async def test_own_visibility_hides_other_keys_exports(settings: Settings, database_url: str, job_id: str) -> None:
-    app = create_app(msgspec.structs.replace(settings, exports_visibility="own", export_worker=False))
+async def test_own_visibility_hides_other_keys_exports(
+    settings: Settings, database_url: str, job_id: str, exports_dir: Path
+) -> None:
+    app = create_app(msgspec.structs.replace(settings, exports_visibility="own", exports_dir=str(exports_dir)))
     alice = {"Authorization": f"Bearer {make_token(database_url, name='alice')}"}
     bob = {"Authorization": f"Bearer {make_token(database_url, name='bob')}"}
     async with AsyncTestClient(app=app) as test_client:

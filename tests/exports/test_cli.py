@@ -5,22 +5,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REALDATA
+from tests.support.servers import JOBRESULTS, service_env
 
-JOBRESULTS = str(Path(sys.executable).parent / "jobresults")
+pytestmark = pytest.mark.slow  # each test runs the CLI in processes of its own
 csv.field_size_limit(2**31 - 1)
 
 
 def run(database_url: str, exports_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
-    env.update({"JOBRESULTS_DATABASE_URL": database_url, "JOBRESULTS_EXPORTS_DIR": str(exports_dir)})
+    env = service_env({"database_url": database_url, "exports_dir": exports_dir})
     return subprocess.run([JOBRESULTS, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
 
 

@@ -4,9 +4,9 @@ Acceptance test of the issue: after a SIGKILL during a range export and a restar
 with a final name that is incomplete, no temporary file is left, and the restarted service finished
 the export (a second attempt, once the dead worker's lease expired).
 
-The tests use a database of their own (not the session database): the session's in-process app
-(``client`` fixture) runs an export worker on the session database that would claim the range export
-before the service under test does, and the ~100k seeded rows stay out of other tests' ranges.
+The tests use a database of their own (not the session database), as every test of an export worker
+does: only the service under test may claim the range export, and the ~200k seeded rows stay out of
+other tests' ranges.
 """
 
 from __future__ import annotations
@@ -14,10 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,29 +25,25 @@ import httpx
 import pymysql
 import pytest
 
-from tests.conftest import connect, fresh_database, make_token
+from tests.support.database import connect, fresh_database, make_token
+from tests.support.servers import Servers
 
-JOBRESULTS = Path(sys.executable).parent / "jobresults"
-STARTUP_TIMEOUT_S = 20.0
 SEEDED_ROWS = 200_000
 """Rows in the export's range (~200 MB). Measured: one attempt takes ~3 s on both engines, and the first
 lease renewal (which makes ``rows_written`` > 0) comes 1 s in, so the kill lands about a third of the way."""
 WINDOW_START = datetime(1999, 1, 1)
 """Rows are created at WINDOW_START + i microseconds: a far-past window no other test writes into."""
 LEASE_S = 3.0
-SERVICE_ENV = {
-    "JOBRESULTS_WORKERS": "1",
-    "JOBRESULTS_EXPORT_LEASE_S": str(LEASE_S),
-    "JOBRESULTS_EXPORT_POLL_S": "0.2",
-    "JOBRESULTS_EXPORT_CHUNK_ROWS": "200",
-    "JOBRESULTS_LOG_LEVEL": "info",
+SERVICE_SETTINGS: dict[str, object] = {
+    "workers": 1,
+    "export_lease_s": LEASE_S,
+    "export_poll_s": 0.2,
+    "export_chunk_rows": 200,
+    "log_level": "info",
 }
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-_connect = connect
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +61,7 @@ def _seed(url: str, prefix: str, count: int) -> None:
         at = WINDOW_START + timedelta(microseconds=i)
         document = json.dumps({"i": i, "ok": True, "pad": pad}, separators=(",", ":"))
         rows.append((f"{prefix}-{i:07d}", "succeeded", document, 1, at, at))
-    with _connect(url) as conn, conn.cursor() as cur:
+    with connect(url) as conn, conn.cursor() as cur:
         cur.max_stmt_length = 8 * 1024 * 1024  # fewer, larger multi-row INSERTs (below max_allowed_packet)
         conn.begin()
         cur.executemany(
@@ -81,7 +73,7 @@ def _seed(url: str, prefix: str, count: int) -> None:
 
 
 def _export_row(url: str, export_id: str) -> dict[str, Any]:
-    with _connect(url) as conn, conn.cursor(pymysql.cursors.DictCursor) as cur:
+    with connect(url) as conn, conn.cursor(pymysql.cursors.DictCursor) as cur:
         cur.execute(
             "SELECT state, attempts, rows_written, lease_owner, lease_until, bytes, sha256, file_name "
             "FROM exports WHERE export_id = %s",
@@ -90,92 +82,6 @@ def _export_row(url: str, export_id: str) -> dict[str, Any]:
         row = cur.fetchone()
     assert row is not None, f"no exports row for {export_id}"
     return dict(row)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - a reused id owned by someone else
-        return True
-    return True
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the service's whole process group (Granian main process and its worker) and reap it."""
-    if _group_alive(proc.pid):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-    deadline = time.monotonic() + 5.0
-    while _group_alive(proc.pid):
-        assert time.monotonic() < deadline, "the service's worker survived SIGKILL of its process group"
-        time.sleep(0.02)
-
-
-class _Services:
-    """Starts real ``jobresults serve`` processes; kills whatever is still running at teardown."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: list[Path] = []
-
-    def start(self, database_url: str, exports_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-        port = _free_port()
-        log = self.tmp_path / f"server-{len(self.procs)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
-        env.update(SERVICE_ENV)
-        env.update(
-            JOBRESULTS_DATABASE_URL=database_url, JOBRESULTS_PORT=str(port), JOBRESULTS_EXPORTS_DIR=str(exports_dir)
-        )
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [str(JOBRESULTS), "serve"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, so SIGKILL reaches the worker too
-            )
-        self.procs.append(proc)
-        self.logs.append(log)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"jobresults serve exited early with {proc.returncode}"
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1.0).status_code == 200:
-                    return proc, base
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"/healthz did not answer within {STARTUP_TIMEOUT_S} s"
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        for proc in self.procs:
-            _kill_group(proc)
-
-    def dump_logs(self) -> None:
-        for log in self.logs:
-            print(f"----- jobresults serve output ({log}) -----")
-            print(log.read_text(errors="replace") if log.exists() else "(no output file)")
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[_Services]:
-    """Real services for one test; their output is printed at teardown (pytest shows it on failure)."""
-    running = _Services(tmp_path)
-    try:
-        yield running
-    finally:
-        running.close()
-        running.dump_logs()
 
 
 def _temp_files(directory: Path) -> list[str]:
@@ -190,7 +96,7 @@ def _rfc3339(at: datetime) -> str:
 
 
 def test_sigkill_during_range_export_then_restart_finishes_it_cleanly(
-    crash_database_url: str, services: _Services, tmp_path: Path
+    crash_database_url: str, servers: Servers, tmp_path: Path
 ) -> None:
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -199,7 +105,8 @@ def test_sigkill_during_range_export_then_restart_finishes_it_cleanly(
     timings["seed"] = time.monotonic() - started
 
     exports_dir = tmp_path / "exports"
-    proc, base = services.start(crash_database_url, exports_dir)
+    first = servers.start(crash_database_url, exports_dir=exports_dir, **SERVICE_SETTINGS)
+    base = first.base_url
     window = {
         "format": "ndjson",
         "compression": "none",
@@ -228,7 +135,7 @@ def test_sigkill_during_range_export_then_restart_finishes_it_cleanly(
     rows_before_kill = record["rows_written"]
     assert rows_before_kill < SEEDED_ROWS
 
-    _kill_group(proc)
+    first.kill()
     timings["first_run_until_kill"] = time.monotonic() - export_started
 
     final = exports_dir / f"{export_id}.ndjson"
@@ -247,7 +154,7 @@ def test_sigkill_during_range_export_then_restart_finishes_it_cleanly(
     # Restart on the same database and directory: the new worker claims the export once the dead
     # worker's lease has expired, removes the dead worker's temporary file and exports from scratch.
     restarted_at = time.monotonic()
-    _, base = services.start(crash_database_url, exports_dir)
+    base = servers.start(crash_database_url, exports_dir=exports_dir, **SERVICE_SETTINGS).base_url
     with httpx.Client(base_url=base, timeout=10.0, headers=headers) as http:
         deadline = time.monotonic() + 45.0
         while True:
@@ -301,7 +208,7 @@ def test_sigkill_during_range_export_then_restart_finishes_it_cleanly(
 
 
 def test_stale_temp_files_of_dead_owners_are_removed_at_startup(
-    crash_database_url: str, services: _Services, tmp_path: Path
+    crash_database_url: str, servers: Servers, tmp_path: Path
 ) -> None:
     exports_dir = tmp_path / "exports"
     exports_dir.mkdir(mode=0o700)
@@ -316,7 +223,7 @@ def test_stale_temp_files_of_dead_owners_are_removed_at_startup(
     finished = exports_dir / f"{uuid.uuid4().hex}.ndjson"
     finished.write_bytes(b"{}\n")
 
-    services.start(crash_database_url, exports_dir)
+    servers.start(crash_database_url, exports_dir=exports_dir, **SERVICE_SETTINGS)
     deadline = time.monotonic() + 10.0
     while stale.exists():
         assert time.monotonic() < deadline, "the stale temporary file was not removed at start-up"

@@ -2,8 +2,7 @@
 
 The exports directory is a 256 KiB tmpfs (needs root, or CAP_SYS_ADMIN; the tests are skipped
 otherwise) and the exported job result is ~1 MB, so writing the file hits ENOSPC. The app runs
-in-process with a database of its own: the session's in-process app (``client`` fixture) runs an
-export worker on the session database that would claim range exports and write them elsewhere.
+in-process with its export worker on a database of its own, as every test of an export worker does.
 """
 
 from __future__ import annotations
@@ -70,7 +69,11 @@ async def full_client(
     """The app in-process, exporting to the small tmpfs, with a fast-polling export worker."""
     app = create_app(
         msgspec.structs.replace(
-            settings, database_url=full_database_url, exports_dir=str(small_disk), export_poll_s=0.1
+            settings,
+            database_url=full_database_url,
+            exports_dir=str(small_disk),
+            export_poll_s=0.1,
+            export_worker=True,
         )
     )
     async with AsyncTestClient(app=app) as client:

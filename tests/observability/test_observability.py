@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -16,9 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config.settings import Settings
 from service.app import create_app
-from tests.smoke.test_granian import _server_log_on_failure, server  # noqa: F401 - server is a fixture
-
-Server = tuple[subprocess.Popen[bytes], str, Path]
+from tests.support.servers import Server, log_on_failure
 
 
 def log_lines(log: Path) -> list[dict]:
@@ -51,9 +48,9 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_canonical_log_line_and_request_id(server: Server, auth_headers: dict[str, str], api_token: str) -> None:
-    _proc, base, log = server
+    base, log = server.base_url, server.log
     job_id = f"obs-{uuid.uuid4().hex}"
-    with _server_log_on_failure(log), httpx.Client(base_url=base, timeout=10.0, headers=auth_headers) as http:
+    with log_on_failure(log), httpx.Client(base_url=base, timeout=10.0, headers=auth_headers) as http:
         put = http.put(
             f"/v1/job-results/{job_id}",
             json={"status": "succeeded", "result": {"x": 1}},
@@ -96,9 +93,9 @@ def test_canonical_log_line_and_request_id(server: Server, auth_headers: dict[st
 
 
 def test_metrics_add_up_across_two_workers(server: Server, auth_headers: dict[str, str]) -> None:
-    _proc, base, log = server
+    base, log = server.base_url, server.log
     job_id = f"met-{uuid.uuid4().hex}"
-    with _server_log_on_failure(log), httpx.Client(base_url=base, timeout=10.0, headers=auth_headers) as http:
+    with log_on_failure(log), httpx.Client(base_url=base, timeout=10.0, headers=auth_headers) as http:
         before = samples(http.get("/metrics").text)
         key = (
             "jobresults_http_requests_total",
@@ -138,13 +135,17 @@ def test_metrics_add_up_across_two_workers(server: Server, auth_headers: dict[st
 
 
 async def test_exceptions_are_logged_with_traceback_not_returned(
-    settings: Settings, capfd: pytest.CaptureFixture[str]
+    settings: Settings, exports_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     @get("/boom", include_in_schema=False)
     async def boom() -> None:
         raise RuntimeError("secret detail at /srv/app/internal.py")
 
-    app: Litestar = create_app(Settings.from_env({}, database_url=settings.database_url, log_level="info"))
+    app: Litestar = create_app(
+        Settings.from_env(
+            {}, database_url=settings.database_url, log_level="info", exports_dir=str(exports_dir), export_worker=False
+        )
+    )
     app.register(boom)
     async with AsyncTestClient(app=app) as client:
         response = await client.get("/boom", headers={"X-Request-ID": "boom-1"})

@@ -11,10 +11,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pymysql
 import pytest
 
-from config.settings import DatabaseURL
+from tests.support.database import connect
 
 MY_CNF = Path(__file__).resolve().parents[2] / "config" / "my.cnf"
 SLOW_SETTINGS = ("slow_query_log", "long_query_time", "log_output")
@@ -26,13 +25,7 @@ def my_cnf() -> dict[str, str]:
     return {key.replace("-", "_"): (value or "").strip("'\"") for key, value in parser["mysqld"].items()}
 
 
-def test_my_cnf_turns_on_the_slow_log_at_200_ms() -> None:
-    settings = my_cnf()
-    assert settings["slow_query_log"] == "1"
-    assert float(settings["long_query_time"]) == 0.2
-    assert settings["log_output"] == "FILE"
-
-
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mariadbd") is None, reason="needs the mariadbd binary")
 def test_mariadb_accepts_every_option_of_my_cnf() -> None:
     done = subprocess.run(
@@ -46,10 +39,6 @@ def test_mariadb_accepts_every_option_of_my_cnf() -> None:
     assert "unknown" not in done.stderr.lower(), done.stderr[-2000:]
 
 
-def connect(url: DatabaseURL) -> pymysql.connections.Connection:
-    return pymysql.connect(host=url.host, port=url.port, user=url.user, password=url.password, autocommit=True)
-
-
 @pytest.fixture
 def slow_log(server_url: str) -> Iterator[Path]:
     """Apply my.cnf's slow-log settings to the test server (restored afterwards); yields the log file.
@@ -57,9 +46,8 @@ def slow_log(server_url: str) -> Iterator[Path]:
     The file is read from this machine: a server in a chroot (MySQL from Debian sid, see .ci/mysql-sid)
     names its root in JOBRESULTS_TEST_SERVER_ROOT.
     """
-    url = DatabaseURL.parse(server_url)
     settings = my_cnf()
-    with connect(url) as conn, conn.cursor() as cur:
+    with connect(server_url, database=False) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT @@GLOBAL.slow_query_log, @@GLOBAL.long_query_time, @@GLOBAL.log_output, "
             "@@GLOBAL.slow_query_log_file, @@datadir"
@@ -84,18 +72,34 @@ def slow_log(server_url: str) -> Iterator[Path]:
             )
 
 
-def test_a_slow_query_lands_in_the_slow_log(server_url: str, slow_log: Path) -> None:
-    marker = f"slow-{uuid.uuid4().hex}"
+def _logged_after(server_url: str, slow_log: Path, queries: list[str], marker: str) -> str:
+    """Run ``queries`` on a new connection, wait until ``marker`` is in the slow log, return the log."""
     # long_query_time is copied into each session when it connects: use a new connection.
-    with connect(DatabaseURL.parse(server_url)) as conn, conn.cursor() as cur:
-        cur.execute(f"SELECT SLEEP(0.3) AS `{marker}`")
-        cur.execute(f"SELECT 1 AS `fast-{marker}`")
+    with connect(server_url, database=False) as conn, conn.cursor() as cur:
+        for query in queries:
+            cur.execute(query)
     deadline = time.monotonic() + 5
     while marker not in slow_log.read_text(errors="replace"):
         assert time.monotonic() < deadline, f"{marker} not found in {slow_log}"
         time.sleep(0.1)
-    text = slow_log.read_text(errors="replace")
+    return slow_log.read_text(errors="replace")
+
+
+def test_a_slow_query_lands_in_the_slow_log(server_url: str, slow_log: Path) -> None:
+    marker = f"slow-{uuid.uuid4().hex}"
+    queries = [f"SELECT SLEEP(0.3) AS `{marker}`", f"SELECT 1 AS `fast-{marker}`"]
+    text = _logged_after(server_url, slow_log, queries, marker)
     entry = text[text.rindex("# Query_time", 0, text.index(marker)) : text.index(marker)]
     query_time = float(entry.split("Query_time:")[1].split()[0])
     assert query_time >= 0.2
     assert f"fast-{marker}" not in text  # fast queries stay out
+
+
+def test_queries_well_under_200_ms_stay_out_of_the_slow_log(server_url: str, slow_log: Path) -> None:
+    """my.cnf's threshold is 200 ms, not the server's 10 s default (the test above) nor 0 (this one)."""
+    marker = f"threshold-{uuid.uuid4().hex}"
+    # The 300 ms query after the 50 ms one marks the point up to which the log is complete.
+    text = _logged_after(
+        server_url, slow_log, [f"SELECT SLEEP(0.05) AS `under-{marker}`", f"SELECT SLEEP(0.3) AS `{marker}`"], marker
+    )
+    assert f"under-{marker}" not in text

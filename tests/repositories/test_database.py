@@ -20,7 +20,7 @@ import pymysql
 import pytest
 from litestar.testing import AsyncTestClient
 
-from config.settings import DatabaseURL, Settings
+from config.settings import Settings
 from repositories.database import (
     CR_SERVER_GONE_ERROR,
     CR_SERVER_LOST,
@@ -35,22 +35,10 @@ from repositories.database import (
     error_code,
 )
 from service.app import create_app
+from tests.support.database import connect
 
 EVENT_TIMEOUT_S = 10.0
 """Upper bound for any wait on a peer unit, so a broken test fails instead of hanging."""
-
-
-def _admin(database_url: str) -> pymysql.connections.Connection:
-    url = DatabaseURL.parse(database_url)
-    return pymysql.connect(
-        host=url.host,
-        port=url.port,
-        user=url.user,
-        password=url.password,
-        database=url.database,
-        autocommit=True,
-        charset="utf8mb4",
-    )
 
 
 async def _query(conn: Connection, sql: str, args: object = None) -> list[tuple[Any, ...]]:
@@ -307,7 +295,7 @@ async def test_lost_connection_is_retried_on_a_new_connection(db: Database, data
         await asyncio.sleep(0.1)  # let SLEEP(5) start
 
         def kill() -> None:
-            with _admin(database_url) as admin, admin.cursor() as cur:
+            with connect(database_url) as admin, admin.cursor() as cur:
                 cur.execute(f"KILL {int(victim)}")
 
         await asyncio.to_thread(kill)
@@ -332,7 +320,7 @@ async def test_lost_connection_is_retried_on_a_new_connection(db: Database, data
 async def test_retries_exhausted_raise_database_unavailable(
     own_db: Database, scratch_table: str, database_url: str
 ) -> None:
-    holder = await asyncio.to_thread(_admin, database_url)
+    holder = await asyncio.to_thread(connect, database_url)
     try:
         with holder.cursor() as cur:
             cur.execute("BEGIN")

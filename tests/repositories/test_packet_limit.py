@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
-import pymysql
 import pytest
 from litestar.testing import AsyncTestClient
 
-from config.settings import DatabaseURL, Settings
+from config.settings import Settings
 from service.app import create_app
+from tests.support.database import connect
 
 
 @pytest.fixture
 def small_packet_limit(server_url: str) -> Iterator[None]:
-    url = DatabaseURL.parse(server_url)
-    with pymysql.connect(host=url.host, port=url.port, user=url.user, password=url.password, autocommit=True) as conn:
+    with connect(server_url, database=False) as conn:
         with conn.cursor() as cur:
             cur.execute("SELECT @@GLOBAL.max_allowed_packet")
             (before,) = cur.fetchone()
@@ -28,9 +28,13 @@ def small_packet_limit(server_url: str) -> Iterator[None]:
 
 
 async def test_document_above_max_allowed_packet_is_413(
-    small_packet_limit: None, settings: Settings, job_id: str, auth_headers: dict[str, str]
+    small_packet_limit: None, settings: Settings, exports_dir: Path, job_id: str, auth_headers: dict[str, str]
 ) -> None:
-    app = create_app(Settings.from_env({}, database_url=settings.database_url, log_level="error", export_worker=False))
+    app = create_app(
+        Settings.from_env(
+            {}, database_url=settings.database_url, log_level="error", export_worker=False, exports_dir=str(exports_dir)
+        )
+    )
     async with AsyncTestClient(app=app) as client:
         client.headers.update(auth_headers)
         url = f"/v1/job-results/{job_id}"

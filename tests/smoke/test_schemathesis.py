@@ -11,14 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.smoke.test_granian import _server_log_on_failure, server  # noqa: F401 - server is a fixture
+import pytest
+
+from tests.support.servers import Server, log_on_failure
+
+pytestmark = pytest.mark.slow
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
 
 
-def test_schemathesis_finds_nothing(server: tuple[subprocess.Popen[bytes], str, Path], api_token: str) -> None:
-    _proc, base, log = server
-    with _server_log_on_failure(log):
+def test_schemathesis_finds_nothing(server: Server, api_token: str) -> None:
+    base, log = server.base_url, server.log
+    with log_on_failure(log):
         done = subprocess.run(
             [
                 SCHEMATHESIS,

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.smoke.test_granian import _server_log_on_failure, server  # noqa: F401 - server is a fixture
+from tests.support.servers import Server, log_on_failure
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"), reason="needs Debian's chromium (apt-get install chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None and not os.environ.get("CI"), reason="needs Debian's chromium (apt-get install chromium)"
+    ),
+]
 
 
-def test_swagger_ui_in_chromium(server: tuple[subprocess.Popen[bytes], str, Path]) -> None:
+def test_swagger_ui_in_chromium(server: Server) -> None:
     from playwright.sync_api import sync_playwright
 
-    _proc, base, log = server
+    base, log = server.base_url, server.log
     requests: list[str] = []
     console: list[str] = []
-    with _server_log_on_failure(log), sync_playwright() as playwright:
+    with log_on_failure(log), sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from config.settings import Settings, SettingsError
+from tests.support.servers import JOBRESULTS, service_env
 
 URL = "mysql://user:p%40ss@db.example:3307/jobs"
-JOBRESULTS = str(Path(sys.executable).parent / "jobresults")
 
 
 def test_reads_prefixed_variables() -> None:
@@ -56,9 +53,9 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> Non
         Settings.from_env(env)
 
 
+@pytest.mark.slow
 def test_cli_exits_non_zero_naming_the_variable() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
-    env.update({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_POOL_MAX_SIZE": "many"})
+    env = service_env({"database_url": URL, "pool_max_size": "many"})
     done = subprocess.run([JOBRESULTS, "migrate"], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "JOBRESULTS_POOL_MAX_SIZE" in done.stderr
