@@ -8,16 +8,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Literal
 
 import aiomysql
 import msgspec
 import pymysql
 
 from repositories.database import ER_DUP_ENTRY, Connection, SQLText, error_code
-
-Status = Literal["succeeded", "failed", "cancelled"]
-STATUSES: tuple[Status, ...] = ("succeeded", "failed", "cancelled")
 
 
 class JobResultNotFound(Exception):

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from typing import Any, Literal
+from typing import Any
 
 from cachetools import TTLCache
 from limits import RateLimitItem
@@ -26,7 +26,6 @@ from repositories.database import Database
 from service.problems import ApiError
 from service.rate_limit import RateLimiter, bucket_of, client_ip
 
-Scope = Literal["results:read", "results:write", "exports:read", "exports:write", "metrics:read"]
 SCOPES: tuple[str, ...] = ("results:read", "results:write", "exports:read", "exports:write", "metrics:read")
 TOKEN_PREFIX = "jr_"  # noqa: S105 - a visible prefix, not a secret
 _TOKEN = re.compile(r"jr_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")

@@ -113,7 +113,6 @@ def check_document(raw: bytes | str, root: str = "$", *, max_depth: int = MAX_DE
 _Trail = tuple["_Trail | None", "str | int"]
 """Where a value sits: (the parent's trail, its key or index); ``None`` is the document root."""
 
-_DUPLICATE_KEY = "duplicate object key; each key may appear once"
 _INT_RANGE = "integer out of range; integers must lie in -2^63 .. 2^64-1 to be stored exactly"
 _NOT_A_DOUBLE = "number out of range for an IEEE 754 double"
 _LONE_SURROGATE = "string contains a lone UTF-16 surrogate escape; only Unicode scalar values are allowed"
