@@ -16,7 +16,7 @@ from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import HeaderParameter, PathParameter, QueryParameter
+from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.response import Stream
 
 from exports.files import StorageFull, UnsafeExportPath, resolve_inside
@@ -176,7 +176,7 @@ class JobExportController(Controller):
         request: Request[Any, Any, Any],
         exports: NamedDependency[ExportService],
         job_id: Annotated[str, PathParameter(description=JOB_ID_RULE)],
-        data: JobExportRequest,
+        data: JSONBody[JobExportRequest],
     ) -> Response[ExportRecord]:
         """Write the job's result as ``format`` and return the export record."""
         checked_job_id(job_id)
@@ -208,7 +208,10 @@ class ExportController(Controller):
         guards=[json_body_guard],
     )
     async def create_range_export(
-        self, request: Request[Any, Any, Any], exports: NamedDependency[ExportService], data: RangeExportRequest
+        self,
+        request: Request[Any, Any, Any],
+        exports: NamedDependency[ExportService],
+        data: JSONBody[RangeExportRequest],
     ) -> Response[ExportRecord]:
         """Queue a range export."""
         lower = parse_timestamp(data.created_from, "created_from")
