@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def _docker_answers() -> bool:
     try:
-        import docker
+        import docker  # type: ignore[import-untyped]
 
         client = docker.from_env(timeout=3)
         client.ping()
@@ -175,7 +175,7 @@ def engine(server_url: str) -> str:
     """'mariadb' or 'mysql', from the server's version string."""
     with connect(server_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT VERSION()")
-        (version,) = cur.fetchone()  # type: ignore[misc]
+        (version,) = cur.fetchone()
     return "mariadb" if "mariadb" in str(version).lower() else "mysql"
 
 

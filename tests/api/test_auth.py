@@ -9,6 +9,7 @@ import subprocess
 
 import msgspec
 import pytest
+from httpx import Response
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
@@ -45,10 +46,12 @@ class Anonymous:
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    async def request(self, method: str, url: str, headers: dict[str, str] | None = None, **kwargs: object):
-        return await self.client.request(method, url, headers={"Authorization": "", **(headers or {})}, **kwargs)
+    async def request(
+        self, method: str, url: str, headers: dict[str, str] | None = None, json: object = None
+    ) -> Response:
+        return await self.client.request(method, url, headers={"Authorization": "", **(headers or {})}, json=json)
 
-    async def get(self, url: str, headers: dict[str, str] | None = None):
+    async def get(self, url: str, headers: dict[str, str] | None = None) -> Response:
         return await self.request("GET", url, headers=headers)
 
 

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from httpx import Response
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
@@ -14,7 +15,7 @@ from tests.support.database import connect
 Client = AsyncTestClient[Litestar]
 
 
-async def put_raw(client: Client, job_id: str, result_json: str | bytes):
+async def put_raw(client: Client, job_id: str, result_json: str | bytes) -> Response:
     if isinstance(result_json, str):
         result_json = result_json.encode()
     content = b'{"status": "succeeded", "result": ' + result_json + b"}"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any
 
 import pytest
 from litestar import Litestar
@@ -15,7 +16,7 @@ def stamp(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-async def make(client: Client, prefix: str, count: int, status: str = "succeeded") -> list[dict]:
+async def make(client: Client, prefix: str, count: int, status: str = "succeeded") -> list[dict[str, Any]]:
     made = []
     for i in range(count):
         response = await client.put(f"/v1/job-results/{prefix}-{i:03d}", json={"status": status, "result": {"i": i}})
@@ -59,7 +60,7 @@ async def test_offsets_are_honoured(client: Client, job_id: str) -> None:
     assert ids[:2] == [m["job_id"] for m in made]
 
 
-def timezone_offset(hours: int):
+def timezone_offset(hours: int) -> tzinfo:
     from datetime import timezone
 
     return timezone(timedelta(hours=hours))

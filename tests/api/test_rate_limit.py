@@ -8,7 +8,7 @@ import math
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import msgspec
@@ -71,7 +71,7 @@ def four_workers(servers: Servers, database_url: str) -> str:
     return server.base_url
 
 
-def burst(base: str, count: int, headers_of) -> tuple[list[int], float]:
+def burst(base: str, count: int, headers_of: Callable[[int], dict[str, str]]) -> tuple[list[int], float]:
     """``count`` requests as fast as 8 threads on a pooled client send them; statuses and seconds taken.
 
     Eight connections are opened, so the kernel spreads them over the workers.

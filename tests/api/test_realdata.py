@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from httpx import Response
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
@@ -36,7 +37,7 @@ def decode_stream(text: str) -> list[object]:
     return items
 
 
-async def put_bytes(client: Client, job_id: str, document: bytes):
+async def put_bytes(client: Client, job_id: str, document: bytes) -> Response:
     content = b'{"status": "succeeded", "result": ' + document + b"}"
     return await client.put(f"/v1/job-results/{job_id}", content=content, headers={"Content-Type": "application/json"})
 

@@ -12,6 +12,7 @@ import os
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -31,13 +32,14 @@ def stamp(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-async def put(client: Client, job_id: str, result: object, status: str = "succeeded") -> dict:
+async def put(client: Client, job_id: str, result: object, status: str = "succeeded") -> dict[str, Any]:
     response = await client.put(f"/v1/job-results/{job_id}", json={"status": status, "result": result})
     assert response.status_code in (200, 201), response.text
-    return response.json()
+    made: dict[str, Any] = response.json()
+    return made
 
 
-async def download(client: Client, record: dict) -> bytes:
+async def download(client: Client, record: dict[str, Any]) -> bytes:
     response = await client.get(record["content_url"])
     assert response.status_code == 200, response.text
     data = response.content
@@ -48,10 +50,10 @@ async def download(client: Client, record: dict) -> bytes:
     return gzip.decompress(data) if record["compression"] == "gzip" else data
 
 
-async def wait_done(client: Client, export_id: str, limit_s: float = 30) -> dict:
+async def wait_done(client: Client, export_id: str, limit_s: float = 30) -> dict[str, Any]:
     deadline = asyncio.get_running_loop().time() + limit_s
     while True:
-        record = (await client.get(f"/v1/exports/{export_id}")).json()
+        record: dict[str, Any] = (await client.get(f"/v1/exports/{export_id}")).json()
         if record["state"] in ("succeeded", "failed"):
             return record
         assert asyncio.get_running_loop().time() < deadline, record
@@ -171,7 +173,7 @@ async def test_real_documents_export_in_every_format(client: Client, job_id: str
 # --- range exports ------------------------------------------------------------------------------
 
 
-async def make_range(client: Client, job_id: str) -> tuple[str, str, list[dict]]:
+async def make_range(client: Client, job_id: str) -> tuple[str, str, list[dict[str, Any]]]:
     start = datetime.now(UTC)
     made = [
         await put(client, f"{job_id}-a", {"metrics": {"ms": 1}, "ok": True}),
@@ -254,7 +256,7 @@ async def test_empty_range(worker_client: Client) -> None:
         ),
     ],
 )
-async def test_bad_range_requests_are_400(client: Client, body: dict, fragment: str) -> None:
+async def test_bad_range_requests_are_400(client: Client, body: dict[str, Any], fragment: str) -> None:
     response = await client.post("/v1/exports", json=body)
     assert response.status_code == 400, response.text
     assert fragment in response.text

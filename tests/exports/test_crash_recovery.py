@@ -26,7 +26,7 @@ import pymysql
 import pytest
 
 from tests.support.database import connect, fresh_database, make_token
-from tests.support.servers import Servers
+from tests.support.servers import Server, Servers
 
 SEEDED_ROWS = 200_000
 """Rows in the export's range (~200 MB). Measured: one attempt takes ~3 s on both engines, and the first
@@ -34,13 +34,6 @@ lease renewal (which makes ``rows_written`` > 0) comes 1 s in, so the kill lands
 WINDOW_START = datetime(1999, 1, 1)
 """Rows are created at WINDOW_START + i microseconds: a far-past window no other test writes into."""
 LEASE_S = 3.0
-SERVICE_SETTINGS: dict[str, object] = {
-    "workers": 1,
-    "export_lease_s": LEASE_S,
-    "export_poll_s": 0.2,
-    "export_chunk_rows": 200,
-    "log_level": "info",
-}
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -84,6 +77,19 @@ def _export_row(url: str, export_id: str) -> dict[str, Any]:
     return dict(row)
 
 
+def _start(servers: Servers, database_url: str, exports_dir: Path) -> Server:
+    """One Granian worker with a short export lease, a fast poll and small chunks, logging at info."""
+    return servers.start(
+        database_url,
+        exports_dir=exports_dir,
+        workers=1,
+        export_lease_s=LEASE_S,
+        export_poll_s=0.2,
+        export_chunk_rows=200,
+        log_level="info",
+    )
+
+
 def _temp_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.glob(".*.tmp"))
 
@@ -105,7 +111,7 @@ def test_sigkill_during_range_export_then_restart_finishes_it_cleanly(
     timings["seed"] = time.monotonic() - started
 
     exports_dir = tmp_path / "exports"
-    first = servers.start(crash_database_url, exports_dir=exports_dir, **SERVICE_SETTINGS)
+    first = _start(servers, crash_database_url, exports_dir)
     base = first.base_url
     window = {
         "format": "ndjson",
@@ -154,7 +160,7 @@ def test_sigkill_during_range_export_then_restart_finishes_it_cleanly(
     # Restart on the same database and directory: the new worker claims the export once the dead
     # worker's lease has expired, removes the dead worker's temporary file and exports from scratch.
     restarted_at = time.monotonic()
-    base = servers.start(crash_database_url, exports_dir=exports_dir, **SERVICE_SETTINGS).base_url
+    base = _start(servers, crash_database_url, exports_dir).base_url
     with httpx.Client(base_url=base, timeout=10.0, headers=headers) as http:
         deadline = time.monotonic() + 45.0
         while True:
@@ -223,7 +229,7 @@ def test_stale_temp_files_of_dead_owners_are_removed_at_startup(
     finished = exports_dir / f"{uuid.uuid4().hex}.ndjson"
     finished.write_bytes(b"{}\n")
 
-    servers.start(crash_database_url, exports_dir=exports_dir, **SERVICE_SETTINGS)
+    _start(servers, crash_database_url, exports_dir)
     deadline = time.monotonic() + 10.0
     while stale.exists():
         assert time.monotonic() < deadline, "the stale temporary file was not removed at start-up"

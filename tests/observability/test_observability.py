@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -17,8 +19,10 @@ from config.settings import Settings
 from service.app import create_app
 from tests.support.servers import Server, log_on_failure
 
+T = TypeVar("T")
 
-def log_lines(log: Path) -> list[dict]:
+
+def log_lines(log: Path) -> list[dict[str, Any]]:
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     parsed = []
     for line in lines:
@@ -29,7 +33,7 @@ def log_lines(log: Path) -> list[dict]:
     return parsed
 
 
-def wait_for(predicate, what: str, limit_s: float = 5.0):
+def wait_for(predicate: Callable[[], T | None], what: str, limit_s: float = 5.0) -> T:
     deadline = time.monotonic() + limit_s
     while True:
         value = predicate()
@@ -62,7 +66,7 @@ def test_canonical_log_line_and_request_id(server: Server, auth_headers: dict[st
         assert generated != "bad id with spaces"
         assert len(generated) == 32
 
-        def request_line(request_id: str) -> dict | None:
+        def request_line(request_id: str) -> dict[str, Any] | None:
             for line in log_lines(log):
                 if line.get("event") == "request" and line.get("request_id") == request_id:
                     return line
