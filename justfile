@@ -41,10 +41,10 @@ migrate: install
 serve: install
     jobresults serve
 
-# Run the test suite (testcontainers mysql:8.4 with Docker, else JOBRESULTS_TEST_DATABASE_URL)
+# Run the tests (testcontainers mysql:8.4 with Docker, else JOBRESULTS_TEST_DATABASE_URL); without arguments: all, with the coverage floor
 [group('test')]
 test *args: install
-    pytest {{ args }}
+    pytest {{ if args == "" { "--cov" } else { "" } }} {{ args }}
 
 # Run the in-process tests only (no Granian servers, no CLI processes): the `slow` marker is left out
 [group('test')]
