@@ -57,7 +57,7 @@ async def test_insert_returns_what_get_reads(db: Database, fields: dict[str, Any
     async def unit(conn: Connection) -> None:
         repo = ExportRepository(conn)
         inserted = await repo.insert(export_id=export_id, **values)
-        # Rolled back: a queued or lease-expired row must not reach the session's export worker.
+        # Rolled back: a queued or lease-expired row must not stay where an export worker could claim it.
         raise _RolledBack(inserted, await repo.get(export_id))
 
     with pytest.raises(_RolledBack) as caught:
