@@ -319,8 +319,13 @@ def check_range_runs(replicas: list[Replica], records: dict[str, dict[str, Any]]
     }
 
 
-def check_downloads(client: httpx.Client, replicas: list[Replica], records: dict[str, dict[str, Any]]) -> list[str]:
-    """Download every succeeded export through every replica; the mismatches (sha256 of the record)."""
+def check_downloads(
+    client: httpx.Client, replicas: list[Replica], records: dict[str, dict[str, Any]], redirect: bool
+) -> list[str]:
+    """Download every succeeded export through every replica; the mismatches (sha256 of the record).
+
+    With ``redirect`` each download must have come from the store through a redirect.
+    """
     wrong = []
     for export_id, record in records.items():
         if record.get("state") != "succeeded":
@@ -330,6 +335,8 @@ def check_downloads(client: httpx.Client, replicas: list[Replica], records: dict
             if response.status_code != 200:
                 wrong.append(f"{export_id} via {replica.name}: {response.status_code}")
                 continue
+            if redirect and not response.history:
+                wrong.append(f"{export_id} via {replica.name}: no redirect")
             digest = hashlib.sha256(response.content).hexdigest()
             if digest != record.get("sha256") or len(response.content) != record.get("bytes"):
                 wrong.append(f"{export_id} via {replica.name}: {len(response.content)} bytes, sha256 {digest[:12]}")
@@ -441,7 +448,7 @@ def main() -> int:
             downloads: list[str] | None = None
             if args.s3:
                 job_records = wait_settled(client, replicas[0].base, [e for e, _ in driver.job_exports], 10)
-                downloads = check_downloads(client, replicas, records | job_records)
+                downloads = check_downloads(client, replicas, records | job_records, args.download == "redirect")
         summary = json.loads(k6_out.with_suffix(".summary.json").read_text())
         p99_all = summary["metrics"]["http_req_duration"].get("p(99)")
         results = {
