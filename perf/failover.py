@@ -404,6 +404,8 @@ def main() -> int:
     parser.add_argument("--s3-bucket")
     parser.add_argument("--download", choices=("stream", "redirect"), default="stream")
     args = parser.parse_args()
+    if not 0 < args.kill_at < args.duration:
+        parser.error("--kill-at must fall inside the load (0 < kill-at < duration)")
 
     url = args.url or cluster("url")
     server = url.rsplit("/", 1)[0] + "/test"
