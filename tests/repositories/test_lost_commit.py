@@ -1,0 +1,216 @@
+"""Lost COMMITs and lost result streams, through a real TCP proxy between the service and the server.
+
+The proxy (:mod:`tests.mysql_proxy`) relays a COMMIT to the server, lets the server commit, swallows
+its answer and cuts the connection: the client gets error 2013 and cannot know whether the
+transaction landed. The service must then find out, and answer as the attempt that landed would have
+(never a 412/404 from a blind re-run), keep an export file whose record exists, and answer 503 only
+when the outcome truly cannot be determined.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from config.settings import DatabaseURL, Settings
+from exports.pipeline import ExportService
+from repositories.database import Database
+from repositories.exports import ExportParameters, ExportRepository
+from tests.conftest import connect, fresh_database
+from tests.mysql_proxy import MySQLProxy
+
+Client = AsyncTestClient[Litestar]
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[MySQLProxy]:
+    url = DatabaseURL.parse(database_url)
+    with MySQLProxy(url.host, url.port) as relay:
+        yield relay
+
+
+@pytest.fixture
+def proxied_settings(proxy: MySQLProxy, database_url: str, tmp_path: Path, settings: Settings) -> Settings:
+    """The session settings, but through the proxy, with exports in a fresh directory and no worker."""
+    url = DatabaseURL.parse(database_url)
+    through_proxy = f"mysql://{url.user}:{url.password}@127.0.0.1:{proxy.port}/{url.database}"
+    return msgspec.structs.replace(
+        settings, database_url=through_proxy, exports_dir=str(tmp_path / "exports"), export_worker=False
+    )
+
+
+@pytest.fixture
+async def proxied(proxied_settings: Settings, auth_headers: dict[str, str]) -> AsyncIterator[Client]:
+    """The app in-process, talking to the database through the proxy."""
+    from service.app import create_app
+
+    async with AsyncTestClient(app=create_app(proxied_settings)) as test_client:
+        test_client.headers.update(auth_headers)
+        yield test_client
+
+
+def _stored(database_url: str, job_id: str) -> tuple[Any, ...] | None:
+    """``(status, version, result_data)`` of the job, read directly (not through the proxy)."""
+    with connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT status, version, result_data FROM job_results WHERE job_id = %s", (job_id,))
+        return cur.fetchone()  # type: ignore[no-any-return]
+
+
+def _job_exports(database_url: str, job_id: str) -> list[tuple[str, str, str]]:
+    """``(export_id, state, file_name)`` of every single-job export of ``job_id``."""
+    with connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT export_id, state, file_name FROM exports "
+            "WHERE kind = 'job' AND JSON_UNQUOTE(JSON_EXTRACT(parameters, '$.job_id')) = %s",
+            (job_id,),
+        )
+        return [tuple(row) for row in cur.fetchall()]  # type: ignore[misc]
+
+
+# --- create-only PUT, PUT, DELETE --------------------------------------------------------------
+
+
+async def test_create_only_put_whose_commit_is_lost_answers_201(
+    proxied: Client, proxy: MySQLProxy, database_url: str, job_id: str
+) -> None:
+    proxy.cut_commit("INSERT INTO job_results")
+    response = await proxied.put(
+        f"/v1/job-results/{job_id}",
+        json={"status": "succeeded", "result": {"n": 1}},
+        headers={"If-None-Match": "*"},
+    )
+    assert proxy.commits_cut == 1
+    # The first attempt's INSERT committed: it was created, by this very request.
+    assert response.status_code == 201, response.text
+    stored = _stored(database_url, job_id)
+    assert stored is not None
+    assert stored[:2] == ("succeeded", 1)
+    assert msgspec.json.decode(stored[2]) == {"n": 1}
+    # ... and the ETag answered is the stored one.
+    again = await proxied.get(f"/v1/job-results/{job_id}")
+    assert again.headers["etag"] == response.headers["etag"]
+
+
+async def test_put_whose_commit_is_lost_is_not_applied_twice(
+    proxied: Client, proxy: MySQLProxy, database_url: str, job_id: str
+) -> None:
+    proxy.cut_commit("INSERT INTO job_results")
+    response = await proxied.put(f"/v1/job-results/{job_id}", json={"status": "failed", "result": [1]})
+    assert proxy.commits_cut == 1
+    assert response.status_code == 201, response.text  # created, not "replaced" by a re-run
+    assert _stored(database_url, job_id)[:2] == ("failed", 1)  # type: ignore[index]
+
+
+async def test_delete_whose_commit_is_lost_answers_204(
+    proxied: Client, proxy: MySQLProxy, database_url: str, job_id: str
+) -> None:
+    created = await proxied.put(f"/v1/job-results/{job_id}", json={"status": "succeeded", "result": {}})
+    assert created.status_code == 201, created.text
+    proxy.cut_commit("DELETE FROM job_results")
+    response = await proxied.delete(f"/v1/job-results/{job_id}")
+    assert proxy.commits_cut == 1
+    assert response.status_code == 204, response.text  # deleted by this request, not a 404
+    assert _stored(database_url, job_id) is None
+
+
+# --- single-job export ---------------------------------------------------------------------------
+
+
+async def test_single_job_export_whose_commit_is_lost_keeps_its_file(
+    proxied: Client, proxy: MySQLProxy, proxied_settings: Settings, database_url: str, job_id: str
+) -> None:
+    created = await proxied.put(f"/v1/job-results/{job_id}", json={"status": "succeeded", "result": {"a": 1}})
+    assert created.status_code == 201, created.text
+    proxy.cut_commit("INSERT INTO exports")
+    response = await proxied.post(f"/v1/job-results/{job_id}/exports", json={"format": "json"})
+    assert proxy.commits_cut == 1
+    assert response.status_code == 201, response.text
+    record = response.json()
+    # One export was recorded (the first attempt's), and it is the one answered, file included.
+    assert _job_exports(database_url, job_id) == [(record["export_id"], "succeeded", _file_of(record))]
+    content = await proxied.get(record["content_url"])
+    assert content.status_code == 200, content.text
+    assert msgspec.json.decode(content.content)["result"] == {"a": 1}
+    assert sorted(os.listdir(proxied_settings.exports_path)) == [_file_of(record)]
+
+
+def _file_of(record: dict[str, Any]) -> str:
+    suffix = {"json": "json", "ndjson": "ndjson", "csv": "csv"}[record["format"]]
+    return f"{record['export_id']}.{suffix}" + (".gz" if record["compression"] == "gzip" else "")
+
+
+async def test_unknown_outcome_is_503_and_the_export_file_is_kept(
+    proxied: Client, proxy: MySQLProxy, proxied_settings: Settings, database_url: str, job_id: str
+) -> None:
+    created = await proxied.put(f"/v1/job-results/{job_id}", json={"status": "succeeded", "result": [2]})
+    assert created.status_code == 201, created.text
+    proxy.cut_commit("INSERT INTO exports", isolate=True)  # the service cannot reach the database to find out
+    try:
+        response = await proxied.post(f"/v1/job-results/{job_id}/exports", json={"format": "ndjson"})
+    finally:
+        proxy.listen()
+    assert proxy.commits_cut == 1
+    assert response.status_code == 503, response.text
+    problem = response.json()
+    assert problem["type"].endswith("/commit-outcome-unknown")
+    assert "may have been" in problem["detail"]
+    assert response.headers["retry-after"]
+    # It did commit: the record exists, and its file was not removed.
+    [(export_id, state, file_name)] = _job_exports(database_url, job_id)
+    assert state == "succeeded"
+    assert (proxied_settings.exports_path / file_name).is_file()
+    content = await proxied.get(f"/v1/exports/{export_id}/content")
+    assert content.status_code == 200, content.text
+
+
+# --- a range export's stream lost mid-read (issue 12, item 17) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_database_url(server_url: str) -> Iterator[str]:
+    """A database of this module's own: no other worker may claim (or be claimed instead of) its exports."""
+    with fresh_database(server_url, "jr_lost") as url:
+        yield url
+
+
+async def test_range_export_whose_stream_is_lost_is_requeued(
+    proxied_settings: Settings, proxy: MySQLProxy, own_database_url: str, job_id: str
+) -> None:
+    url = DatabaseURL.parse(own_database_url)
+    proxied_settings = msgspec.structs.replace(
+        proxied_settings, database_url=f"mysql://{url.user}:{url.password}@127.0.0.1:{proxy.port}/{url.database}"
+    )
+    start = datetime(2001, 1, 1)
+    with connect(own_database_url) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) "
+            "VALUES (%s, 'succeeded', %s, 1, %s, %s)",
+            [
+                (f"{job_id}-{i}", msgspec.json.encode({"i": i, "pad": "x" * 2000}).decode(), at, at)
+                for i in range(200)
+                for at in [start + timedelta(seconds=i)]
+            ],
+        )
+    db = await Database.open(proxied_settings)
+    try:
+        service = ExportService(db, proxied_settings)
+        parameters = ExportParameters(created_from=start, created_to=start + timedelta(hours=1))
+        export = await service.enqueue_range(parameters, "ndjson", "none", "tests")
+        proxy.cut_stream("FROM job_results FORCE INDEX", after_bytes=100_000)
+        assert await service.run_next()
+        assert proxy.streams_cut == 1
+        requeued = await db.run(lambda conn: ExportRepository(conn).get(export.export_id), transaction=False)
+        assert (requeued.state, requeued.error, requeued.attempts) == ("queued", None, 1)
+        assert await service.run_next()
+        done = await db.run(lambda conn: ExportRepository(conn).get(export.export_id), transaction=False)
+        assert (done.state, done.rows_written, done.attempts) == ("succeeded", 200, 2)
+    finally:
+        await db.close()
