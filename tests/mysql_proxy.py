@@ -40,6 +40,7 @@ class _Trap:
     remaining: int
     after_bytes: int = 0
     isolate: bool = False
+    deliver: bool = True
 
 
 @dataclass(eq=False)
@@ -124,14 +125,20 @@ class MySQLProxy:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def cut_commit(self, statement_containing: str, times: int = 1, *, isolate: bool = False) -> None:
+    def cut_commit(
+        self, statement_containing: str, times: int = 1, *, isolate: bool = False, deliver: bool = True
+    ) -> None:
         """Cut the next ``times`` COMMITs of transactions that ran a statement containing this text.
 
-        With ``isolate``, the cut also cuts every other connection and closes the listening socket
-        until :meth:`listen` is called: the client cannot reach the server to find out what happened.
+        The COMMIT reaches the server, which commits, and the connection is cut before its answer
+        reaches the client. With ``deliver=False`` the COMMIT is dropped instead, so the server
+        rolls the transaction back when it sees the connection go. With ``isolate``, the cut also
+        cuts every other connection and closes the listening socket until :meth:`listen` is called:
+        the client cannot reach the server to find out what happened.
         """
+        trap = _Trap(statement_containing.encode(), times, isolate=isolate, deliver=deliver)
         with self._lock:
-            self._commit_traps.append(_Trap(statement_containing.encode(), times, isolate=isolate))
+            self._commit_traps.append(trap)
 
     def cut_stream(self, statement_containing: str, after_bytes: int, times: int = 1) -> None:
         """Cut the connection ``after_bytes`` into the answer to the next query containing this text."""
@@ -166,8 +173,9 @@ class MySQLProxy:
                 header = await reader.readexactly(_HEADER)
                 length = int.from_bytes(header[:3], "little")
                 payload = await reader.readexactly(length)
-                if header[3] == 0 and payload[:1] == bytes([COM_QUERY]):
-                    self._on_query(link, payload[1:])
+                if header[3] == 0 and payload[:1] == bytes([COM_QUERY]) and not self._on_query(link, payload[1:]):
+                    link.close()
+                    break
                 link.server.write(header + payload)
                 await link.server.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -176,8 +184,8 @@ class MySQLProxy:
             link.close()
             self._links.discard(link)
 
-    def _on_query(self, link: _Link, query: bytes) -> None:
-        """Keep track of the transaction's statements; arm this link's cut if a trap matches."""
+    def _on_query(self, link: _Link, query: bytes) -> bool:
+        """Keep track of the transaction's statements, arm this link's cut if a trap matches; False to drop."""
         head = query[:4096]
         word = head.strip().upper()
         if word.startswith(b"START TRANSACTION") or word == b"BEGIN":
@@ -191,7 +199,8 @@ class MySQLProxy:
                 self.commits_cut += 1
                 if trap.isolate:
                     self._isolate(link)
-            return
+                return trap.deliver
+            return True
         elif word == b"ROLLBACK":
             link.statements = []
         link.statements = [*link.statements[-31:], head]  # bounded: autocommit sessions never reset it
@@ -200,6 +209,7 @@ class MySQLProxy:
         if trap is not None:
             link.stream_budget = trap.after_bytes
             self.streams_cut += 1
+        return True
 
     async def _server_to_client(self, link: _Link, reader: asyncio.StreamReader) -> None:
         try:

@@ -10,7 +10,9 @@ when the outcome truly cannot be determined.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,14 @@ from litestar.testing import AsyncTestClient
 
 from config.settings import DatabaseURL, Settings
 from exports.pipeline import ExportService
-from repositories.database import Database
+from repositories.database import (
+    COMMIT_TOKEN_RETENTION_S,
+    CommitOutcomeUnknown,
+    Connection,
+    Database,
+    DatabaseUnavailable,
+    commit_token,
+)
 from repositories.exports import ExportParameters, ExportRepository
 from tests.conftest import connect, fresh_database
 from tests.mysql_proxy import MySQLProxy
@@ -214,3 +223,111 @@ async def test_range_export_whose_stream_is_lost_is_requeued(
         assert (done.state, done.rows_written, done.attempts) == ("succeeded", 200, 2)
     finally:
         await db.close()
+
+
+# --- the unit of work itself ---------------------------------------------------------------------
+
+
+@pytest.fixture
+async def proxied_db(proxied_settings: Settings) -> AsyncIterator[Database]:
+    database = await Database.open(proxied_settings)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+def counter_table(database_url: str) -> Iterator[str]:
+    """A one-row table ``t_lost_<random>`` (id 1, v 0); dropped afterwards."""
+    name = f"t_lost_{uuid.uuid4().hex[:10]}"
+    with connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE {name} (id INT PRIMARY KEY, v INT NOT NULL) ENGINE=InnoDB")
+        cur.execute(f"INSERT INTO {name} (id, v) VALUES (1, 0)")
+    try:
+        yield name
+    finally:
+        with connect(database_url) as conn, conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def _counter(database_url: str, table: str) -> int:
+    with connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT v FROM {table} WHERE id = 1")
+        return int(cur.fetchone()[0])  # type: ignore[index]
+
+
+def _incrementer(table: str, runs: list[int]) -> Callable[[Connection], Awaitable[int]]:
+    """A unit that adds one to the counter and returns which run of it this is (1, 2, ...)."""
+
+    async def unit(conn: Connection) -> int:
+        runs.append(len(runs) + 1)
+        async with conn.cursor() as cur:
+            await cur.execute(f"UPDATE {table} SET v = v + 1 WHERE id = 1")
+        return runs[-1]
+
+    return unit
+
+
+async def test_lost_commit_that_landed_returns_that_attempts_result(
+    proxied_db: Database, proxy: MySQLProxy, counter_table: str, database_url: str
+) -> None:
+    runs: list[int] = []
+    proxy.cut_commit(f"UPDATE {counter_table}")
+    assert await proxied_db.run(_incrementer(counter_table, runs)) == 1
+    assert proxy.commits_cut == 1
+    assert runs == [1]  # not run again
+    assert _counter(database_url, counter_table) == 1
+
+
+async def test_lost_commit_that_did_not_land_is_run_again(
+    proxied_db: Database, proxy: MySQLProxy, counter_table: str, database_url: str
+) -> None:
+    runs: list[int] = []
+    proxy.cut_commit(f"UPDATE {counter_table}", deliver=False)  # the server rolls back when the link goes
+    assert await proxied_db.run(_incrementer(counter_table, runs)) == 2
+    assert proxy.commits_cut == 1
+    assert runs == [1, 2]
+    assert _counter(database_url, counter_table) == 1
+
+
+async def test_unit_without_commit_token_is_not_run_again_after_a_lost_commit(
+    proxied_db: Database, proxy: MySQLProxy, counter_table: str, database_url: str
+) -> None:
+    runs: list[int] = []
+    proxy.cut_commit(f"UPDATE {counter_table}")
+    with pytest.raises(CommitOutcomeUnknown):
+        await proxied_db.run(_incrementer(counter_table, runs), verify_commit=False)
+    assert runs == [1]
+    assert _counter(database_url, counter_table) == 1
+
+
+@pytest.mark.parametrize("deliver", [True, False])
+async def test_unit_without_retries_finds_out_whether_its_lost_commit_landed(
+    proxied_db: Database, proxy: MySQLProxy, counter_table: str, database_url: str, deliver: bool
+) -> None:
+    runs: list[int] = []
+    proxy.cut_commit(f"UPDATE {counter_table}", deliver=deliver)
+    if deliver:
+        assert await proxied_db.run(_incrementer(counter_table, runs), retry=False) == 1
+    else:
+        with pytest.raises(DatabaseUnavailable) as info:
+            await proxied_db.run(_incrementer(counter_table, runs), retry=False)
+        assert not isinstance(info.value, CommitOutcomeUnknown)  # it is known not to have committed
+    assert runs == [1]
+    assert _counter(database_url, counter_table) == (1 if deliver else 0)
+
+
+async def test_old_commit_tokens_are_pruned(db: Database, database_url: str) -> None:
+    old = [commit_token(time.time() - COMMIT_TOKEN_RETENTION_S - 60) for _ in range(3)]
+    recent = commit_token()
+    with connect(database_url) as conn, conn.cursor() as cur:
+        for token in [*old, recent]:
+            cur.execute("INSERT INTO commit_tokens (token) VALUES (UNHEX(%s))", (token,))
+    assert await db.prune_commit_tokens() >= len(old)
+    with connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT LOWER(HEX(token)) FROM commit_tokens WHERE token IN (UNHEX(%s), UNHEX(%s), UNHEX(%s), UNHEX(%s))",
+            (*old, recent),
+        )
+        assert [row[0] for row in cur.fetchall()] == [recent]
