@@ -144,14 +144,13 @@ def commit_token(now_s: float | None = None) -> str:
     return micros.to_bytes(8, "big").hex() + secrets.token_hex(8)
 
 
-def _server_answered(exc: BaseException) -> bool:
-    """True if ``exc`` is an error the server sent (codes below 2000): the statement's outcome is known.
+def _rolled_back(exc: BaseException) -> bool:
+    """True if a COMMIT that failed with ``exc`` is known to have been rolled back.
 
-    Client errors (2000+, e.g. 2013 lost connection), timeouts, cancellations and I/O errors leave a
-    COMMIT's outcome unknown.
+    Only a deadlock (1213, also Galera's certification conflict) says so. After anything else (a lost
+    connection 2006/2013, a killed session, a timeout, a cancellation) the COMMIT may have landed.
     """
-    code = error_code(exc)
-    return code is not None and 0 < code < 2000
+    return error_code(exc) == ER_LOCK_DEADLOCK
 
 
 class _Attempt:
@@ -352,11 +351,19 @@ class Database:
                     try:
                         return await self._run_once(work, begin, attempt)
                     except Exception as exc:
-                        if attempt.in_doubt:
-                            if not verify:
-                                raise CommitOutcomeUnknown(_LOST_COMMIT) from exc
-                            doubt = attempt
-                        raise
+                        if not attempt.in_doubt:
+                            raise
+                        if not verify or isinstance(exc, TimeoutError):
+                            raise CommitOutcomeUnknown(_LOST_COMMIT) from exc
+                        doubt = attempt
+                        if is_transient(exc):
+                            raise  # the next attempt looks the token up first
+                        failure = exc
+                    # Not transient, so no next attempt: look the token up now.
+                    if await self._landed(doubt):
+                        return cast(T, doubt.result)
+                    doubt = None
+                    raise failure  # it did not commit: the error stands
         except Exception as exc:
             if doubt is not None:  # retries ran out, or the lookup failed for good
                 raise CommitOutcomeUnknown(_LOST_COMMIT) from exc
@@ -374,7 +381,7 @@ class Database:
             if not attempt.in_doubt:
                 raise
             landed: bool | None = None
-            if verify:
+            if verify and not isinstance(exc, TimeoutError):
                 with contextlib.suppress(Exception):
                     landed = await self._landed(attempt)
             if landed:
@@ -420,7 +427,7 @@ class Database:
                     await conn.commit()
                 return result
             except BaseException as exc:
-                attempt.in_doubt = committing and not _server_answered(exc)
+                attempt.in_doubt = committing and not _rolled_back(exc)
                 await _discard_or_rollback(conn, exc)
                 raise
             finally:

@@ -41,6 +41,7 @@ class _Trap:
     after_bytes: int = 0
     isolate: bool = False
     deliver: bool = True
+    answer: bytes = b""
 
 
 @dataclass(eq=False)
@@ -51,6 +52,7 @@ class _Link:
     server: asyncio.StreamWriter
     statements: list[bytes] = field(default_factory=list)
     swallow_reply: bool = False
+    answer: bytes = b""
     stream_budget: int | None = None
     closed: bool = False
 
@@ -126,7 +128,13 @@ class MySQLProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def cut_commit(
-        self, statement_containing: str, times: int = 1, *, isolate: bool = False, deliver: bool = True
+        self,
+        statement_containing: str,
+        times: int = 1,
+        *,
+        isolate: bool = False,
+        deliver: bool = True,
+        error: tuple[int, str] | None = None,
     ) -> None:
         """Cut the next ``times`` COMMITs of transactions that ran a statement containing this text.
 
@@ -134,9 +142,11 @@ class MySQLProxy:
         reaches the client. With ``deliver=False`` the COMMIT is dropped instead, so the server
         rolls the transaction back when it sees the connection go. With ``isolate``, the cut also
         cuts every other connection and closes the listening socket until :meth:`listen` is called:
-        the client cannot reach the server to find out what happened.
+        the client cannot reach the server to find out what happened. With ``error=(code, message)``
+        the client gets that error (an ERR packet) in place of the server's answer before the cut.
         """
-        trap = _Trap(statement_containing.encode(), times, isolate=isolate, deliver=deliver)
+        answer = _err_packet(*error) if error else b""
+        trap = _Trap(statement_containing.encode(), times, isolate=isolate, deliver=deliver, answer=answer)
         with self._lock:
             self._commit_traps.append(trap)
 
@@ -174,6 +184,9 @@ class MySQLProxy:
                 length = int.from_bytes(header[:3], "little")
                 payload = await reader.readexactly(length)
                 if header[3] == 0 and payload[:1] == bytes([COM_QUERY]) and not self._on_query(link, payload[1:]):
+                    if link.answer:  # dropped, yet answered: e.g. a deadlock the server never reported
+                        link.client.write(link.answer)
+                        await link.client.drain()
                     link.close()
                     break
                 link.server.write(header + payload)
@@ -196,6 +209,7 @@ class MySQLProxy:
             link.statements = []
             if trap is not None:
                 link.swallow_reply = True
+                link.answer = trap.answer
                 self.commits_cut += 1
                 if trap.isolate:
                     self._isolate(link)
@@ -218,6 +232,9 @@ class MySQLProxy:
                 if not data:
                     break
                 if link.swallow_reply:  # the server has committed; the client never hears of it
+                    if link.answer:
+                        link.client.write(link.answer)
+                        await link.client.drain()
                     break
                 if link.stream_budget is not None:
                     if len(data) >= link.stream_budget:
@@ -232,6 +249,12 @@ class MySQLProxy:
         finally:
             link.close()
             self._links.discard(link)
+
+
+def _err_packet(code: int, message: str) -> bytes:
+    """A MySQL ERR packet (sequence id 1: the answer to a command) with SQLSTATE HY000."""
+    payload = b"\xff" + code.to_bytes(2, "little") + b"#HY000" + message.encode()
+    return len(payload).to_bytes(3, "little") + b"\x01" + payload
 
 
 def _take(traps: list[_Trap], statements: list[bytes]) -> _Trap | None:

@@ -9,6 +9,8 @@ when the outcome truly cannot be determined.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
 import time
 import uuid
@@ -32,7 +34,7 @@ from repositories.database import (
     DatabaseUnavailable,
     commit_token,
 )
-from repositories.exports import ExportParameters, ExportRepository
+from repositories.exports import Export, ExportParameters, ExportRepository
 from tests.conftest import connect, fresh_database
 from tests.mysql_proxy import MySQLProxy
 
@@ -190,14 +192,19 @@ def own_database_url(server_url: str) -> Iterator[str]:
         yield url
 
 
-async def test_range_export_whose_stream_is_lost_is_requeued(
+@pytest.fixture
+async def range_exports(
     proxied_settings: Settings, proxy: MySQLProxy, own_database_url: str, job_id: str
-) -> None:
+) -> AsyncIterator[tuple[ExportService, ExportParameters]]:
+    """An export service on the module's database through the proxy, and a range of 200 rows (~2 KB each).
+
+    Each test gets a range of its own (a day picked from its job id) in a database only these tests use.
+    """
     url = DatabaseURL.parse(own_database_url)
-    proxied_settings = msgspec.structs.replace(
+    settings = msgspec.structs.replace(
         proxied_settings, database_url=f"mysql://{url.user}:{url.password}@127.0.0.1:{proxy.port}/{url.database}"
     )
-    start = datetime(2001, 1, 1)
+    start = datetime(2001, 1, 1) + timedelta(days=int(job_id[-4:], 16))
     with connect(own_database_url) as conn, conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) "
@@ -208,21 +215,46 @@ async def test_range_export_whose_stream_is_lost_is_requeued(
                 for at in [start + timedelta(seconds=i)]
             ],
         )
-    db = await Database.open(proxied_settings)
+    db = await Database.open(settings)
     try:
-        service = ExportService(db, proxied_settings)
-        parameters = ExportParameters(created_from=start, created_to=start + timedelta(hours=1))
-        export = await service.enqueue_range(parameters, "ndjson", "none", "tests")
-        proxy.cut_stream("FROM job_results FORCE INDEX", after_bytes=100_000)
-        assert await service.run_next()
-        assert proxy.streams_cut == 1
-        requeued = await db.run(lambda conn: ExportRepository(conn).get(export.export_id), transaction=False)
-        assert (requeued.state, requeued.error, requeued.attempts) == ("queued", None, 1)
-        assert await service.run_next()
-        done = await db.run(lambda conn: ExportRepository(conn).get(export.export_id), transaction=False)
-        assert (done.state, done.rows_written, done.attempts) == ("succeeded", 200, 2)
+        yield ExportService(db, settings), ExportParameters(created_from=start, created_to=start + timedelta(hours=1))
     finally:
         await db.close()
+
+
+async def test_range_export_whose_stream_is_lost_is_requeued(
+    range_exports: tuple[ExportService, ExportParameters], proxy: MySQLProxy
+) -> None:
+    service, parameters = range_exports
+    export = await service.enqueue_range(parameters, "ndjson", "none", "tests")
+    proxy.cut_stream("FROM job_results FORCE INDEX", after_bytes=100_000)
+    assert await service.run_next()
+    assert proxy.streams_cut == 1
+    requeued = await _export(service, export.export_id)
+    assert (requeued.state, requeued.error, requeued.attempts) == ("queued", None, 1)
+    assert await service.run_next()
+    done = await _export(service, export.export_id)
+    assert (done.state, done.rows_written, done.attempts) == ("succeeded", 200, 2)
+
+
+async def test_range_export_whose_final_commit_is_lost_keeps_its_file(
+    range_exports: tuple[ExportService, ExportParameters], proxy: MySQLProxy
+) -> None:
+    service, parameters = range_exports
+    export = await service.enqueue_range(parameters, "json", "gzip", "tests")
+    proxy.cut_commit("SET state = 'succeeded'")
+    assert await service.run_next()
+    assert proxy.commits_cut == 1
+    done = await _export(service, export.export_id)
+    assert (done.state, done.rows_written, done.attempts) == ("succeeded", 200, 1)
+    assert done.file_name is not None
+    data = (service.directory / done.file_name).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == done.sha256
+    assert len(msgspec.json.decode(gzip.decompress(data))) == 200
+
+
+async def _export(service: ExportService, export_id: str) -> Export:
+    return await service.db.run(lambda conn: ExportRepository(conn).get(export_id), transaction=False)
 
 
 # --- the unit of work itself ---------------------------------------------------------------------
@@ -287,6 +319,30 @@ async def test_lost_commit_that_did_not_land_is_run_again(
     proxy.cut_commit(f"UPDATE {counter_table}", deliver=False)  # the server rolls back when the link goes
     assert await proxied_db.run(_incrementer(counter_table, runs)) == 2
     assert proxy.commits_cut == 1
+    assert runs == [1, 2]
+    assert _counter(database_url, counter_table) == 1
+
+
+async def test_commit_answered_by_a_killed_session_error_is_looked_up(
+    proxied_db: Database, proxy: MySQLProxy, counter_table: str, database_url: str
+) -> None:
+    # MariaDB answers a session killed mid-statement with 1927, which is not retried: the COMMIT may
+    # still have landed, so the token is looked up at once instead of the error being passed on.
+    runs: list[int] = []
+    proxy.cut_commit(f"UPDATE {counter_table}", error=(1927, "Connection was killed"))
+    assert await proxied_db.run(_incrementer(counter_table, runs)) == 1
+    assert runs == [1]
+    assert _counter(database_url, counter_table) == 1
+
+
+async def test_commit_refused_with_a_deadlock_is_retried_without_a_lookup(
+    proxied_db: Database, proxy: MySQLProxy, counter_table: str, database_url: str
+) -> None:
+    # 1213 at COMMIT (e.g. a Galera certification conflict) means rolled back: the unit runs again,
+    # even one without a commit token (whose lost COMMIT would be CommitOutcomeUnknown).
+    runs: list[int] = []
+    proxy.cut_commit(f"UPDATE {counter_table}", deliver=False, error=(1213, "Deadlock found"))
+    assert await proxied_db.run(_incrementer(counter_table, runs), verify_commit=False) == 2
     assert runs == [1, 2]
     assert _counter(database_url, counter_table) == 1
 
