@@ -5,7 +5,9 @@ length, 1-byte sequence id) to see each command a client sends, so a test can ar
 
 - cut a COMMIT (:meth:`MySQLProxy.cut_commit`): relay the COMMIT of a transaction that ran a statement
   containing a given text, wait for the server's answer (so the transaction has committed), swallow
-  that answer and close both sides. The client sees error 2013 and never learns the outcome;
+  that answer and close both sides. The client sees error 2013 and never learns the outcome. Or drop
+  the COMMIT (the server rolls back), answer it with a chosen error, or cut every other connection
+  too and refuse new ones, so the client cannot find out;
 - cut a result stream (:meth:`MySQLProxy.cut_stream`): after a query containing a given text, relay
   that many bytes of the server's answer and close both sides mid-result;
 - refuse connections (:meth:`MySQLProxy.stop_listening`): close the listening socket until
