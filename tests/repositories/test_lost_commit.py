@@ -35,6 +35,7 @@ from repositories.database import (
     commit_token,
 )
 from repositories.exports import Export, ExportParameters, ExportRepository
+from service.app import create_app
 from tests.conftest import connect, fresh_database
 from tests.mysql_proxy import MySQLProxy
 
@@ -61,8 +62,6 @@ def proxied_settings(proxy: MySQLProxy, database_url: str, tmp_path: Path, setti
 @pytest.fixture
 async def proxied(proxied_settings: Settings, auth_headers: dict[str, str]) -> AsyncIterator[Client]:
     """The app in-process, talking to the database through the proxy."""
-    from service.app import create_app
-
     async with AsyncTestClient(app=create_app(proxied_settings)) as test_client:
         test_client.headers.update(auth_headers)
         yield test_client
