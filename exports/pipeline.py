@@ -1,7 +1,8 @@
 """The export pipeline: single-job exports in one transaction, and durable range exports.
 
 Single-job export: one ``START TRANSACTION WITH CONSISTENT SNAPSHOT`` reads the job and records the
-export; the file is durable under its final name before the COMMIT and removed if the COMMIT fails.
+export; the file is durable under its final name before the COMMIT and removed only once its record
+is known not to exist (a COMMIT whose answer was lost is looked up first, see :mod:`repositories.database`).
 The unit is retried from BEGIN on transient errors (see :mod:`repositories.database`).
 
 Range export: a row in ``exports`` (state ``queued``) that a background :class:`ExportWorker` in some
@@ -32,7 +33,7 @@ from config.settings import Settings
 from exports.files import AtomicExportFile, StorageFull, temp_files
 from exports.formats import CsvColumns, ExportRow, FormatWriter, make_writer
 from observability.metrics import EXPORT_BYTES, EXPORT_DURATION, EXPORT_ROWS, EXPORTS
-from repositories.database import Connection, Database, DatabaseUnavailable
+from repositories.database import CommitOutcomeUnknown, Connection, Database, DatabaseUnavailable
 from repositories.exports import Export, ExportParameters, ExportRepository
 from repositories.job_results import (
     JobResultNotFound,
@@ -168,14 +169,21 @@ class ExportService:
         try:
             export = await self.db.run(unit, snapshot=True)
         except BaseException as exc:
-            for file in files:  # the COMMIT did not happen: no file may outlive its row
+            # A file goes only when its record is known not to exist: a retried attempt's always (it
+            # was rolled back, or its lost COMMIT was found not to have landed), the last one's unless
+            # its COMMIT's outcome is unknown (then its record may exist, and needs its file).
+            in_doubt = isinstance(exc, (CommitOutcomeUnknown, asyncio.CancelledError))
+            for file in files[:-1] if in_doubt else files:
                 await asyncio.to_thread(file.remove_final)
+            if in_doubt and files:
+                log.warning("export.file_kept_commit_in_doubt", file_name=files[-1].path.name)
             if not isinstance(exc, JobResultNotFound):
                 _count("job", fmt, "failed")
             raise
         _count("job", fmt, "succeeded", rows=1, size=export.bytes or 0, seconds=time.perf_counter() - started)
-        for file in files[:-1]:  # earlier attempts that were rolled back and retried
-            await asyncio.to_thread(file.remove_final)
+        for file in files:  # attempts that were rolled back and retried
+            if file.path.name != export.file_name:
+                await asyncio.to_thread(file.remove_final)
         log.info("export.finished", export_id=export.export_id, kind="job", format=fmt, bytes=export.bytes)
         return export
 
@@ -201,7 +209,11 @@ class ExportService:
 
     async def run_next(self) -> bool:
         """Claim one claimable range export and run it to the end; False if there was none."""
-        export = await self.db.run(lambda conn: ExportRepository(conn).claim(self.owner, self.lease))
+        # No commit token on every poll: a claim whose COMMIT is lost raises CommitOutcomeUnknown (the
+        # loop pauses), and an export it may have claimed is claimed again once its lease expires.
+        export = await self.db.run(
+            lambda conn: ExportRepository(conn).claim(self.owner, self.lease), verify_commit=False
+        )
         if export is None:
             return False
         log.info("export.claimed", export_id=export.export_id, attempt=export.attempts, owner=self.owner)
@@ -374,8 +386,10 @@ class ExportService:
 
         try:
             await self.db.run(unit, retry=False)
-        except BaseException:
-            if committed:
+        except BaseException as exc:
+            if isinstance(exc, (CommitOutcomeUnknown, asyncio.CancelledError)) and committed:
+                pass  # the export may be recorded succeeded: keep its file (a requeued run replaces it)
+            elif committed:
                 await asyncio.to_thread(file.remove_final)
             else:
                 await asyncio.to_thread(file.discard)

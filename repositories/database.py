@@ -2,17 +2,24 @@
 
 Every connection goes back to the pool clean: committed or rolled back, and closed (never reused)
 when a query was cancelled, timed out or lost its server mid-flight.
+
+A COMMIT whose answer is lost (the connection dies while it is in flight) may or may not have
+committed. Such a unit is never re-run blind: each write transaction also inserts a random commit
+token (table ``commit_tokens``), and before any retry the unit looks its token up on another
+connection. If it is there, the unit's result from the attempt that committed is returned; if it is
+not, the unit runs again; if that cannot be found out, :class:`CommitOutcomeUnknown` is raised (503).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar, cast
 
 import aiomysql
 import pymysql
@@ -20,6 +27,7 @@ import pymysql.constants
 import pymysql.converters
 import stamina
 import stamina.instrumentation
+import structlog
 
 from config.settings import Settings
 from observability.metrics import (
@@ -32,6 +40,7 @@ from observability.metrics import (
 )
 
 T = TypeVar("T")
+log = structlog.get_logger("jobresults.db")
 Connection: TypeAlias = Any
 """An ``aiomysql.Connection`` (aiomysql ships no type hints)."""
 
@@ -57,8 +66,21 @@ _CONNECTION_LOST = frozenset({CR_SERVER_GONE_ERROR, CR_SERVER_LOST})
 RETRY_ATTEMPTS = 3
 RETRY_TIMEOUT_S = 2.0
 
-_BEGIN = "START TRANSACTION"
-_SNAPSHOT = "START TRANSACTION WITH CONSISTENT SNAPSHOT"
+_BEGIN = ("START TRANSACTION",)
+_SNAPSHOT = ("START TRANSACTION WITH CONSISTENT SNAPSHOT",)
+_BEGIN_READ_COMMITTED = ("SET TRANSACTION ISOLATION LEVEL READ COMMITTED", "START TRANSACTION")
+"""For the commit-token lookup: a locking read under READ COMMITTED takes no gap lock, so it holds up
+no concurrent writer while it waits for the lost transaction to end."""
+
+SQL_RECORD_COMMIT = "INSERT INTO commit_tokens (token) VALUES (UNHEX(%(token)s))"
+SQL_FIND_COMMIT = "SELECT 1 FROM commit_tokens WHERE token = UNHEX(%(token)s) FOR UPDATE"
+SQL_PRUNE_COMMITS = "DELETE FROM commit_tokens WHERE token < UNHEX(%(before)s) ORDER BY token LIMIT %(limit)s"
+COMMIT_TOKEN_RETENTION_S = 600.0
+"""Tokens are looked up within one unit's retry budget (seconds); older ones are deleted."""
+COMMIT_TOKEN_PRUNE_EVERY_S = 60.0
+"""At most one prune per process this often, started after a write unit."""
+COMMIT_TOKEN_PRUNE_BATCH = 5000
+_LOST_COMMIT = "the connection was lost while a COMMIT was in flight, and whether it committed is unknown"
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "sql" / "migrations"
 
@@ -104,6 +126,42 @@ class TooLargeForDatabase(Exception):
 
 class QueryTimeout(DatabaseUnavailable):
     """A unit of work took longer than ``query_timeout_s`` (waiting for a connection included)."""
+
+
+class CommitOutcomeUnknown(DatabaseUnavailable):
+    """A COMMIT was in flight when its connection was lost, and whether it landed could not be found out.
+
+    The unit's changes may or may not be stored; it was not run again (maps to 503).
+    """
+
+
+def commit_token(now_s: float | None = None) -> str:
+    """A new commit token, in hex: 8 bytes of microseconds since the epoch (big-endian), 8 random bytes.
+
+    Sent as hex and stored with ``UNHEX`` (aiomysql cannot send ``bytes`` parameters with PyMySQL 1.1).
+    """
+    micros = int((time.time() if now_s is None else now_s) * 1_000_000)
+    return micros.to_bytes(8, "big").hex() + secrets.token_hex(8)
+
+
+def _rolled_back(exc: BaseException) -> bool:
+    """True if a COMMIT that failed with ``exc`` is known to have been rolled back.
+
+    Only a deadlock (1213, also Galera's certification conflict) says so. After anything else (a lost
+    connection 2006/2013, a killed session, a timeout, a cancellation) the COMMIT may have landed.
+    """
+    return error_code(exc) == ER_LOCK_DEADLOCK
+
+
+class _Attempt:
+    """One run of a unit: its commit token, its result once ``work`` returned, and whether its COMMIT is in doubt."""
+
+    __slots__ = ("in_doubt", "result", "token")
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token
+        self.result: Any = None
+        self.in_doubt = False
 
 
 def _convert_datetime(text: str | bytes) -> datetime | str | bytes:
@@ -174,6 +232,8 @@ class Database:
         self.pool = pool
         self.settings = settings
         self._wakeups: set[asyncio.Task[None]] = set()
+        self._prunes: set[asyncio.Task[None]] = set()
+        self._prune_at = 0.0
         DB_POOL_MAX.set(pool.maxsize)
 
     @classmethod
@@ -203,6 +263,9 @@ class Database:
 
     async def close(self) -> None:
         """Close every pooled connection and wait until they are gone."""
+        for task in list(self._prunes):
+            task.cancel()
+        await asyncio.gather(*self._prunes, return_exceptions=True)
         self.pool.close()
         await self.pool.wait_closed()
 
@@ -213,6 +276,7 @@ class Database:
         transaction: bool = True,
         snapshot: bool = False,
         retry: bool = True,
+        verify_commit: bool = True,
     ) -> T:
         """Run ``work(conn)`` on a pooled connection, inside one transaction unless told otherwise.
 
@@ -223,7 +287,17 @@ class Database:
         The unit is retried from BEGIN on transient errors (see :data:`TRANSIENT_ERRORS`): at most
         3 attempts within 2 s, with exponential backoff and jitter (stamina).
 
+        A lost COMMIT (the connection failed, timed out or was cancelled while COMMIT was in flight)
+        is never re-run blind. With ``verify_commit`` (the default) the transaction also inserts a
+        commit token; the token is then looked up on another connection, with a locking read that waits
+        for the lost transaction to end: found, and ``work``'s result from that attempt is returned;
+        not found, and the unit is retried like any transient error. Without ``verify_commit`` (for
+        units that need no answer, e.g. a poll) a lost COMMIT raises :class:`CommitOutcomeUnknown`.
+        With ``transaction=False`` there is no COMMIT: each statement commits on its own, and a unit
+        that loses its connection is re-run, so such units must be reads or idempotent writes.
+
         Raises:
+            CommitOutcomeUnknown: a COMMIT's answer was lost and whether it landed could not be found out.
             QueryTimeout: the unit took longer than ``query_timeout_s``; its connection was closed.
             SchemaNotMigrated: a table is missing (error 1146).
             TooLargeForDatabase: a statement exceeded ``max_allowed_packet`` (error 1153).
@@ -231,14 +305,17 @@ class Database:
             Exception: whatever ``work`` raises, after the transaction was rolled back.
         """
         begin = _SNAPSHOT if snapshot else (_BEGIN if transaction else None)
+        verify = verify_commit and begin is not None
         started = time.perf_counter()
         outcome = "error"
         try:
             if retry:
-                result = await self._run_with_retries(work, begin)
+                result = await self._run_with_retries(work, begin, verify)
             else:
-                result = await self._run_once(work, begin)
+                result = await self._run_verified(work, begin, verify)
             outcome = "ok"
+            if verify:
+                self._maybe_prune()
             return result
         except TimeoutError as exc:
             raise QueryTimeout(f"unit of work exceeded {self.settings.query_timeout_s} s") from exc
@@ -256,26 +333,142 @@ class Database:
         finally:
             DB_UNIT_DURATION.labels("transaction" if begin else "read", outcome).observe(time.perf_counter() - started)
 
-    @stamina.retry(on=is_transient, attempts=RETRY_ATTEMPTS, timeout=RETRY_TIMEOUT_S, wait_initial=0.05)
-    async def _run_with_retries(self, work: Callable[[Connection], Awaitable[T]], begin: str | None) -> T:
-        return await self._run_once(work, begin)
+    async def _run_with_retries(
+        self, work: Callable[[Connection], Awaitable[T]], begin: tuple[str, ...] | None, verify: bool
+    ) -> T:
+        """Attempts of ``work`` under stamina; after a lost COMMIT, first find out whether it landed."""
+        doubt: _Attempt | None = None  # the previous attempt, while its COMMIT's outcome is unknown
+        try:
+            async for retrying in stamina.retry_context(
+                on=is_transient, attempts=RETRY_ATTEMPTS, timeout=RETRY_TIMEOUT_S, wait_initial=0.05
+            ):
+                with retrying:
+                    if doubt is not None:
+                        if await self._landed(doubt):
+                            return cast(T, doubt.result)
+                        doubt = None
+                    attempt = _Attempt(commit_token() if verify else None)
+                    try:
+                        return await self._run_once(work, begin, attempt)
+                    except Exception as exc:
+                        if not attempt.in_doubt:
+                            raise
+                        if not verify or isinstance(exc, TimeoutError):
+                            raise CommitOutcomeUnknown(_LOST_COMMIT) from exc
+                        doubt = attempt
+                        if is_transient(exc):
+                            raise  # the next attempt looks the token up first
+                        failure = exc
+                    # Not transient, so no next attempt: look the token up now.
+                    if await self._landed(doubt):
+                        return cast(T, doubt.result)
+                    doubt = None
+                    raise failure  # it did not commit: the error stands
+        except Exception as exc:
+            if doubt is not None:  # retries ran out, or the lookup failed for good
+                raise CommitOutcomeUnknown(_LOST_COMMIT) from exc
+            raise
+        raise AssertionError("stamina.retry_context ended without an outcome")  # pragma: no cover
 
-    async def _run_once(self, work: Callable[[Connection], Awaitable[T]], begin: str | None) -> T:
+    async def _run_verified(
+        self, work: Callable[[Connection], Awaitable[T]], begin: tuple[str, ...] | None, verify: bool
+    ) -> T:
+        """One attempt of ``work``; after a lost COMMIT, find out (once) whether it landed."""
+        attempt = _Attempt(commit_token() if verify else None)
+        try:
+            return await self._run_once(work, begin, attempt)
+        except Exception as exc:
+            if not attempt.in_doubt:
+                raise
+            landed: bool | None = None
+            if verify and not isinstance(exc, TimeoutError):
+                with contextlib.suppress(Exception):
+                    landed = await self._landed(attempt)
+            if landed:
+                return cast(T, attempt.result)
+            if landed is False:
+                raise  # it did not commit: the error stands
+            raise CommitOutcomeUnknown(_LOST_COMMIT) from exc
+
+    async def _landed(self, attempt: _Attempt) -> bool:
+        """Whether ``attempt``'s transaction committed: its token is stored (waits for it to end).
+
+        Raises:
+            pymysql.MySQLError: the lookup failed (transient ones are retried by the caller).
+        """
+
+        async def find(conn: Connection) -> bool:
+            async with conn.cursor() as cur:
+                await cur.execute(SQL_FIND_COMMIT, {"token": attempt.token})
+                return await cur.fetchone() is not None
+
+        landed = await self._run_once(find, _BEGIN_READ_COMMITTED, _Attempt(None))
+        log.warning("db.commit_in_doubt", landed=landed)
+        return landed
+
+    async def _run_once(
+        self, work: Callable[[Connection], Awaitable[T]], begin: tuple[str, ...] | None, attempt: _Attempt
+    ) -> T:
         async with asyncio.timeout(self.settings.query_timeout_s):
             conn: Connection = await self.acquire()
+            committing = False
             try:
                 if begin is not None:
                     async with conn.cursor() as cur:
-                        await cur.execute(begin)
+                        for statement in begin:
+                            await cur.execute(statement)
                 result = await work(conn)
                 if begin is not None:
+                    if attempt.token is not None:
+                        async with conn.cursor() as cur:
+                            await cur.execute(SQL_RECORD_COMMIT, {"token": attempt.token})
+                    attempt.result = result
+                    committing = True
                     await conn.commit()
                 return result
             except BaseException as exc:
+                attempt.in_doubt = committing and not _rolled_back(exc)
                 await _discard_or_rollback(conn, exc)
                 raise
             finally:
                 self.release(conn)
+
+    def _maybe_prune(self) -> None:
+        """Start a background prune of old commit tokens, at most every :data:`COMMIT_TOKEN_PRUNE_EVERY_S`."""
+        now = time.monotonic()
+        if now < self._prune_at:
+            return
+        self._prune_at = now + COMMIT_TOKEN_PRUNE_EVERY_S
+        task = asyncio.get_running_loop().create_task(self._prune_quietly())
+        self._prunes.add(task)
+        task.add_done_callback(self._prunes.discard)
+
+    async def _prune_quietly(self) -> None:
+        try:
+            await self.prune_commit_tokens()
+        except Exception as exc:  # noqa: BLE001 - the next prune catches up; the tokens only take space
+            log.info("db.commit_tokens_prune_failed", error=type(exc).__name__, code=error_code(exc))
+
+    async def prune_commit_tokens(self, older_than_s: float = COMMIT_TOKEN_RETENTION_S) -> int:
+        """Delete commit tokens older than ``older_than_s`` seconds; returns how many were deleted.
+
+        Deletes in batches of :data:`COMMIT_TOKEN_PRUNE_BATCH` rows, each batch its own transaction.
+
+        Raises:
+            DatabaseUnavailable: the database could not be reached.
+        """
+        before = commit_token(time.time() - older_than_s)[:16] + "0" * 16
+        deleted = 0
+
+        async def prune(conn: Connection) -> int:
+            async with conn.cursor() as cur:
+                return int(await cur.execute(SQL_PRUNE_COMMITS, {"before": before, "limit": COMMIT_TOKEN_PRUNE_BATCH}))
+
+        while True:
+            batch = await self.run(prune, transaction=False, retry=False)
+            deleted += batch
+            if batch < COMMIT_TOKEN_PRUNE_BATCH:
+                return deleted
 
     async def acquire(self) -> Connection:
         """A connection from the pool (wait for one if all are in use); give it back with :meth:`release`."""

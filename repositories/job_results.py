@@ -299,12 +299,13 @@ class JobResultStream:
         where, params = range_filter(created_from, created_to, status)
         sql = f"SELECT {SQL_EXPORT_COLUMNS} FROM job_results {ORDERED_BY_TIME}{where} ORDER BY created_at, id"  # noqa: S608
         cur = await self.conn.cursor(aiomysql.SSCursor)
-        try:
-            await cur.execute(sql, params)
-            while True:
-                rows = await cur.fetchmany(chunk_rows)
-                if not rows:
-                    break
-                yield rows
-        finally:
-            await cur.close()
+        # No try/finally around the cursor: after an error or an abandoned stream the caller closes the
+        # connection, and closing the cursor first would read the rest of the result, or, with the
+        # connection lost, fail with an AttributeError inside aiomysql that hides the 2013 it follows.
+        await cur.execute(sql, params)
+        while True:
+            rows = await cur.fetchmany(chunk_rows)
+            if not rows:
+                break
+            yield rows
+        await cur.close()

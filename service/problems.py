@@ -14,7 +14,7 @@ from litestar.exceptions import HTTPException, NotFoundException, ValidationExce
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap
 
-from repositories.database import DatabaseUnavailable, SchemaNotMigrated, TooLargeForDatabase
+from repositories.database import CommitOutcomeUnknown, DatabaseUnavailable, SchemaNotMigrated, TooLargeForDatabase
 from repositories.job_results import JobResultExists, JobResultNotFound, PreconditionFailed
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON
 from service.schemas import JOB_ID_RULE, InvalidParameter, Problem
@@ -176,8 +176,18 @@ def _precondition(request: Request[Any, Any, Any], exc: Exception) -> Response[b
     return problem_response(request, 412, detail, slug="precondition-failed")
 
 
+COMMIT_OUTCOME_UNKNOWN_DETAIL = (
+    "the connection to the database was lost while this change was being committed, and whether it "
+    "took effect could not be determined: it may have been applied. Read the resource before retrying"
+)
+
+
 def _unavailable(request: Request[Any, Any, Any], exc: DatabaseUnavailable) -> Response[bytes]:
     log.error("db.unavailable", error=str(exc), cause=repr(exc.__cause__))
+    if isinstance(exc, CommitOutcomeUnknown):
+        return problem_response(
+            request, 503, COMMIT_OUTCOME_UNKNOWN_DETAIL, slug="commit-outcome-unknown", headers={"Retry-After": "1"}
+        )
     detail = str(exc) if isinstance(exc, SchemaNotMigrated) else "the database is unavailable; retry later"
     return problem_response(request, 503, detail, slug="database-unavailable", headers={"Retry-After": "1"})
 
