@@ -82,7 +82,7 @@ def _job_exports(database_url: str, job_id: str) -> list[tuple[str, str, str]]:
             "WHERE kind = 'job' AND JSON_UNQUOTE(JSON_EXTRACT(parameters, '$.job_id')) = %s",
             (job_id,),
         )
-        return [tuple(row) for row in cur.fetchall()]  # type: ignore[misc]
+        return [tuple(row) for row in cur.fetchall()]
 
 
 # --- create-only PUT, PUT, DELETE --------------------------------------------------------------
@@ -285,7 +285,7 @@ def counter_table(database_url: str) -> Iterator[str]:
 def _counter(database_url: str, table: str) -> int:
     with connect(database_url) as conn, conn.cursor() as cur:
         cur.execute(f"SELECT v FROM {table} WHERE id = 1")
-        return int(cur.fetchone()[0])  # type: ignore[index]
+        return int(cur.fetchone()[0])
 
 
 def _incrementer(table: str, runs: list[int]) -> Callable[[Connection], Awaitable[int]]:
