@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,10 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from config.settings import Settings
+from repositories.database import Database
 from service.app import create_app
+from service.auth import Authenticator
+from service.problems import ApiError
 from tests.conftest import ALL_SCOPES, connect, make_token
 
 Client = AsyncTestClient[Litestar]
@@ -175,3 +179,74 @@ def test_keys_cli_creates_lists_and_revokes(database_url: str) -> None:
     assert bad.returncode == 2
     assert "results:read" in bad.stderr
     assert run("revoke", "ffffffffffff").returncode == 1
+
+
+# --- the key cache: the whole token is checked, unknown tokens cost one read and evict nothing ------
+
+
+class CountingDatabase:
+    """The real session Database, counting the units of work run through it (a spy, not a stand-in)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.runs = 0
+
+    async def run(self, work, **kwargs: object):  # type: ignore[no-untyped-def]
+        self.runs += 1
+        return await self.db.run(work, **kwargs)
+
+
+def _unknown_token() -> str:
+    return f"jr_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
+async def test_a_valid_secret_under_another_key_id_is_refused(anonymous: Anonymous, database_url: str) -> None:
+    token = make_token(database_url)
+    secret = token.split("_", 2)[2]
+    # First under a wrong key id: must not poison the cache for the real token.
+    assert (await anonymous.get("/v1/job-results", headers=bearer(f"jr_000000000000_{secret}"))).status_code == 401
+    assert (await anonymous.get("/v1/job-results", headers=bearer(token))).status_code == 200
+    # Then, with the real key cached, a wrong key id is still refused.
+    assert (await anonymous.get("/v1/job-results", headers=bearer(f"jr_000000000000_{secret}"))).status_code == 401
+    other_id = make_token(database_url).split("_")[1]
+    assert (await anonymous.get("/v1/job-results", headers=bearer(f"jr_{other_id}_{secret}"))).status_code == 401
+    assert (await anonymous.get("/v1/job-results", headers=bearer(token))).status_code == 200
+
+
+async def test_unknown_tokens_cost_one_read_per_key_id_and_never_evict_known_keys(
+    db: Database, database_url: str
+) -> None:
+    counting = CountingDatabase(db)
+    authenticator = Authenticator(counting, ttl_s=60, max_entries=4)  # type: ignore[arg-type]
+    token = make_token(database_url)
+    assert (await authenticator.authenticate(f"Bearer {token}")).key_id == token.split("_")[1]
+    assert counting.runs == 1
+    unknown = _unknown_token()
+    for _ in range(5):
+        with pytest.raises(ApiError):
+            await authenticator.authenticate(f"Bearer {unknown}")
+    assert counting.runs == 2  # one read for the unknown key id, then the cache answers
+    for _ in range(20):  # more random tokens than the cache holds
+        with pytest.raises(ApiError):
+            await authenticator.authenticate(f"Bearer {_unknown_token()}")
+    before = counting.runs
+    await authenticator.authenticate(f"Bearer {token}")
+    assert counting.runs == before  # the known key is still cached
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(ApiError):
+        await authenticator.authenticate(f"Bearer {forged}")
+    await authenticator.authenticate(f"Bearer {token}")
+    assert counting.runs == before  # a wrong secret neither reads nor evicts
+
+
+async def test_unknown_tokens_count_against_the_ip_before_any_key_lookup(settings: Settings) -> None:
+    app = create_app(msgspec.structs.replace(settings, rate_limit_per_ip="10/second", export_worker=False))
+    async with AsyncTestClient(app=app) as test_client:
+        counting = CountingDatabase(app.state.authenticator.db)
+        app.state.authenticator.db = counting
+        statuses = [
+            (await test_client.get("/v1/job-results", headers=bearer(_unknown_token()))).status_code
+            for _ in range(30)
+        ]
+        assert statuses == [401] * 10 + [429] * 20
+        assert counting.runs == 10  # the refused 20 cost no database read
