@@ -114,7 +114,8 @@ def _parsed_limit(spec: str) -> RateLimitItem:
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """Litestar guard: client IP, rate limit, API key and scope, in that order.
 
-    The route's ``opt["scope"]`` must be one of the caller's API key scopes. Routes without a scope
+    The route's ``opt["scope"]`` (one scope, or a tuple of scopes that are all needed, see
+    :func:`required_scopes`) must be among the caller's API key scopes. Routes without a scope
     (health, docs) are open and unlimited; every ``/v1`` route must declare one. A request counts
     against its IP before its key is looked up anywhere but in the cache of known keys, so tokens
     that are malformed, unknown or wrong are all held to the per-IP limit and cannot buy database
@@ -160,8 +161,14 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
             await count_ip()
             if limiter.per_key is not None:
                 await limiter.enforce("key", key.key_id, limiter.per_key)
-    if needed not in key.scopes:
-        raise ApiError(403, f"the API key lacks the scope {needed}", slug="forbidden")
+    missing = [scope for scope in required_scopes(needed) if scope not in key.scopes]
+    if missing:
+        raise ApiError(403, f"the API key lacks the scope {' and '.join(missing)}", slug="forbidden")
+
+
+def required_scopes(needed: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The scopes a route's ``opt["scope"]`` asks for: one scope name, or a tuple the key needs all of."""
+    return (needed,) if isinstance(needed, str) else tuple(needed)
 
 
 def request_ip(connection: ASGIConnection[Any, Any, Any, Any]) -> str:

@@ -38,6 +38,8 @@ MEDIA_TYPES = {
     "csv": "text/csv",
 }  # Litestar appends "; charset=utf-8" to text/*
 READ_CHUNK = 256 * 1024
+EXPORT_WRITE_SCOPES = ("exports:write", "results:read")
+"""Creating an export needs both: an export hands out job results, so it needs the right to read them."""
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
@@ -161,7 +163,7 @@ class JobExportController(Controller):
 
     @post(
         "/{job_id:str}/exports",
-        opt={"scope": "exports:write"},
+        opt={"scope": EXPORT_WRITE_SCOPES},
         summary="Export one job's result to a file",
         description=(
             "Synchronous: 201 with the export record once the file is complete and recorded. Reading the job "
@@ -197,7 +199,7 @@ class ExportController(Controller):
 
     @post(
         "/",
-        opt={"scope": "exports:write"},
+        opt={"scope": EXPORT_WRITE_SCOPES},
         summary="Export a time range of job results to a file (asynchronous)",
         description=(
             "202 Accepted with `Location: /v1/exports/{export_id}`. The export runs in the background, "

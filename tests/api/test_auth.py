@@ -24,18 +24,18 @@ from tests.conftest import ALL_SCOPES, connect, make_token
 Client = AsyncTestClient[Litestar]
 JOBRESULTS = str(Path(sys.executable).parent / "jobresults")
 
-# (method, path template, body, scope the operation needs)
+# (method, path template, body, scope the operation needs: one, or a tuple of scopes all needed)
 OPERATIONS = [
     ("GET", "/v1/job-results/{job}", None, "results:read"),
     ("GET", "/v1/job-results", None, "results:read"),
     ("PUT", "/v1/job-results/{job}", {"status": "succeeded", "result": 1}, "results:write"),
     ("DELETE", "/v1/job-results/{job}-gone", None, "results:write"),
-    ("POST", "/v1/job-results/{job}/exports", {"format": "json"}, "exports:write"),
+    ("POST", "/v1/job-results/{job}/exports", {"format": "json"}, ("exports:write", "results:read")),
     (
         "POST",
         "/v1/exports",
         {"format": "json", "created_from": "2020-01-01T00:00:00Z", "created_to": "2020-01-02T00:00:00Z"},
-        "exports:write",
+        ("exports:write", "results:read"),
     ),
     ("GET", "/v1/exports", None, "exports:read"),
     ("GET", "/v1/exports/" + "0" * 32, None, "exports:read"),
@@ -87,7 +87,27 @@ async def test_each_scope_opens_exactly_its_operations(
             assert response.status_code not in (401, 403), (method, path, response.text)
         else:
             assert response.status_code == 403, (method, path, scope, response.text)
-            assert needed in response.json()["detail"]
+            for missing in set(needed if isinstance(needed, tuple) else (needed,)) - {scope}:
+                assert missing in response.json()["detail"]
+
+
+async def test_creating_an_export_also_needs_results_read(
+    anonymous: Anonymous, database_url: str, client: Client, job_id: str
+) -> None:
+    """An export hands out job results: exports:write alone must not read what results:read guards."""
+    await client.put(f"/v1/job-results/{job_id}", json={"status": "succeeded", "result": 1})
+    range_body = {"format": "json", "created_from": "2020-01-01T00:00:00Z", "created_to": "2020-01-02T00:00:00Z"}
+    without = bearer(make_token(database_url, ("exports:write", "exports:read")))
+    job = await anonymous.request("POST", f"/v1/job-results/{job_id}/exports", json={"format": "json"}, headers=without)
+    assert job.status_code == 403
+    assert "results:read" in job.json()["detail"]
+    ranged = await anonymous.request("POST", "/v1/exports", json=range_body, headers=without)
+    assert ranged.status_code == 403
+    assert "results:read" in ranged.json()["detail"]
+    both = bearer(make_token(database_url, ("exports:write", "results:read")))
+    job = await anonymous.request("POST", f"/v1/job-results/{job_id}/exports", json={"format": "json"}, headers=both)
+    assert job.status_code == 201, job.text
+    assert (await anonymous.request("POST", "/v1/exports", json=range_body, headers=both)).status_code == 202
 
 
 @pytest.mark.parametrize(
