@@ -14,12 +14,10 @@ from typing import Any
 import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from observability.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS
+from observability.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, http_labels
 
 REQUEST_ID_HEADER = b"x-request-id"
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-UNMATCHED_ROUTE = "unmatched"
-"""Route label of requests that matched no route (404s), so random paths cannot explode cardinality."""
 
 log = structlog.get_logger("jobresults.request")
 
@@ -37,8 +35,9 @@ class RequestObservabilityMiddleware:
 
     It binds ``request_id`` for every log line of the request, echoes it in the ``X-Request-ID``
     response header, writes the canonical ``request`` log line and updates ``jobresults_http_*``.
-    The log line holds ``request_id``, ``method``, ``route`` (the template, e.g.
-    ``/v1/job-results/{job_id}``), ``status``, ``duration_ms``, ``client_ip``, ``api_key_id`` (when
+    The log line holds ``request_id``, ``method`` and ``route`` (the bounded label values of
+    :func:`observability.metrics.http_labels`: e.g. ``GET`` and ``/v1/job-results/{job_id}``),
+    ``status``, ``duration_ms``, ``client_ip``, ``api_key_id`` (when
     authentication set ``scope["state"]["api_key_id"]``) and ``response_bytes``.
     """
 
@@ -71,8 +70,7 @@ class RequestObservabilityMiddleware:
         finally:
             HTTP_IN_FLIGHT.dec()
             seconds = time.perf_counter() - started
-            method = scope["method"]  # type: ignore[typeddict-item]
-            route = scope.get("path_template") or UNMATCHED_ROUTE
+            method, route = http_labels(scope["method"], scope.get("path_template"))  # type: ignore[typeddict-item]
             status = outcome["status"]
             HTTP_REQUESTS.labels(method, route, str(status)).inc()
             HTTP_DURATION.labels(method, route).observe(seconds)

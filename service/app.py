@@ -26,7 +26,7 @@ from service.controllers.health import healthz, metrics, readyz
 from service.controllers.job_results import JobResultController
 from service.openapi import APP_STATIC_DIR, SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
 from service.problems import EXCEPTION_HANDLERS
-from service.rate_limit import RateLimiter, parse_networks
+from service.rate_limit import RateLimiter, UnroutedRateLimitMiddleware, parse_networks
 from service.security_headers import SecurityHeadersMiddleware
 
 log = structlog.get_logger("jobresults.app")
@@ -132,6 +132,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     # Outermost layer, around routing and error handling, so every response is logged and counted.
     app.asgi_handler = RequestObservabilityMiddleware(
-        SecurityHeadersMiddleware(app.asgi_handler, hsts_max_age_s=settings.hsts_max_age_s)
+        SecurityHeadersMiddleware(
+            UnroutedRateLimitMiddleware(app.asgi_handler, app.state), hsts_max_age_s=settings.hsts_max_age_s
+        )
     )
     return app

@@ -126,7 +126,7 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     Raises:
         ApiError: 401 (no valid key), 403 (the key lacks the scope), 429 (rate limit).
     """
-    needed = handler.opt.get("scope")
+    needed: str | tuple[str, ...] | None = handler.opt.get("scope")
     path = connection.scope["path"]
     is_options = connection.scope.get("method") == "OPTIONS"
     if needed is None and not (is_options and path.startswith("/v1")):
@@ -161,7 +161,7 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
             await count_ip()
             if limiter.per_key is not None:
                 await limiter.enforce("key", key.key_id, limiter.per_key)
-    missing = [scope for scope in required_scopes(needed) if scope not in key.scopes]
+    missing = [scope for scope in required_scopes(needed or ()) if scope not in key.scopes]
     if missing:
         raise ApiError(403, f"the API key lacks the scope {' and '.join(missing)}", slug="forbidden")
 

@@ -12,7 +12,7 @@ import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.types import ExceptionHandlersMap
+from litestar.types import ExceptionHandlersMap, Send
 
 from repositories.database import DatabaseUnavailable, SchemaNotMigrated, TooLargeForDatabase
 from repositories.job_results import JobResultExists, JobResultNotFound, PreconditionFailed
@@ -85,20 +85,39 @@ def problem_response(
     ``type`` is a ``tag:`` URI (RFC 4151, as RFC 9457 section 3.1.1 suggests for identifiers that
     are not meant to be dereferenced) when ``slug`` is given, else ``about:blank``.
     """
+    return Response(
+        content=problem_body(status, detail, request.url.path, slug=slug, **extensions),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def problem_body(
+    status: int, detail: str | None, instance: str, *, slug: str | None = None, **extensions: Any
+) -> bytes:
+    """The JSON text of a problem (see :func:`problem_response`); ``instance`` is the request path."""
     problem = Problem(
         type=f"tag:jobresults,2026:problem/{slug}" if slug else "about:blank",
         title=_TITLES.get(status, "Error"),
         status=status,
         detail=detail,
-        instance=request.url.path,
+        instance=instance,
         **extensions,
     )
-    return Response(
-        content=msgspec.json.encode(problem),
-        status_code=status,
-        media_type=PROBLEM_MEDIA_TYPE,
-        headers=headers,
-    )
+    return msgspec.json.encode(problem)
+
+
+async def send_api_error(exc: ApiError, path: str, send: Send) -> None:
+    """Answer an ASGI request with ``exc`` as problem+json, outside Litestar (for ASGI middleware)."""
+    body = problem_body(exc.status, exc.detail, path, slug=exc.slug, **exc.extensions)
+    headers = [
+        (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in exc.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 INTERNAL_ERROR_DETAIL = "the server failed to handle the request; the X-Request-ID header names it in the server's logs"

@@ -24,9 +24,10 @@ from limits import RateLimitItem, parse
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from observability.metrics import RATE_LIMITED
-from service.problems import ApiError
+from service.problems import ApiError, send_api_error
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 REDIS_MAX_CONNECTIONS = 64
@@ -177,3 +178,55 @@ class RateLimiter:
                 headers=decision.headers(),
             )
         return decision
+
+
+class UnroutedRateLimitMiddleware:
+    """ASGI middleware: requests that match no route (404, 405) count against the per-IP limit.
+
+    Routed ``/v1`` and ``/metrics`` requests are counted by the ``authorize`` guard; a request with an
+    unknown path or method never reaches a guard, so it is counted here, when Litestar answers it
+    without having picked a route handler. Over the limit, the 404/405 is replaced by the same 429
+    problem a routed request gets. ``state`` is the application's state (``rate_limiter``,
+    ``trusted_proxies``), read per request because the lifespan fills it in.
+    """
+
+    def __init__(self, app: ASGIApp, state: object) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection; only ``http`` scopes are counted."""
+        limiter: RateLimiter | None = getattr(self.state, "rate_limiter", None)
+        if scope["type"] != "http" or limiter is None:  # type: ignore[comparison-overlap]
+            await self.app(scope, receive, send)
+            return
+        refused = False
+
+        async def counted_send(message: Message) -> None:
+            nonlocal refused
+            if refused:
+                return
+            if message["type"] == "http.response.start" and "route_handler" not in scope:
+                try:
+                    await limiter.enforce("ip", bucket_of(self._client_ip(scope)), limiter.per_ip)
+                except ApiError as exc:
+                    refused = True
+                    await send_api_error(exc, scope["path"], send)
+                    return
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
+
+    def _client_ip(self, scope: Scope) -> str:
+        state = scope.setdefault("state", {})
+        if "client_ip" not in state:
+            headers = {
+                name.decode("latin-1"): value.decode("latin-1")
+                for name, value in scope.get("headers", ())
+                if name in (b"forwarded", b"x-forwarded-for")
+            }
+            client = scope.get("client")
+            trusted = getattr(self.state, "trusted_proxies", ())
+            state["client_ip"] = client_ip(client[0] if client else None, headers, trusted)
+        ip: str = state["client_ip"]
+        return ip

@@ -265,8 +265,7 @@ async def test_unknown_tokens_count_against_the_ip_before_any_key_lookup(setting
         counting = CountingDatabase(app.state.authenticator.db)
         app.state.authenticator.db = counting
         statuses = [
-            (await test_client.get("/v1/job-results", headers=bearer(_unknown_token()))).status_code
-            for _ in range(30)
+            (await test_client.get("/v1/job-results", headers=bearer(_unknown_token()))).status_code for _ in range(30)
         ]
         assert statuses == [401] * 10 + [429] * 20
         assert counting.runs == 10  # the refused 20 cost no database read
