@@ -6,7 +6,9 @@ settings refuse several workers without a shared store, so a limit is never sile
 
 The client IP is the TCP peer. ``X-Forwarded-For`` / ``Forwarded`` are honoured only when the peer is
 one of ``JOBRESULTS_TRUSTED_PROXIES``: the client is then the right-most address that is not a trusted
-proxy. IPv6 clients are counted per /64 network (one host usually owns a whole /64).
+proxy. IPv6 clients are counted per /64 network (one host usually owns a whole /64). IPv4-mapped IPv6
+addresses (``::ffff:192.0.2.1``) are taken as the IPv4 address everywhere: in buckets, logs and
+trusted-proxy matching.
 """
 
 from __future__ import annotations
@@ -38,25 +40,46 @@ log = structlog.get_logger("jobresults.rate_limit")
 _FORWARDED_FOR = re.compile(r'for="?\[?([^\]";,]+)\]?(?::\d+)?"?', re.IGNORECASE)
 
 
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+"""IPv4-mapped IPv6 addresses (RFC 4291 section 2.5.5.2): an IPv4 client seen through a dual-stack socket."""
+
+
 def parse_networks(spec: str) -> tuple[IPNetwork, ...]:
-    """``"10.0.0.1, 192.168.0.0/16, ::1"`` to networks.
+    """``"10.0.0.1, 192.168.0.0/16, ::1"`` to networks; IPv4-mapped networks become IPv4 networks.
 
     Raises:
         ValueError: an entry is not an IP address or network.
     """
-    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
+    return tuple(
+        _unmapped_network(ipaddress.ip_network(part.strip(), strict=False)) for part in spec.split(",") if part.strip()
+    )
 
 
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _unmapped_network(network: IPNetwork) -> IPNetwork:
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
+        return ipaddress.IPv4Network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
+    return network
+
+
+def normalized_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address from a peer or forwarded-for entry (brackets and port dropped), or None.
+
+    IPv4-mapped IPv6 addresses (``::ffff:192.0.2.1``) come back as the IPv4 address they carry, so an
+    IPv4 client is the same client, with its own rate-limit bucket and the same trusted-proxy match,
+    whether it reached a dual-stack socket or an IPv4 one.
+    """
     text = text.strip().strip('"')
     if text.startswith("[") and "]" in text:
         text = text[1 : text.index("]")]
     elif text.count(":") == 1:  # IPv4 with a port
         text = text.split(":")[0]
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def client_ip(peer: str | None, headers: Mapping[str, str], trusted: Sequence[IPNetwork]) -> str:
@@ -66,7 +89,7 @@ def client_ip(peer: str | None, headers: Mapping[str, str], trusted: Sequence[IP
     ``Headers``). Sources: RFC 7239 (``Forwarded``) and the de-facto ``X-Forwarded-For``; both are
     appended to by each proxy, so the list is read from the right and trusted proxies are skipped.
     """
-    address = _address(peer) if peer else None
+    address = normalized_address(peer) if peer else None
     if address is None:
         return peer or "unknown"
     if not any(address in network for network in trusted):
@@ -77,7 +100,7 @@ def client_ip(peer: str | None, headers: Mapping[str, str], trusted: Sequence[IP
     elif "x-forwarded-for" in headers:
         chain = [part for part in headers["x-forwarded-for"].split(",") if part.strip()]
     for hop in reversed(chain):
-        forwarded = _address(hop)
+        forwarded = normalized_address(hop)
         if forwarded is None:
             break
         if not any(forwarded in network for network in trusted):
@@ -87,10 +110,9 @@ def client_ip(peer: str | None, headers: Mapping[str, str], trusted: Sequence[IP
 
 
 def bucket_of(ip: str) -> str:
-    """The counting key of an address: IPv4 as is, IPv6 by its /64 network."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
+    """The counting key of an address: IPv4 (IPv4-mapped IPv6 included) as is, IPv6 by its /64 network."""
+    address = normalized_address(ip)
+    if address is None:
         return ip
     if address.version == 6:
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
