@@ -14,6 +14,7 @@ from litestar.exceptions import HTTPException, NotFoundException, ValidationExce
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap, Send
 
+from observability.requests import CLIENT_CLOSED_REQUEST, CLIENT_DISCONNECTED
 from repositories.database import DatabaseUnavailable, SchemaNotMigrated, TooLargeForDatabase
 from repositories.job_results import JobResultExists, JobResultNotFound, PreconditionFailed
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON
@@ -35,6 +36,7 @@ _TITLES = {
     416: "Range Not Satisfiable",
     422: "Unprocessable Content",
     429: "Too Many Requests",
+    499: "Client Closed Request",
     500: "Internal Server Error",
     503: "Service Unavailable",
     507: "Insufficient Storage",
@@ -147,7 +149,17 @@ def _validation_error(request: Request[Any, Any, Any], exc: ValidationException)
     return problem_response(request, 400, detail, slug="invalid-request", errors=errors or None)
 
 
+def _client_gone(request: Request[Any, Any, Any]) -> Response[bytes] | None:
+    """A 499 problem (never sent: nobody is listening) if the client has disconnected, else None."""
+    if not request.scope.get("state", {}).get(CLIENT_DISCONNECTED):
+        return None
+    log.info("http.client_disconnected", path=request.url.path, method=request.method)
+    return problem_response(request, CLIENT_CLOSED_REQUEST, "the client closed the connection", slug="client-closed")
+
+
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    if (gone := _client_gone(request)) is not None:
+        return gone
     status = exc.status_code
     if isinstance(exc, NotFoundException) and _is_job_result_subpath(request.url.path):
         # /v1/job-results/a/b: a job id with a slash never matches a route; say what is allowed.
@@ -179,6 +191,8 @@ def _invalid_parameter(request: Request[Any, Any, Any], exc: InvalidParameter) -
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if (gone := _client_gone(request)) is not None:
+        return gone
     log.exception("http.unhandled_exception", path=request.url.path, method=request.method)
     return problem_response(request, 500, INTERNAL_ERROR_DETAIL)
 
