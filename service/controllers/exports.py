@@ -40,7 +40,7 @@ MEDIA_TYPES = {
 READ_CHUNK = 256 * 1024
 EXPORT_WRITE_SCOPES = ("exports:write", "results:read")
 """Creating an export needs both: an export hands out job results, so it needs the right to read them."""
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 class JobExportRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -366,17 +366,33 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | Literal["ignore"] 
     if size == 0:
         return None
     if not first:  # suffix: the last N bytes
-        length = int(last)
+        length = header_number(last)
         if length == 0:
             return None
         return max(0, size - length), size - 1
-    start = int(first)
-    if last and int(last) < start:
+    start = header_number(first)
+    if last and header_number(last) < start:
         return "ignore"
     if start >= size:
         return None
-    end = min(int(last), size - 1) if last else size - 1
+    end = min(header_number(last), size - 1) if last else size - 1
     return start, end
+
+
+HEADER_NUMBER_MAX = 2**63 - 1
+"""Header numbers are read up to this value (no file is larger); bigger ones count as this value."""
+
+
+def header_number(digits: str) -> int:
+    """A run of ASCII digits from a header as an int, capped at :data:`HEADER_NUMBER_MAX`.
+
+    Never raises on length: CPython refuses to convert strings of more than 4300 digits, and a client
+    chooses how many it sends. Leading zeros are dropped before the length is judged.
+    """
+    significant = digits.lstrip("0")
+    if len(significant) > len(str(HEADER_NUMBER_MAX)):
+        return HEADER_NUMBER_MAX
+    return min(int(significant or "0"), HEADER_NUMBER_MAX)
 
 
 async def _read(path: Path, start: int, stop: int) -> AsyncIterator[bytes]:
