@@ -24,6 +24,7 @@ from service.auth import Authenticator, authorize
 from service.controllers.exports import ExportController, JobExportController
 from service.controllers.health import healthz, metrics, readyz
 from service.controllers.job_results import JobResultController
+from service.methods import HeadMiddleware, allow_table
 from service.openapi import APP_STATIC_DIR, SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
 from service.problems import EXCEPTION_HANDLERS
 from service.rate_limit import RateLimiter, UnroutedRateLimitMiddleware, parse_networks
@@ -130,10 +131,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
         logging_config=None,  # observability.logging already routes every logger into one JSON stream
     )
+    app.state.allow = allow_table(app)
     # Outermost layer, around routing and error handling, so every response is logged and counted.
     app.asgi_handler = RequestObservabilityMiddleware(
         SecurityHeadersMiddleware(
-            UnroutedRateLimitMiddleware(app.asgi_handler, app.state), hsts_max_age_s=settings.hsts_max_age_s
+            UnroutedRateLimitMiddleware(HeadMiddleware(app.asgi_handler, app), app.state),
+            hsts_max_age_s=settings.hsts_max_age_s,
         )
     )
     return app

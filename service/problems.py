@@ -18,6 +18,7 @@ from observability.requests import CLIENT_CLOSED_REQUEST, CLIENT_DISCONNECTED
 from repositories.database import DatabaseUnavailable, SchemaNotMigrated, TooLargeForDatabase
 from repositories.job_results import JobResultExists, JobResultNotFound, PreconditionFailed
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON
+from service.methods import allow_header
 from service.schemas import JOB_ID_RULE, InvalidParameter, Problem
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -85,7 +86,8 @@ def problem_response(
     """Build an ``application/problem+json`` response.
 
     ``type`` is a ``tag:`` URI (RFC 4151, as RFC 9457 section 3.1.1 suggests for identifiers that
-    are not meant to be dereferenced) when ``slug`` is given, else ``about:blank``.
+    are not meant to be dereferenced) naming ``slug``; without a slug, the status's title names it
+    (``method-not-allowed``, ``content-too-large``, ...), so every problem has our own type.
     """
     return Response(
         content=problem_body(status, detail, request.url.path, slug=slug, **extensions),
@@ -99,8 +101,9 @@ def problem_body(
     status: int, detail: str | None, instance: str, *, slug: str | None = None, **extensions: Any
 ) -> bytes:
     """The JSON text of a problem (see :func:`problem_response`); ``instance`` is the request path."""
+    slug = slug or _TITLES.get(status, "error").lower().replace(" ", "-")
     problem = Problem(
-        type=f"tag:jobresults,2026:problem/{slug}" if slug else "about:blank",
+        type=f"tag:jobresults,2026:problem/{slug}",
         title=_TITLES.get(status, "Error"),
         status=status,
         detail=detail,
@@ -172,13 +175,23 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
         detail = "no such resource"
     if status == 413:
         detail = "request body is larger than the configured limit"
+    headers = dict(exc.headers or {})
     if status == 405:
-        allowed = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow")
+        headers = {name: value for name, value in headers.items() if name.lower() != "allow"}
+        allowed = allow_header(request.app, request.url.path)
+        if allowed:
+            headers["Allow"] = allowed
         detail = (
             f"this method is not allowed here; allowed: {allowed}" if allowed else "this method is not allowed here"
         )
-    headers = dict(exc.headers or {})
-    return problem_response(request, status, detail, headers=headers or None)
+    return problem_response(request, status, _bounded(detail), headers=headers or None)
+
+
+def _bounded(detail: str | None, limit: int = 300) -> str | None:
+    """A framework error's detail, cut to ``limit`` characters (it may quote what the client sent)."""
+    if detail is None or len(detail) <= limit:
+        return detail
+    return detail[:limit] + "..."
 
 
 def _is_job_result_subpath(path: str) -> bool:

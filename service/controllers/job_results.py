@@ -295,12 +295,12 @@ class JobResultController(Controller):
 
         await db.run(unit)
 
-    @put("/", include_in_schema=False, opt={"scope": "results:write"})
+    @put("/", include_in_schema=False, opt={"scope": "results:write", "advertised": False})
     async def put_without_id(self) -> None:
         """``PUT /v1/job-results/`` names no job: 400 saying what a job id is."""
         raise ApiError(400, JOB_ID_RULE, slug="invalid-job-id")
 
-    @delete("/", include_in_schema=False, opt={"scope": "results:write"})
+    @delete("/", include_in_schema=False, opt={"scope": "results:write", "advertised": False})
     async def delete_without_id(self) -> None:
         """``DELETE /v1/job-results/`` names no job: 400 saying what a job id is."""
         raise ApiError(400, JOB_ID_RULE, slug="invalid-job-id")
