@@ -27,6 +27,7 @@ from service.controllers.job_results import JobResultController
 from service.methods import HeadMiddleware, allow_table
 from service.openapi import APP_STATIC_DIR, SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
 from service.problems import EXCEPTION_HANDLERS
+from service.query import check_query
 from service.rate_limit import RateLimiter, UnroutedRateLimitMiddleware, parse_networks
 from service.security_headers import SecurityHeadersMiddleware
 
@@ -123,7 +124,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "exports": Provide(_provide_exports, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
-        guards=[authorize],
+        guards=[authorize, check_query],
         openapi_config=openapi_config(_version()) if settings.docs_enabled else None,
         plugins=[RawJSONSchemaPlugin()],
         request_max_body_size=settings.max_body_bytes,

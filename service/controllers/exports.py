@@ -24,6 +24,7 @@ from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService
 from repositories.database import Database
 from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
+from service.json_fidelity import check_document
 from service.openapi import file_response
 from service.problems import ApiError, problem_responses
 from service.schemas import JOB_ID_RULE, format_timestamp, parse_timestamp
@@ -124,9 +125,15 @@ def requested_by(request: Request[Any, Any, Any]) -> str:
     return f"ip:{client.host}" if client else "ip:unknown"
 
 
-def json_body_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Litestar guard (runs before the body is parsed): the body must be declared JSON (else 415)."""
-    require_json_body(cast("Request[Any, Any, Any]", connection))
+async def json_body_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Litestar guard (runs before the body is parsed): the body is JSON as PUT takes it.
+
+    It must be declared JSON (else 415) and be JSON that PUT would accept too: duplicate keys are
+    refused (422) the same way, not last-wins.
+    """
+    request = cast("Request[Any, Any, Any]", connection)
+    require_json_body(request)
+    check_document(await request.body())
 
 
 def _storage_full() -> ApiError:
