@@ -177,7 +177,7 @@ class JobExportController(Controller):
             "and recording the export happen in one transaction on one snapshot."
         ),
         status_code=201,
-        responses=problem_responses(400, 401, 403, 404, 415, 429, 503, 507),
+        responses=problem_responses(400, 401, 403, 404, 415, 422, 429, 503, 507),
         guards=[json_body_guard],
     )
     async def export_job(
@@ -213,7 +213,7 @@ class ExportController(Controller):
             "survives restarts, and is done when its state is `succeeded` (or `failed`)."
         ),
         status_code=202,
-        responses=problem_responses(400, 401, 403, 415, 429, 503),
+        responses=problem_responses(400, 401, 403, 415, 422, 429, 503),
         guards=[json_body_guard],
     )
     async def create_range_export(

@@ -67,10 +67,11 @@ async def test_a_client_that_disconnects_mid_body_is_499(
     async def send(message: Message) -> None:
         pass
 
-    async with AsyncTestClient(app=app) as client:  # runs the lifespan in this test's event loop
+    async with AsyncTestClient(app=app) as client:
         client_closed, server_errors = _count("499"), _server_errors()
         capfd.readouterr()
-        await app(scope, receive, send)  # type: ignore[arg-type]
+        # In the loop that ran the lifespan (the client's portal), as the app's own requests are.
+        client.blocking_portal.call(app, scope, receive, send)  # type: ignore[arg-type]
         assert _count("499") == client_closed + 1
         assert _server_errors() == server_errors
         lines = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
