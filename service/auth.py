@@ -41,6 +41,10 @@ def new_token() -> tuple[str, str, bytes]:
     return f"{TOKEN_PREFIX}{key_id}_{secret}", key_id, hashlib.sha256(secret.encode()).digest()
 
 
+EXISTING_KEY_MEMORY_S = 3600.0
+"""How long a key id the database returned is remembered as existing (only its id, no secret hash)."""
+
+
 class Authenticator:
     """Resolves Bearer tokens to API keys with a per-process cache.
 
@@ -57,15 +61,18 @@ class Authenticator:
         self.db = db
         self._known: TTLCache[str, ApiKey] = TTLCache(maxsize=max_entries, ttl=ttl_s)
         self._unknown: TTLCache[str, bool] = TTLCache(maxsize=max_entries, ttl=ttl_s)
+        self._existing: TTLCache[str, bool] = TTLCache(maxsize=max_entries, ttl=EXISTING_KEY_MEMORY_S)
 
     async def authenticate(
         self, authorization: str | None, before_lookup: Callable[[], Awaitable[None]] | None = None
     ) -> ApiKey:
         """The live API key named by an ``Authorization: Bearer <token>`` header.
 
-        ``before_lookup`` is awaited once before a key id is looked up anywhere but in ``known`` (the
-        rate limiter counts the request against its IP there, so unknown tokens cannot buy database
-        reads); an exception it raises propagates.
+        ``before_lookup`` is awaited once before a key id is looked up anywhere but in ``known``,
+        unless the database held that key id within the last :data:`EXISTING_KEY_MEMORY_S` (the rate
+        limiter counts the request against its IP there: unknown tokens cannot buy database reads,
+        while a real key's refresh after ``ttl_s`` is not refused because its IP is busy); an
+        exception it raises propagates.
 
         Raises:
             ApiError: 401 with ``WWW-Authenticate: Bearer`` when the header is missing or malformed, or
@@ -80,7 +87,7 @@ class Authenticator:
         key_id, secret = match.groups()
         key = self._known.get(key_id)
         if key is None:
-            if before_lookup is not None:
+            if before_lookup is not None and key_id not in self._existing:
                 await before_lookup()
             key = await self._lookup(key_id)
         digest = hashlib.sha256(secret.encode()).digest()
@@ -102,6 +109,7 @@ class Authenticator:
             self._unknown[key_id] = True
             return None
         self._known[key_id] = key
+        self._existing[key_id] = True
         return key
 
 

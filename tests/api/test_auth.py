@@ -260,7 +260,7 @@ async def test_unknown_tokens_cost_one_read_per_key_id_and_never_evict_known_key
 
 
 async def test_unknown_tokens_count_against_the_ip_before_any_key_lookup(settings: Settings) -> None:
-    app = create_app(msgspec.structs.replace(settings, rate_limit_per_ip="10/second", export_worker=False))
+    app = create_app(msgspec.structs.replace(settings, rate_limit_per_ip="10/minute", export_worker=False))
     async with AsyncTestClient(app=app) as test_client:
         counting = CountingDatabase(app.state.authenticator.db)
         app.state.authenticator.db = counting
@@ -269,3 +269,21 @@ async def test_unknown_tokens_count_against_the_ip_before_any_key_lookup(setting
         ]
         assert statuses == [401] * 10 + [429] * 20
         assert counting.runs == 10  # the refused 20 cost no database read
+
+
+async def test_a_known_keys_refresh_is_not_refused_when_its_ip_is_busy(settings: Settings, database_url: str) -> None:
+    """Random tokens use up the IP's budget; a real key with its own limit keeps working past its TTL."""
+    ttl = 0.3
+    app = create_app(
+        msgspec.structs.replace(settings, rate_limit_per_ip="10/minute", auth_cache_ttl_s=ttl, export_worker=False)
+    )
+    token = make_token(database_url, rate_limit="1000/second")
+    async with AsyncTestClient(app=app) as test_client:
+        assert (await test_client.get("/v1/job-results", headers=bearer(token))).status_code == 200
+        statuses = [
+            (await test_client.get("/v1/job-results", headers=bearer(_unknown_token()))).status_code for _ in range(15)
+        ]
+        assert statuses.count(429) >= 5
+        await asyncio.sleep(ttl + 0.1)  # the key's cache entry expired; the IP is over its limit for a minute
+        assert (await test_client.get("/v1/job-results", headers=bearer(_unknown_token()))).status_code == 429
+        assert (await test_client.get("/v1/job-results", headers=bearer(token))).status_code == 200

@@ -18,8 +18,8 @@ Client = AsyncTestClient[Litestar]
 
 @pytest.fixture
 async def limited(settings: Settings) -> AsyncIterator[Client]:
-    """An in-process app with the default 10/s per IP, counting in memory (one process)."""
-    app = create_app(msgspec.structs.replace(settings, rate_limit_per_ip="10/second", export_worker=False))
+    """An in-process app with 10 requests per minute per IP (a window no slow machine outlasts), in memory."""
+    app = create_app(msgspec.structs.replace(settings, rate_limit_per_ip="10/minute", export_worker=False))
     async with AsyncTestClient(app=app) as test_client:
         yield test_client
 
