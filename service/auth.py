@@ -49,7 +49,8 @@ class Authenticator:
     """Resolves Bearer tokens to API keys with a per-process cache.
 
     Two bounded caches, each entry kept ``ttl_s`` seconds: ``known`` maps a key id to its stored key
-    (secret hash included) and ``unknown`` holds key ids the database does not know. Every request's
+    (secret hash included) and ``unknown`` holds key ids the database does not know; a third,
+    ``existing``, remembers for an hour which key ids the database returned. Every request's
     whole token is checked against the cached key (key id and secret hash), so a valid secret under
     another key id, or a wrong secret under a valid key id, is refused and changes no cache entry.
     Only tokens whose key id the database knows enter ``known``: random tokens fill ``unknown`` and
@@ -125,7 +126,8 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     The route's ``opt["scope"]`` (one scope, or a tuple of scopes that are all needed, see
     :func:`required_scopes`) must be among the caller's API key scopes. Routes without a scope
     (health, docs) are open and unlimited; every ``/v1`` route must declare one. A request counts
-    against its IP before its key is looked up anywhere but in the cache of known keys, so tokens
+    against its IP before its key is looked up anywhere but in the cache of known keys (unless the
+    worker saw that key id exist within the hour: see :meth:`Authenticator.authenticate`), so tokens
     that are malformed, unknown or wrong are all held to the per-IP limit and cannot buy database
     reads. A valid key then counts against its own limit if it has one (which replaces the per-IP
     limit), else against the IP (once) and the per-key limit. With ``JOBRESULTS_AUTH_ENABLED=false``
