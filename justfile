@@ -1,4 +1,5 @@
 # Job Result Service: `just` lists the recipes.
+# Recipes that run a long-lived process `exec` it, so the signals sent to `just` reach it (not a shell).
 
 set dotenv-load := false
 
@@ -29,7 +30,7 @@ down:
 # Follow the service's JSON logs and MySQL's slow-query log together
 [group('stack')]
 logs:
-    docker compose logs --follow api mysql
+    exec docker compose logs --follow api mysql
 
 # Apply schema migrations to JOBRESULTS_DATABASE_URL
 [group('run')]
@@ -39,27 +40,27 @@ migrate: install
 # Serve the API with Granian against JOBRESULTS_DATABASE_URL (no Docker)
 [group('run')]
 serve: install
-    jobresults serve
+    exec jobresults serve
 
 # Run the tests (testcontainers mysql:8.4 with Docker, else JOBRESULTS_TEST_DATABASE_URL); without arguments: all, with the coverage floor
 [group('test')]
 test *args: install
-    pytest {{ if args == "" { "--cov" } else { "" } }} {{ args }}
+    exec pytest {{ if args == "" { "--cov" } else { "" } }} {{ args }}
 
 # Run the in-process tests only (no Granian servers, no CLI processes): the `slow` marker is left out
 [group('test')]
 test-fast *args: install
-    pytest -m "not slow" {{ args }}
+    exec pytest -m "not slow" {{ args }}
 
 # k6 load scenario: 2 Granian workers (auth, rate limits, logs on) on JOBRESULTS_PERF_SERVER, 200 it/s for 30 s
 [group('perf')]
 perf rate="200" duration="30s": install
-    python perf/run_perf.py --rate {{ rate }} --duration {{ duration }}
+    exec python perf/run_perf.py --rate {{ rate }} --duration {{ duration }}
 
 # py-spy on both Granian workers while k6 runs the mix (or one of get, put, list, export) for 15 s
 [group('perf')]
 profile rate="800" mix="mix": install
-    python perf/profile_load.py --rate {{ rate }} --mix {{ mix }}
+    exec python perf/profile_load.py --rate {{ rate }} --mix {{ mix }}
 
 # Lint: ruff, formatting, mypy, hadolint, compose file, OpenAPI drift
 [group('test')]

@@ -182,6 +182,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise SettingsError(
                 f"{PREFIX}TRUSTED_PROXIES={settings.trusted_proxies!r} is invalid: comma-separated IPs or networks"
             ) from None
+        if settings.redis_url is not None and not _is_redis_url(settings.redis_url):
+            raise SettingsError(
+                f"{PREFIX}REDIS_URL={settings.redis_url!r} is invalid: use e.g. redis://127.0.0.1:6379/0 "
+                f"(or rediss://, unix://), or leave the variable unset for no Redis"
+            )
         if settings.workers > 1 and settings.rate_limit_enabled and not settings.redis_url:
             raise SettingsError(
                 f"{PREFIX}WORKERS={settings.workers} needs {PREFIX}REDIS_URL: without a shared store each worker "
@@ -200,6 +205,19 @@ def _is_rate(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_redis_url(url: str) -> bool:
+    """True for ``redis://host[:port][/db]``, ``rediss://...`` or ``unix:///path``."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError when the port is not a number
+    except ValueError:
+        return False
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    db = parts.path.lstrip("/")
+    return parts.scheme in {"redis", "rediss"} and bool(parts.hostname) and (not db or db.isdigit())
 
 
 def _networks(spec: str) -> list[object]:

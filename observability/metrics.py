@@ -24,6 +24,24 @@ from prometheus_client.multiprocess import MultiProcessCollector
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+"""The methods of RFC 9110 and RFC 5789 that are counted under their own name."""
+OTHER_METHOD = "other"
+"""``method`` label of every request whose method is not in :data:`HTTP_METHODS`."""
+UNMATCHED_ROUTE = "unmatched"
+"""``route`` label of requests that matched no route (404, 405), so random paths cannot add series."""
+
+
+def http_labels(method: str, path_template: str | None) -> tuple[str, str]:
+    """The bounded ``(method, route)`` label values of a request.
+
+    ``method`` is the request method if it is one of :data:`HTTP_METHODS`, else ``other``; ``route``
+    is the template of the route that served the request, else ``unmatched``. Every HTTP metric takes
+    its labels from here, so no client can add a series by inventing a method or a path.
+    """
+    return (method if method in HTTP_METHODS else OTHER_METHOD), (path_template or UNMATCHED_ROUTE)
+
+
 HTTP_REQUESTS = Counter(
     "jobresults_http_requests_total",
     "HTTP requests by method, route template and status.",

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "perf"))
 
-from run_perf import RESULTS, prepare  # noqa: E402
+from run_perf import DEFAULT_REDIS, RESULTS, prepare  # noqa: E402
 
 OPERATIONS = ("get", "put", "list", "export", "health")
 
@@ -153,7 +153,7 @@ def main() -> int:
     parser.add_argument(
         "--server", default=os.environ.get("JOBRESULTS_PERF_SERVER", "mysql://root:@127.0.0.1:3306/test")
     )
-    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", DEFAULT_REDIS))
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--log-level", default="info")

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "perf"))
 
-from run_perf import RESULTS, Service, prepare, run_k6  # noqa: E402
+from run_perf import DEFAULT_REDIS, RESULTS, Service, prepare, run_k6  # noqa: E402
 
 RATES = [200, 500, 1000, 1500, 2000, 3000, 4000, 5000]
 P99_TARGET_MS = 50.0
@@ -140,7 +140,7 @@ def main() -> int:
     parser.add_argument(
         "--server", default=os.environ.get("JOBRESULTS_PERF_SERVER", "mysql://root:@127.0.0.1:3306/test")
     )
-    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", DEFAULT_REDIS))
     parser.add_argument("--step", default="15s")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--workers", default="2")

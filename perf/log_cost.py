@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "perf"))
 
-from run_perf import BIN, RESULTS, Service, prepare  # noqa: E402
+from run_perf import BIN, DEFAULT_REDIS, K6_API_ADDRESS, RESULTS, Service, prepare  # noqa: E402
 
 CLOCK = os.sysconf("SC_CLK_TCK")
 
@@ -73,7 +73,7 @@ def measure(url: str, redis: str, requests: int, level: str) -> float:
         script.write_text(SCRIPT)
         before = cpu_seconds(service.proc.pid)
         subprocess.run(
-            [str(BIN / "k6"), "run", "--quiet", str(script)],
+            [str(BIN / "k6"), "run", "--quiet", "--address", K6_API_ADDRESS, str(script)],
             check=True,
             stdout=subprocess.DEVNULL,
             env=dict(os.environ, BASE_URL=service.base, N=str(requests), K6_NO_USAGE_REPORT="true"),
@@ -186,7 +186,7 @@ def main() -> int:
     parser.add_argument(
         "--server", default=os.environ.get("JOBRESULTS_PERF_SERVER", "mysql://root:@127.0.0.1:3306/test")
     )
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", DEFAULT_REDIS))
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--method", choices=("asgi", "granian", "line"), default="asgi")

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "perf"))
 
-from run_perf import BIN, RESULTS, Service, prepare, run_k6  # noqa: E402
+from run_perf import BIN, DEFAULT_REDIS, RESULTS, Service, prepare, run_k6  # noqa: E402
 
 _WRAPPERS = ("jobresults", "service/cli.py", "granian/server/", "multiprocessing/", "threading.py")
 """Frames on every worker stack (process start-up); left out of the summary."""
@@ -89,7 +89,7 @@ def main() -> int:
     parser.add_argument(
         "--server", default=os.environ.get("JOBRESULTS_PERF_SERVER", "mysql://root:@127.0.0.1:3306/test")
     )
-    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", DEFAULT_REDIS))
     parser.add_argument("--rate", type=int, default=800, help="k6 iterations per second")
     parser.add_argument("--duration", type=int, default=15, help="seconds of load (and of sampling)")
     parser.add_argument("--mix", default="mix", help="mix, or one operation alone: get, put, list, export")

@@ -1,12 +1,17 @@
 """`just perf`: the k6 scenario end to end against a production-like local service.
 
-1. creates the database ``jr_perf`` on ``--server`` afresh (dropping an earlier one) and migrates it;
+1. DROPS the database ``--database`` (``JOBRESULTS_PERF_DATABASE``, default ``jr_perf``) on ``--server``
+   (``JOBRESULTS_PERF_SERVER``) with everything in it, creates it afresh and migrates it;
 2. makes two API keys: the load's key, with a rate limit above the test rate, and a key held to the
    10/s per-IP default (the limiter scenario shows it getting 429s);
 3. seeds ``--seed`` stored results from ../shared/realdata and writes the PUT payloads for k6;
 4. starts Granian with production settings: 2 workers, JSON logging, auth and rate limiting on
    (counters in Redis);
-5. runs k6 (perf/k6/mix.js) and writes its summary to perf/results/k6-summary-<time>.json.
+5. runs k6 (perf/k6/mix.js) and writes its summary to perf/results/k6-summary-<time>.json. k6's own
+   REST API listens on a free loopback port, so runs on one machine do not collide on 6565.
+
+Rate-limit counters go to ``--redis`` (``JOBRESULTS_PERF_REDIS``), by default Redis db 15 on
+127.0.0.1, away from db 0 that a local service or the test suite uses.
 
 Exits with k6's status: non-zero when a threshold is crossed. Targets only loopback.
 
@@ -19,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +48,23 @@ from service.operator import create_key  # noqa: E402
 BIN = Path(sys.executable).parent
 MAX_PAYLOAD = 100_000
 RESULTS = ROOT / "perf" / "results"
+DEFAULT_SERVER = "mysql://root:@127.0.0.1:3306/test"
+DEFAULT_DATABASE = "jr_perf"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
+K6_API_ADDRESS = "127.0.0.1:0"
+"""k6's REST API on any free loopback port (its default, localhost:6565, collides between runs)."""
+_DATABASE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def database_name(value: str) -> str:
+    """``value`` if it is a plain MySQL database name (``A-Z a-z 0-9 _``, 1-64 characters).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (it is interpolated into ``DROP DATABASE``).
+    """
+    if not _DATABASE_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a database name of 1-64 characters A-Z a-z 0-9 _")
+    return value
 
 
 def realdata() -> Path:
@@ -71,10 +94,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def prepare(server_url: str, seed: int) -> tuple[str, dict[str, str], Path, str, str]:
-    """Database, keys, seeded rows and payload file; returns (database URL, tokens, payloads, range)."""
+def prepare(server_url: str, seed: int, database: str = DEFAULT_DATABASE) -> tuple[str, dict[str, str], Path, str, str]:
+    """Database, keys, seeded rows and payload file; returns (database URL, tokens, payloads, range).
+
+    ``database`` on ``server_url`` is dropped with everything in it and created afresh.
+    """
+    database = database_name(database)
     server = DatabaseURL.parse(server_url)
-    url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/jr_perf"
+    url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/{database}"
+    print(f"perf: dropping and re-creating database {database} on {server.host}:{server.port}", file=sys.stderr)
     conn = pymysql.connect(
         host=server.host,
         port=server.port,
@@ -86,11 +114,11 @@ def prepare(server_url: str, seed: int) -> tuple[str, dict[str, str], Path, str,
     with conn.cursor() as cur:
         # A fresh database each run: the rows PUT by earlier runs would otherwise pile up (GBs after a
         # day of runs, far beyond the default 128 MB buffer pool) and change what is measured.
-        cur.execute("DROP DATABASE IF EXISTS jr_perf")
-        cur.execute("CREATE DATABASE jr_perf CHARACTER SET utf8mb4")
+        cur.execute(f"DROP DATABASE IF EXISTS `{database}`")
+        cur.execute(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4")
     shutil.rmtree(RESULTS / "exports", ignore_errors=True)
     apply_migrations(Settings.from_env({}, database_url=url))
-    conn.select_db("jr_perf")
+    conn.select_db(database)
     tokens = {}
     settings = Settings.from_env({}, database_url=url)
     for name, limit in (("perf-load", "100000/second"), ("perf-limited", None)):
@@ -202,30 +230,41 @@ def run_k6(
         K6_NO_USAGE_REPORT="true",
         **extra,
     )
-    command = [
-        str(BIN / "k6"),
-        "run",
-        "--quiet",
-        "--summary-export",
-        str(summary),
-        str(ROOT / "perf" / "k6" / "mix.js"),
-    ]
+    command = k6_command(summary, ROOT / "perf" / "k6" / "mix.js")
     output = subprocess.DEVNULL if quiet else None
     return subprocess.run(command, env=k6_env, check=False, stdout=output, stderr=output).returncode
 
 
+def k6_command(summary: Path, script: Path) -> list[str]:
+    """``k6 run`` of ``script``, its summary written to ``summary``, its REST API on a free port."""
+    return [
+        str(BIN / "k6"),
+        "run",
+        "--quiet",
+        "--address",
+        K6_API_ADDRESS,
+        "--summary-export",
+        str(summary),
+        str(script),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--server", default=os.environ.get("JOBRESULTS_PERF_SERVER", DEFAULT_SERVER))
     parser.add_argument(
-        "--server", default=os.environ.get("JOBRESULTS_PERF_SERVER", "mysql://root:@127.0.0.1:3306/test")
+        "--database",
+        type=database_name,
+        default=os.environ.get("JOBRESULTS_PERF_DATABASE", DEFAULT_DATABASE),
+        help="database on --server that is DROPPED and re-created (default jr_perf)",
     )
-    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--redis", default=os.environ.get("JOBRESULTS_PERF_REDIS", DEFAULT_REDIS))
     parser.add_argument("--rate", default=os.environ.get("RATE", "200"))
     parser.add_argument("--duration", default=os.environ.get("DURATION", "30s"))
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--workers", default="2")
     args = parser.parse_args()
-    url, tokens, payload_file, range_from, range_to = prepare(args.server, args.seed)
+    url, tokens, payload_file, range_from, range_to = prepare(args.server, args.seed, args.database)
     service = Service(url, args.redis, args.workers)
     try:
         summary = RESULTS / f"k6-summary-{datetime.now():%Y%m%dT%H%M%S}.json"

@@ -38,6 +38,7 @@ from observability.metrics import (
     DB_RETRIES,
     DB_UNIT_DURATION,
 )
+from observability.retries import log_retry
 
 T = TypeVar("T")
 log = structlog.get_logger("jobresults.db")
@@ -94,7 +95,7 @@ def error_code(exc: BaseException) -> int | None:
 
 def is_transient(exc: Exception) -> bool:
     """True for the errors a retry can cure: deadlock 1213, lock wait 1205, lost connection 2006/2013."""
-    # stamina logs each scheduled retry itself (``stamina.retry_scheduled``) through structlog.
+    # Each scheduled retry is logged as ``db.retry_scheduled`` (observability.retries).
     return error_code(exc) in TRANSIENT_ERRORS
 
 
@@ -102,10 +103,11 @@ def _count_retry(details: stamina.instrumentation.RetryDetails) -> None:
     DB_RETRIES.labels(str(error_code(details.caused_by))).inc()
 
 
-# Keep stamina's own hooks (a structlog line and stamina_retries_total per retry) and add ours.
+# stamina_retries_total per retry, our log line (unit, attempt, error code; stamina's own logs object
+# reprs) and our counter.
 stamina.instrumentation.set_on_retry_hooks(
     [
-        stamina.instrumentation.StructlogOnRetryHook,
+        log_retry,
         stamina.instrumentation.PrometheusOnRetryHook,
         _count_retry,
     ]

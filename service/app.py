@@ -24,9 +24,11 @@ from service.auth import Authenticator, authorize
 from service.controllers.exports import ExportController, JobExportController
 from service.controllers.health import healthz, metrics, readyz
 from service.controllers.job_results import JobResultController
+from service.methods import HeadMiddleware, allow_table
 from service.openapi import APP_STATIC_DIR, SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
 from service.problems import EXCEPTION_HANDLERS
-from service.rate_limit import RateLimiter, parse_networks
+from service.query import check_query
+from service.rate_limit import RateLimiter, UnroutedRateLimitMiddleware, parse_networks
 from service.security_headers import SecurityHeadersMiddleware
 
 log = structlog.get_logger("jobresults.app")
@@ -122,7 +124,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "exports": Provide(_provide_exports, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
-        guards=[authorize],
+        guards=[authorize, check_query],
         openapi_config=openapi_config(_version()) if settings.docs_enabled else None,
         plugins=[RawJSONSchemaPlugin()],
         request_max_body_size=settings.max_body_bytes,
@@ -130,8 +132,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
         logging_config=None,  # observability.logging already routes every logger into one JSON stream
     )
+    app.state.allow = allow_table(app)
     # Outermost layer, around routing and error handling, so every response is logged and counted.
     app.asgi_handler = RequestObservabilityMiddleware(
-        SecurityHeadersMiddleware(app.asgi_handler, hsts_max_age_s=settings.hsts_max_age_s)
+        SecurityHeadersMiddleware(
+            UnroutedRateLimitMiddleware(HeadMiddleware(app.asgi_handler, app), app.state),
+            hsts_max_age_s=settings.hsts_max_age_s,
+        )
     )
     return app

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cachetools import TTLCache
@@ -39,19 +40,39 @@ def new_token() -> tuple[str, str, bytes]:
     return f"{TOKEN_PREFIX}{key_id}_{secret}", key_id, hashlib.sha256(secret.encode()).digest()
 
 
+EXISTING_KEY_MEMORY_S = 3600.0
+"""How long a key id the database returned is remembered as existing (only its id, no secret hash)."""
+
+
 class Authenticator:
     """Resolves Bearer tokens to API keys with a per-process cache.
 
-    A key (or the absence of one) is cached for ``ttl_s`` seconds, at most ``max_entries`` of them: a
-    revoked key stops working within ``ttl_s``. Only a cache miss costs a database round trip.
+    Two bounded caches, each entry kept ``ttl_s`` seconds: ``known`` maps a key id to its stored key
+    (secret hash included) and ``unknown`` holds key ids the database does not know; a third,
+    ``existing``, remembers for an hour which key ids the database returned. Every request's
+    whole token is checked against the cached key (key id and secret hash), so a valid secret under
+    another key id, or a wrong secret under a valid key id, is refused and changes no cache entry.
+    Only tokens whose key id the database knows enter ``known``: random tokens fill ``unknown`` and
+    never evict a real key. A key id costs at most one database read per ``ttl_s`` whichever way it
+    resolves; a revoked key stops working within ``ttl_s``.
     """
 
     def __init__(self, db: Database, ttl_s: float, max_entries: int = 10_000) -> None:
         self.db = db
-        self._cache: TTLCache[str, ApiKey | None] = TTLCache(maxsize=max_entries, ttl=ttl_s)
+        self._known: TTLCache[str, ApiKey] = TTLCache(maxsize=max_entries, ttl=ttl_s)
+        self._unknown: TTLCache[str, bool] = TTLCache(maxsize=max_entries, ttl=ttl_s)
+        self._existing: TTLCache[str, bool] = TTLCache(maxsize=max_entries, ttl=EXISTING_KEY_MEMORY_S)
 
-    async def authenticate(self, authorization: str | None) -> ApiKey:
+    async def authenticate(
+        self, authorization: str | None, before_lookup: Callable[[], Awaitable[None]] | None = None
+    ) -> ApiKey:
         """The live API key named by an ``Authorization: Bearer <token>`` header.
+
+        ``before_lookup`` is awaited once before a key id is looked up anywhere but in ``known``,
+        unless the database held that key id within the last :data:`EXISTING_KEY_MEMORY_S` (the rate
+        limiter counts the request against its IP there: unknown tokens cannot buy database reads,
+        while a real key's refresh after ``ttl_s`` is not refused because its IP is busy); an
+        exception it raises propagates.
 
         Raises:
             ApiError: 401 with ``WWW-Authenticate: Bearer`` when the header is missing or malformed, or
@@ -64,24 +85,32 @@ class Authenticator:
         if match is None:
             raise ApiError(401, "the API key is missing or malformed", slug="unauthenticated", headers=_CHALLENGE)
         key_id, secret = match.groups()
+        key = self._known.get(key_id)
+        if key is None:
+            if before_lookup is not None and key_id not in self._existing:
+                await before_lookup()
+            key = await self._lookup(key_id)
         digest = hashlib.sha256(secret.encode()).digest()
-        cache_key = digest.hex()
-        if cache_key in self._cache:
-            key = self._cache[cache_key]
-        else:
-            key = await self._load(key_id)
-            if key is not None and not hmac.compare_digest(key.secret_sha256, digest):
-                key = None
-            self._cache[cache_key] = key
-        if key is None or key.revoked_at is not None:
+        if (
+            key is None
+            or key.key_id != key_id
+            or not hmac.compare_digest(key.secret_sha256, digest)
+            or key.revoked_at is not None
+        ):
             raise ApiError(401, "the API key is unknown or revoked", slug="unauthenticated", headers=_CHALLENGE)
         return key
 
-    async def _load(self, key_id: str) -> ApiKey | None:
-        try:
-            return await self.db.run(lambda conn: ApiKeyRepository(conn).get(key_id), transaction=False)
-        except ApiKeyNotFound:
+    async def _lookup(self, key_id: str) -> ApiKey | None:
+        if key_id in self._unknown:
             return None
+        try:
+            key = await self.db.run(lambda conn: ApiKeyRepository(conn).get(key_id), transaction=False)
+        except ApiKeyNotFound:
+            self._unknown[key_id] = True
+            return None
+        self._known[key_id] = key
+        self._existing[key_id] = True
+        return key
 
 
 @functools.lru_cache(maxsize=256)
@@ -93,15 +122,20 @@ def _parsed_limit(spec: str) -> RateLimitItem:
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """Litestar guard: client IP, rate limit, API key and scope, in that order.
 
-    The route's ``opt["scope"]`` must be one of the caller's API key scopes. Routes without a scope
-    (health, docs) are open and unlimited; every ``/v1`` route must declare one. Requests without a
-    valid key count against the per-IP limit before they get their 401. With
-    ``JOBRESULTS_AUTH_ENABLED=false`` keys are not checked (benchmarks of the bare service).
+    The route's ``opt["scope"]`` (one scope, or a tuple of scopes that are all needed, see
+    :func:`required_scopes`) must be among the caller's API key scopes. Routes without a scope
+    (health, docs) are open and unlimited; every ``/v1`` route must declare one. A request counts
+    against its IP before its key is looked up anywhere but in the cache of known keys (unless the
+    worker saw that key id exist within the hour: see :meth:`Authenticator.authenticate`), so tokens
+    that are malformed, unknown or wrong are all held to the per-IP limit and cannot buy database
+    reads. A valid key then counts against its own limit if it has one (which replaces the per-IP
+    limit), else against the IP (once) and the per-key limit. With ``JOBRESULTS_AUTH_ENABLED=false``
+    keys are not checked (benchmarks of the bare service).
 
     Raises:
         ApiError: 401 (no valid key), 403 (the key lacks the scope), 429 (rate limit).
     """
-    needed = handler.opt.get("scope")
+    needed: str | tuple[str, ...] | None = handler.opt.get("scope")
     path = connection.scope["path"]
     is_options = connection.scope.get("method") == "OPTIONS"
     if needed is None and not (is_options and path.startswith("/v1")):
@@ -109,32 +143,51 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
             raise ApiError(403, "this operation declares no scope", slug="forbidden")
         return
     state = connection.app.state
-    client = connection.scope.get("client")
-    ip = client_ip(client[0] if client else None, connection.headers, state.trusted_proxies)
-    connection.scope["state"]["client_ip"] = ip
+    ip = request_ip(connection)
     limiter: RateLimiter | None = state.rate_limiter
-    if is_options:
+    ip_counted = False
+
+    async def count_ip() -> None:
+        nonlocal ip_counted
+        if limiter is not None and not ip_counted:
+            ip_counted = True
+            await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)
+
+    if is_options or not state.settings.auth_enabled:
         # Litestar's automatic OPTIONS answers only with the Allow header: open, but counted per IP.
-        if limiter is not None:
-            await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)
-        return
-    if not state.settings.auth_enabled:
-        if limiter is not None:
-            await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)
+        await count_ip()
         return
     try:
-        key = await state.authenticator.authenticate(connection.headers.get("authorization"))
+        key = await state.authenticator.authenticate(connection.headers.get("authorization"), before_lookup=count_ip)
     except ApiError:
-        if limiter is not None:
-            await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)
+        await count_ip()
         raise
     connection.scope["state"]["api_key_id"] = key.key_id
     if limiter is not None:
         if key.rate_limit:
             await limiter.enforce("key", key.key_id, _parsed_limit(key.rate_limit))
         else:
-            await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)
+            await count_ip()
             if limiter.per_key is not None:
                 await limiter.enforce("key", key.key_id, limiter.per_key)
-    if needed not in key.scopes:
-        raise ApiError(403, f"the API key lacks the scope {needed}", slug="forbidden")
+    missing = [scope for scope in required_scopes(needed or ()) if scope not in key.scopes]
+    if missing:
+        raise ApiError(403, f"the API key lacks the scope {' and '.join(missing)}", slug="forbidden")
+
+
+def required_scopes(needed: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The scopes a route's ``opt["scope"]`` asks for: one scope name, or a tuple the key needs all of."""
+    return (needed,) if isinstance(needed, str) else tuple(needed)
+
+
+def request_ip(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """The client address of a request (see :func:`service.rate_limit.client_ip`), stored in its state."""
+    scope = connection.scope
+    state = scope.setdefault("state", {})
+    if "client_ip" not in state:
+        client = scope.get("client")
+        state["client_ip"] = client_ip(
+            client[0] if client else None, connection.headers, connection.app.state.trusted_proxies
+        )
+    ip: str = state["client_ip"]
+    return ip

@@ -44,6 +44,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from granian.constants import Interfaces, Loops
 
     settings = _settings()
+    in_use = address_in_use(settings.host, settings.port)
+    if in_use is not None:
+        print(
+            f"jobresults: cannot serve on {settings.host}:{settings.port} (JOBRESULTS_HOST, JOBRESULTS_PORT): "
+            f"{in_use}; stop the other server or choose another JOBRESULTS_PORT",
+            file=sys.stderr,
+        )
+        return 1
     # Metrics of every worker go to one directory that /metrics adds up; start it empty. This must
     # happen before prometheus_client is imported here: workers forked from this process inherit
     # the value class it chose at import time.
@@ -76,6 +84,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if own_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def address_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served (e.g. another process listens there), or None if it can.
+
+    Granian's workers listen with ``SO_REUSEPORT``, so the kernel would let a second server share the
+    port of a running one and split the connections between the two. A probe socket bound *without*
+    ``SO_REUSEPORT`` (``SO_REUSEADDR`` only, so connections left in TIME_WAIT do not count) fails
+    while any process listens on the address. Port 0 (any free port) is never in use.
+    """
+    import errno
+    import socket
+
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"the address does not resolve ({exc.strerror})"
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return "another process is already listening on it"
+                return exc.strerror or str(exc)
+    return None
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:

@@ -12,11 +12,13 @@ import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.types import ExceptionHandlersMap
+from litestar.types import ExceptionHandlersMap, Send
 
+from observability.requests import CLIENT_CLOSED_REQUEST, CLIENT_DISCONNECTED
 from repositories.database import CommitOutcomeUnknown, DatabaseUnavailable, SchemaNotMigrated, TooLargeForDatabase
 from repositories.job_results import JobResultExists, JobResultNotFound, PreconditionFailed
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON
+from service.methods import allow_header
 from service.schemas import JOB_ID_RULE, InvalidParameter, Problem
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -35,6 +37,7 @@ _TITLES = {
     416: "Range Not Satisfiable",
     422: "Unprocessable Content",
     429: "Too Many Requests",
+    499: "Client Closed Request",
     500: "Internal Server Error",
     503: "Service Unavailable",
     507: "Insufficient Storage",
@@ -83,22 +86,43 @@ def problem_response(
     """Build an ``application/problem+json`` response.
 
     ``type`` is a ``tag:`` URI (RFC 4151, as RFC 9457 section 3.1.1 suggests for identifiers that
-    are not meant to be dereferenced) when ``slug`` is given, else ``about:blank``.
+    are not meant to be dereferenced) naming ``slug``; without a slug, the status's title names it
+    (``method-not-allowed``, ``content-too-large``, ...), so every problem has our own type.
     """
-    problem = Problem(
-        type=f"tag:jobresults,2026:problem/{slug}" if slug else "about:blank",
-        title=_TITLES.get(status, "Error"),
-        status=status,
-        detail=detail,
-        instance=request.url.path,
-        **extensions,
-    )
     return Response(
-        content=msgspec.json.encode(problem),
+        content=problem_body(status, detail, request.url.path, slug=slug, **extensions),
         status_code=status,
         media_type=PROBLEM_MEDIA_TYPE,
         headers=headers,
     )
+
+
+def problem_body(
+    status: int, detail: str | None, instance: str, *, slug: str | None = None, **extensions: Any
+) -> bytes:
+    """The JSON text of a problem (see :func:`problem_response`); ``instance`` is the request path."""
+    slug = slug or _TITLES.get(status, "error").lower().replace(" ", "-")
+    problem = Problem(
+        type=f"tag:jobresults,2026:problem/{slug}",
+        title=_TITLES.get(status, "Error"),
+        status=status,
+        detail=detail,
+        instance=instance,
+        **extensions,
+    )
+    return msgspec.json.encode(problem)
+
+
+async def send_api_error(exc: ApiError, path: str, send: Send) -> None:
+    """Answer an ASGI request with ``exc`` as problem+json, outside Litestar (for ASGI middleware)."""
+    body = problem_body(exc.status, exc.detail, path, slug=exc.slug, **exc.extensions)
+    headers = [
+        (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in exc.headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 INTERNAL_ERROR_DETAIL = "the server failed to handle the request; the X-Request-ID header names it in the server's logs"
@@ -128,7 +152,17 @@ def _validation_error(request: Request[Any, Any, Any], exc: ValidationException)
     return problem_response(request, 400, detail, slug="invalid-request", errors=errors or None)
 
 
+def _client_gone(request: Request[Any, Any, Any]) -> Response[bytes] | None:
+    """A 499 problem (never sent: nobody is listening) if the client has disconnected, else None."""
+    if not request.scope.get("state", {}).get(CLIENT_DISCONNECTED):
+        return None
+    log.info("http.client_disconnected", path=request.url.path, method=request.method)
+    return problem_response(request, CLIENT_CLOSED_REQUEST, "the client closed the connection", slug="client-closed")
+
+
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    if (gone := _client_gone(request)) is not None:
+        return gone
     status = exc.status_code
     if isinstance(exc, NotFoundException) and _is_job_result_subpath(request.url.path):
         # /v1/job-results/a/b: a job id with a slash never matches a route; say what is allowed.
@@ -141,13 +175,23 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
         detail = "no such resource"
     if status == 413:
         detail = "request body is larger than the configured limit"
+    headers = dict(exc.headers or {})
     if status == 405:
-        allowed = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow")
+        headers = {name: value for name, value in headers.items() if name.lower() != "allow"}
+        allowed = allow_header(request.app, request.url.path)
+        if allowed:
+            headers["Allow"] = allowed
         detail = (
             f"this method is not allowed here; allowed: {allowed}" if allowed else "this method is not allowed here"
         )
-    headers = dict(exc.headers or {})
-    return problem_response(request, status, detail, headers=headers or None)
+    return problem_response(request, status, _bounded(detail), headers=headers or None)
+
+
+def _bounded(detail: str | None, limit: int = 300) -> str | None:
+    """A framework error's detail, cut to ``limit`` characters (it may quote what the client sent)."""
+    if detail is None or len(detail) <= limit:
+        return detail
+    return detail[:limit] + "..."
 
 
 def _is_job_result_subpath(path: str) -> bool:
@@ -160,6 +204,8 @@ def _invalid_parameter(request: Request[Any, Any, Any], exc: InvalidParameter) -
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if (gone := _client_gone(request)) is not None:
+        return gone
     log.exception("http.unhandled_exception", path=request.url.path, method=request.method)
     return problem_response(request, 500, INTERNAL_ERROR_DETAIL)
 

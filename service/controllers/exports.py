@@ -24,6 +24,7 @@ from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService
 from repositories.database import Database
 from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
+from service.json_fidelity import check_document
 from service.openapi import file_response
 from service.problems import ApiError, problem_responses
 from service.schemas import JOB_ID_RULE, format_timestamp, parse_timestamp
@@ -38,7 +39,9 @@ MEDIA_TYPES = {
     "csv": "text/csv",
 }  # Litestar appends "; charset=utf-8" to text/*
 READ_CHUNK = 256 * 1024
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+EXPORT_WRITE_SCOPES = ("exports:write", "results:read")
+"""Creating an export needs both: an export hands out job results, so it needs the right to read them."""
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 class JobExportRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -122,9 +125,15 @@ def requested_by(request: Request[Any, Any, Any]) -> str:
     return f"ip:{client.host}" if client else "ip:unknown"
 
 
-def json_body_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Litestar guard (runs before the body is parsed): the body must be declared JSON (else 415)."""
-    require_json_body(cast("Request[Any, Any, Any]", connection))
+async def json_body_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Litestar guard (runs before the body is parsed): the body is JSON as PUT takes it.
+
+    It must be declared JSON (else 415) and be JSON that PUT would accept too: duplicate keys are
+    refused (422) the same way, not last-wins.
+    """
+    request = cast("Request[Any, Any, Any]", connection)
+    require_json_body(request)
+    check_document(await request.body())
 
 
 def _storage_full() -> ApiError:
@@ -161,14 +170,14 @@ class JobExportController(Controller):
 
     @post(
         "/{job_id:str}/exports",
-        opt={"scope": "exports:write"},
+        opt={"scope": EXPORT_WRITE_SCOPES},
         summary="Export one job's result to a file",
         description=(
             "Synchronous: 201 with the export record once the file is complete and recorded. Reading the job "
             "and recording the export happen in one transaction on one snapshot."
         ),
         status_code=201,
-        responses=problem_responses(400, 401, 403, 404, 415, 429, 503, 507),
+        responses=problem_responses(400, 401, 403, 404, 415, 422, 429, 503, 507),
         guards=[json_body_guard],
     )
     async def export_job(
@@ -197,14 +206,14 @@ class ExportController(Controller):
 
     @post(
         "/",
-        opt={"scope": "exports:write"},
+        opt={"scope": EXPORT_WRITE_SCOPES},
         summary="Export a time range of job results to a file (asynchronous)",
         description=(
             "202 Accepted with `Location: /v1/exports/{export_id}`. The export runs in the background, "
             "survives restarts, and is done when its state is `succeeded` (or `failed`)."
         ),
         status_code=202,
-        responses=problem_responses(400, 401, 403, 415, 429, 503),
+        responses=problem_responses(400, 401, 403, 415, 422, 429, 503),
         guards=[json_body_guard],
     )
     async def create_range_export(
@@ -367,17 +376,33 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | Literal["ignore"] 
     if size == 0:
         return None
     if not first:  # suffix: the last N bytes
-        length = int(last)
+        length = header_number(last)
         if length == 0:
             return None
         return max(0, size - length), size - 1
-    start = int(first)
-    if last and int(last) < start:
+    start = header_number(first)
+    if last and header_number(last) < start:
         return "ignore"
     if start >= size:
         return None
-    end = min(int(last), size - 1) if last else size - 1
+    end = min(header_number(last), size - 1) if last else size - 1
     return start, end
+
+
+HEADER_NUMBER_MAX = 2**63 - 1
+"""Header numbers are read up to this value (no file is larger); bigger ones count as this value."""
+
+
+def header_number(digits: str) -> int:
+    """A run of ASCII digits from a header as an int, capped at :data:`HEADER_NUMBER_MAX`.
+
+    Never raises on length: CPython refuses to convert strings of more than 4300 digits, and a client
+    chooses how many it sends. Leading zeros are dropped before the length is judged.
+    """
+    significant = digits.lstrip("0")
+    if len(significant) > len(str(HEADER_NUMBER_MAX)):
+        return HEADER_NUMBER_MAX
+    return min(int(significant or "0"), HEADER_NUMBER_MAX)
 
 
 async def _read(path: Path, start: int, stop: int) -> AsyncIterator[bytes]:

@@ -10,6 +10,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, put
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIFormat
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 
 from repositories.database import Connection, Database
@@ -88,12 +89,17 @@ def _encode_cursor(meta: JobResultMeta) -> str:
 
 
 def _decode_cursor(value: str) -> Cursor:
+    invalid = ApiError(
+        400, "cursor is not valid: pass the next_cursor of a previous page unchanged", slug="invalid-request"
+    )
     try:
-        return _CURSOR_DECODER.decode(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+        cursor = _CURSOR_DECODER.decode(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
     except (binascii.Error, ValueError, msgspec.DecodeError):
-        raise ApiError(
-            400, "cursor is not valid: pass the next_cursor of a previous page unchanged", slug="invalid-request"
-        ) from None
+        raise invalid from None
+    if cursor.created_at.tzinfo is not None:
+        # We write naive UTC; a UTC offset in a cursor was forged and would be dropped by the driver.
+        raise invalid
+    return cursor
 
 
 def _decode_write(body: bytes) -> tuple[JobResultWrite, str]:
@@ -218,10 +224,12 @@ class JobResultController(Controller):
         self,
         db: NamedDependency[Database],
         created_from: Annotated[
-            str | None, QueryParameter(description="Inclusive lower bound, RFC 3339 with offset.")
+            str | None,
+            QueryParameter(description="Inclusive lower bound, RFC 3339 with offset.", format=OpenAPIFormat.DATE_TIME),
         ] = None,
         created_to: Annotated[
-            str | None, QueryParameter(description="Exclusive upper bound, RFC 3339 with offset.")
+            str | None,
+            QueryParameter(description="Exclusive upper bound, RFC 3339 with offset.", format=OpenAPIFormat.DATE_TIME),
         ] = None,
         status: Annotated[
             Literal["succeeded", "failed", "cancelled"] | None, QueryParameter(description="Only this status.")
@@ -295,12 +303,12 @@ class JobResultController(Controller):
 
         await db.run(unit)
 
-    @put("/", include_in_schema=False, opt={"scope": "results:write"})
+    @put("/", include_in_schema=False, opt={"scope": "results:write", "advertised": False})
     async def put_without_id(self) -> None:
         """``PUT /v1/job-results/`` names no job: 400 saying what a job id is."""
         raise ApiError(400, JOB_ID_RULE, slug="invalid-job-id")
 
-    @delete("/", include_in_schema=False, opt={"scope": "results:write"})
+    @delete("/", include_in_schema=False, opt={"scope": "results:write", "advertised": False})
     async def delete_without_id(self) -> None:
         """``DELETE /v1/job-results/`` names no job: 400 saying what a job id is."""
         raise ApiError(400, JOB_ID_RULE, slug="invalid-job-id")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import secrets
 import subprocess
+from typing import Any
 
 import msgspec
 import pytest
@@ -14,25 +16,28 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from config.settings import Settings
+from repositories.database import Database
 from service.app import create_app
+from service.auth import Authenticator
 from service.operator import create_key, revoke_key
+from service.problems import ApiError
 from tests.conftest import ALL_SCOPES, connect, make_token
 from tests.support.servers import JOBRESULTS, service_env
 
 Client = AsyncTestClient[Litestar]
 
-# (method, path template, body, scope the operation needs)
+# (method, path template, body, scope the operation needs: one, or a tuple of scopes all needed)
 OPERATIONS = [
     ("GET", "/v1/job-results/{job}", None, "results:read"),
     ("GET", "/v1/job-results", None, "results:read"),
     ("PUT", "/v1/job-results/{job}", {"status": "succeeded", "result": 1}, "results:write"),
     ("DELETE", "/v1/job-results/{job}-gone", None, "results:write"),
-    ("POST", "/v1/job-results/{job}/exports", {"format": "json"}, "exports:write"),
+    ("POST", "/v1/job-results/{job}/exports", {"format": "json"}, ("exports:write", "results:read")),
     (
         "POST",
         "/v1/exports",
         {"format": "json", "created_from": "2020-01-01T00:00:00Z", "created_to": "2020-01-02T00:00:00Z"},
-        "exports:write",
+        ("exports:write", "results:read"),
     ),
     ("GET", "/v1/exports", None, "exports:read"),
     ("GET", "/v1/exports/" + "0" * 32, None, "exports:read"),
@@ -86,7 +91,27 @@ async def test_each_scope_opens_exactly_its_operations(
             assert response.status_code not in (401, 403), (method, path, response.text)
         else:
             assert response.status_code == 403, (method, path, scope, response.text)
-            assert needed in response.json()["detail"]
+            for missing in set(needed if isinstance(needed, tuple) else (needed,)) - {scope}:
+                assert missing in response.json()["detail"]
+
+
+async def test_creating_an_export_also_needs_results_read(
+    anonymous: Anonymous, database_url: str, client: Client, job_id: str
+) -> None:
+    """An export hands out job results: exports:write alone must not read what results:read guards."""
+    await client.put(f"/v1/job-results/{job_id}", json={"status": "succeeded", "result": 1})
+    range_body = {"format": "json", "created_from": "2020-01-01T00:00:00Z", "created_to": "2020-01-02T00:00:00Z"}
+    without = bearer(make_token(database_url, ("exports:write", "exports:read")))
+    job = await anonymous.request("POST", f"/v1/job-results/{job_id}/exports", json={"format": "json"}, headers=without)
+    assert job.status_code == 403
+    assert "results:read" in job.json()["detail"]
+    ranged = await anonymous.request("POST", "/v1/exports", json=range_body, headers=without)
+    assert ranged.status_code == 403
+    assert "results:read" in ranged.json()["detail"]
+    both = bearer(make_token(database_url, ("exports:write", "results:read")))
+    job = await anonymous.request("POST", f"/v1/job-results/{job_id}/exports", json={"format": "json"}, headers=both)
+    assert job.status_code == 201, job.text
+    assert (await anonymous.request("POST", "/v1/exports", json=range_body, headers=both)).status_code == 202
 
 
 @pytest.mark.parametrize(
@@ -187,3 +212,91 @@ def test_keys_cli_creates_lists_and_revokes(database_url: str) -> None:
     assert bad.returncode == 2
     assert "results:read" in bad.stderr
     assert run("revoke", "ffffffffffff").returncode == 1
+
+
+# --- the key cache: the whole token is checked, unknown tokens cost one read and evict nothing ------
+
+
+class CountingDatabase:
+    """The real session Database, counting the units of work run through it (a spy, not a stand-in)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.runs = 0
+
+    async def run(self, work, **kwargs: Any):  # type: ignore[no-untyped-def]
+        self.runs += 1
+        return await self.db.run(work, **kwargs)
+
+
+def _unknown_token() -> str:
+    return f"jr_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
+async def test_a_valid_secret_under_another_key_id_is_refused(anonymous: Anonymous, database_url: str) -> None:
+    token = make_token(database_url)
+    secret = token.split("_", 2)[2]
+    # First under a wrong key id: must not poison the cache for the real token.
+    assert (await anonymous.get("/v1/job-results", headers=bearer(f"jr_000000000000_{secret}"))).status_code == 401
+    assert (await anonymous.get("/v1/job-results", headers=bearer(token))).status_code == 200
+    # Then, with the real key cached, a wrong key id is still refused.
+    assert (await anonymous.get("/v1/job-results", headers=bearer(f"jr_000000000000_{secret}"))).status_code == 401
+    other_id = make_token(database_url).split("_")[1]
+    assert (await anonymous.get("/v1/job-results", headers=bearer(f"jr_{other_id}_{secret}"))).status_code == 401
+    assert (await anonymous.get("/v1/job-results", headers=bearer(token))).status_code == 200
+
+
+async def test_unknown_tokens_cost_one_read_per_key_id_and_never_evict_known_keys(
+    db: Database, database_url: str
+) -> None:
+    counting = CountingDatabase(db)
+    authenticator = Authenticator(counting, ttl_s=60, max_entries=4)  # type: ignore[arg-type]
+    token = make_token(database_url)
+    assert (await authenticator.authenticate(f"Bearer {token}")).key_id == token.split("_")[1]
+    assert counting.runs == 1
+    unknown = _unknown_token()
+    for _ in range(5):
+        with pytest.raises(ApiError):
+            await authenticator.authenticate(f"Bearer {unknown}")
+    assert counting.runs == 2  # one read for the unknown key id, then the cache answers
+    for _ in range(20):  # more random tokens than the cache holds
+        with pytest.raises(ApiError):
+            await authenticator.authenticate(f"Bearer {_unknown_token()}")
+    before = counting.runs
+    await authenticator.authenticate(f"Bearer {token}")
+    assert counting.runs == before  # the known key is still cached
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(ApiError):
+        await authenticator.authenticate(f"Bearer {forged}")
+    await authenticator.authenticate(f"Bearer {token}")
+    assert counting.runs == before  # a wrong secret neither reads nor evicts
+
+
+async def test_unknown_tokens_count_against_the_ip_before_any_key_lookup(settings: Settings) -> None:
+    app = create_app(msgspec.structs.replace(settings, rate_limit_per_ip="10/minute", export_worker=False))
+    async with AsyncTestClient(app=app) as test_client:
+        counting = CountingDatabase(app.state.authenticator.db)
+        app.state.authenticator.db = counting
+        statuses = [
+            (await test_client.get("/v1/job-results", headers=bearer(_unknown_token()))).status_code for _ in range(30)
+        ]
+        assert statuses == [401] * 10 + [429] * 20
+        assert counting.runs == 10  # the refused 20 cost no database read
+
+
+async def test_a_known_keys_refresh_is_not_refused_when_its_ip_is_busy(settings: Settings, database_url: str) -> None:
+    """Random tokens use up the IP's budget; a real key with its own limit keeps working past its TTL."""
+    ttl = 0.3
+    app = create_app(
+        msgspec.structs.replace(settings, rate_limit_per_ip="10/minute", auth_cache_ttl_s=ttl, export_worker=False)
+    )
+    token = make_token(database_url, rate_limit="1000/second")
+    async with AsyncTestClient(app=app) as test_client:
+        assert (await test_client.get("/v1/job-results", headers=bearer(token))).status_code == 200
+        statuses = [
+            (await test_client.get("/v1/job-results", headers=bearer(_unknown_token()))).status_code for _ in range(15)
+        ]
+        assert statuses.count(429) >= 5
+        await asyncio.sleep(ttl + 0.1)  # the key's cache entry expired; the IP is over its limit for a minute
+        assert (await test_client.get("/v1/job-results", headers=bearer(_unknown_token()))).status_code == 429
+        assert (await test_client.get("/v1/job-results", headers=bearer(token))).status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -46,6 +47,10 @@ def test_reads_prefixed_variables() -> None:
         ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_WORKERS": "2"}, "JOBRESULTS_REDIS_URL"),
         ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_RATE_LIMIT_PER_IP": "lots"}, "JOBRESULTS_RATE_LIMIT_PER_IP"),
         ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_TRUSTED_PROXIES": "10.0.0.0/33"}, "JOBRESULTS_TRUSTED_PROXIES"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_REDIS_URL": ""}, "JOBRESULTS_REDIS_URL"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_REDIS_URL": "localhost:6379"}, "JOBRESULTS_REDIS_URL"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_REDIS_URL": "redis://h:port/0"}, "JOBRESULTS_REDIS_URL"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_REDIS_URL": "redis://h:6379/x"}, "JOBRESULTS_REDIS_URL"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -60,3 +65,17 @@ def test_cli_exits_non_zero_naming_the_variable() -> None:
     assert done.returncode == 2
     assert "JOBRESULTS_POOL_MAX_SIZE" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_serve_with_an_empty_redis_url_exits_2_naming_it() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRESULTS_")}
+    env.update({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_REDIS_URL": "", "JOBRESULTS_PORT": "0"})
+    done = subprocess.run([JOBRESULTS, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "JOBRESULTS_REDIS_URL" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://cache.example:6380", "unix:///run/redis.sock"])
+def test_redis_urls_that_work_are_accepted(url: str) -> None:
+    assert Settings.from_env({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_REDIS_URL": url}).redis_url == url

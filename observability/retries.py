@@ -1,0 +1,45 @@
+"""One log line per scheduled retry of a database unit of work: which unit, which attempt, which error.
+
+It replaces stamina's own structlog hook, which logs the reprs of the retried callable's arguments
+(``<repositories.database.Database object at 0x...>``) and of the exception.
+"""
+
+from __future__ import annotations
+
+import pymysql
+import structlog
+from stamina.instrumentation import RetryDetails
+
+log = structlog.get_logger("jobresults.retry")
+
+
+def unit_name(details: RetryDetails) -> str:
+    """The retried unit of work's name.
+
+    That is the qualified name of the first callable argument (the ``work`` passed to
+    ``Database.run``, e.g. ``JobResultController.put_job_result.<locals>.unit``), else the name of
+    the retried callable itself.
+    """
+    for arg in details.args:
+        if callable(arg):
+            module = getattr(arg, "__module__", None) or ""
+            name = getattr(arg, "__qualname__", None) or type(arg).__qualname__
+            return f"{module}.{name}" if module else name
+    return details.name
+
+
+def log_retry(details: RetryDetails) -> None:
+    """Log a scheduled retry (a stamina retry hook).
+
+    The line is ``db.retry_scheduled`` with ``unit``, ``attempt`` (the one that failed, from 1),
+    ``error_code`` (the MySQL error number, else the exception's class name) and ``wait_s``.
+    """
+    caused_by = details.caused_by
+    code = caused_by.args[0] if isinstance(caused_by, pymysql.MySQLError) and caused_by.args else None
+    log.warning(
+        "db.retry_scheduled",
+        unit=unit_name(details),
+        attempt=details.retry_num,
+        error_code=code if isinstance(code, int) else type(caused_by).__name__,
+        wait_s=round(details.wait_for, 3),
+    )
