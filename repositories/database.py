@@ -38,7 +38,7 @@ from observability.metrics import (
     DB_RETRIES,
     DB_UNIT_DURATION,
 )
-from observability.retries import log_retry
+from observability.retries import RETRYING_UNIT, log_retry
 
 T = TypeVar("T")
 log = structlog.get_logger("jobresults.db")
@@ -340,6 +340,7 @@ class Database:
     ) -> T:
         """Attempts of ``work`` under stamina; after a lost COMMIT, first find out whether it landed."""
         doubt: _Attempt | None = None  # the previous attempt, while its COMMIT's outcome is unknown
+        named = RETRYING_UNIT.set(work)  # the retry log line names the unit
         try:
             async for retrying in stamina.retry_context(
                 on=is_transient, attempts=RETRY_ATTEMPTS, timeout=RETRY_TIMEOUT_S, wait_initial=0.05
@@ -370,6 +371,8 @@ class Database:
             if doubt is not None:  # retries ran out, or the lookup failed for good
                 raise CommitOutcomeUnknown(_LOST_COMMIT) from exc
             raise
+        finally:
+            RETRYING_UNIT.reset(named)
         raise AssertionError("stamina.retry_context ended without an outcome")  # pragma: no cover
 
     async def _run_verified(
