@@ -97,6 +97,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """``JOBRESULTS_EXPORT_CHUNK_ROWS``: rows fetched and written per step of a range export."""
     export_max_attempts: Positive = 3
     """``JOBRESULTS_EXPORT_MAX_ATTEMPTS``: a range export failing this often on database errors is failed."""
+    export_max_bytes: Positive = 10 * 1024**3
+    """``JOBRESULTS_EXPORT_MAX_BYTES``: the largest export file (bytes as stored, after compression); an
+    export that would pass it fails and leaves no file (10 GiB)."""
     export_worker: bool = True
     """``JOBRESULTS_EXPORT_WORKER``: run range exports in this process's background worker."""
     auth_enabled: bool = True

@@ -102,6 +102,11 @@ class AtomicExportFile:
         self._sink = _HashingWriter(self._raw)
         self._gzip = gzip.GzipFile(fileobj=self._sink, mode="wb", mtime=0) if compression == "gzip" else None
 
+    @property
+    def size(self) -> int:
+        """Bytes that reached the file so far (compressed, when gzip)."""
+        return self._sink.size
+
     def write(self, data: bytes) -> None:
         """Append ``data`` (uncompressed bytes of the format).
 
@@ -194,6 +199,11 @@ class LocalWriter:
     def __init__(self, file: AtomicExportFile) -> None:
         self.file = file
         self.key = file.path.name
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (compressed, when gzip)."""
+        return self.file.size
 
     async def write(self, data: bytes) -> None:
         """Append ``data`` (``StorageFull`` when the disk is full)."""

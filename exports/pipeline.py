@@ -55,6 +55,18 @@ class LeaseLost(Exception):
     """Another worker took over this range export (our lease expired)."""
 
 
+class ExportTooLarge(Exception):
+    """The export would pass ``JOBRESULTS_EXPORT_MAX_BYTES``; ``str()`` is safe to show clients."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the export is larger than the limit of {limit} bytes; export a narrower range")
+
+
+def _check_size(file: ExportWriter, limit: int) -> None:
+    if file.size > limit:
+        raise ExportTooLarge(limit)
+
+
 def _count(kind: str, fmt: str, state: str, *, rows: int = 0, size: int = 0, seconds: float | None = None) -> None:
     EXPORTS.labels(kind, fmt, state).inc()
     if state == "succeeded":
@@ -62,6 +74,22 @@ def _count(kind: str, fmt: str, state: str, *, rows: int = 0, size: int = 0, sec
         EXPORT_BYTES.labels(fmt).inc(size)
         if seconds is not None:
             EXPORT_DURATION.labels(kind, fmt).observe(seconds)
+
+
+def _caused_by_database(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a lost connection or retries running out.
+
+    aiomysql can re-raise a connection lost mid-stream (2013) as an ``AttributeError`` from its cursor's
+    close, with the ``OperationalError`` as the context.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # exception chains are short; the bound guards against cycles
+        if seen is None:
+            return False
+        if isinstance(seen, DatabaseUnavailable | pymysql.err.OperationalError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def new_export_id() -> str:
@@ -109,14 +137,23 @@ def _encode_single(fmt: str, row: ExportRow) -> tuple[str, bytes]:
     return writer.extension, writer.begin() + writer.encode([row]) + writer.end()
 
 
-async def _write_all(writer: ExportWriter, data: bytes) -> tuple[int, str]:
-    """Write ``data`` and commit; the partial file or upload is removed on failure."""
+async def _write_all(writer: ExportWriter, data: bytes, limit: int) -> tuple[int, str]:
+    """Write ``data`` and commit; the partial file or upload is removed on failure.
+
+    Raises:
+        ExportTooLarge: the file would pass ``limit`` bytes (nothing is left).
+    """
     try:
         await writer.write(data)
-        return await writer.commit()
+        _check_size(writer, limit)
+        size, sha256 = await writer.commit()
     except BaseException:
         await writer.discard()
         raise
+    if size > limit:
+        await writer.remove()
+        raise ExportTooLarge(limit)
+    return size, sha256
 
 
 class ExportService:
@@ -143,6 +180,7 @@ class ExportService:
             JobResultNotFound: no such job.
             StorageFull: the disk is full; nothing partial is left.
             StoreError: the object store failed or refused; nothing partial is left.
+            ExportTooLarge: the file would pass ``JOBRESULTS_EXPORT_MAX_BYTES``; nothing is left.
             DatabaseUnavailable: retries ran out.
         """
         files: list[ExportWriter] = []
@@ -154,7 +192,7 @@ class ExportService:
             export_id = new_export_id()
             extension, data = await asyncio.to_thread(_encode_single, fmt, _row_of(stored))
             file = await self.store.open_writer(export_id, 1, extension, compression, self.owner)
-            size, sha256 = await _write_all(file, data)
+            size, sha256 = await _write_all(file, data, self.settings.export_max_bytes)
             files.append(file)
             return await ExportRepository(conn).insert(
                 export_id=export_id,
@@ -259,7 +297,7 @@ class ExportService:
         except StorageFull:
             await self._settle(export, "fail", STORAGE_FULL_MESSAGE)
             raise
-        except StoreError as exc:
+        except (StoreError, ExportTooLarge) as exc:
             await self._settle(export, "fail", str(exc))
             raise
         except BaseException:
@@ -284,6 +322,9 @@ class ExportService:
         except StorageFull:
             log.error("export.storage_full", export_id=export.export_id)
             await self._settle(export, "fail", STORAGE_FULL_MESSAGE)
+        except ExportTooLarge as exc:
+            log.warning("export.too_large", export_id=export.export_id)
+            await self._settle(export, "fail", str(exc))
         except StoreError as exc:
             if exc.transient and export.attempts < self.settings.export_max_attempts:
                 log.warning("export.requeued", export_id=export.export_id, error=type(exc).__name__)
@@ -291,22 +332,27 @@ class ExportService:
             else:
                 log.error("export.store_failed", export_id=export.export_id, error=type(exc).__name__)
                 await self._settle(export, "fail", str(exc))
-        except (DatabaseUnavailable, pymysql.err.OperationalError) as exc:
-            if export.attempts >= self.settings.export_max_attempts:
-                await self._settle(export, "fail", "the database was unavailable; request the export again")
-            else:
-                log.warning("export.requeued", export_id=export.export_id, error=type(exc).__name__)
-                await self._settle(export, "requeue", "")
         except asyncio.CancelledError:
             # Shutting down: hand the export back so another worker needn't wait for the lease.
             await asyncio.shield(self._settle(export, "requeue", ""))
             raise
-        except Exception:
-            log.exception("export.failed", export_id=export.export_id)
-            await self._settle(export, "fail", INTERNAL_ERROR_MESSAGE)
+        except Exception as exc:
+            if _caused_by_database(exc):
+                await self._database_failed(export, exc)
+            else:
+                log.exception("export.failed", export_id=export.export_id)
+                await self._settle(export, "fail", INTERNAL_ERROR_MESSAGE)
         else:
             _count("range", export.format, "succeeded", rows=rows, size=size, seconds=time.perf_counter() - started)
             log.info("export.finished", export_id=export.export_id, kind="range", rows=rows, bytes=size)
+
+    async def _database_failed(self, export: Export, exc: BaseException) -> None:
+        """A transient database error: requeue the export, or fail it once its attempts ran out."""
+        if export.attempts >= self.settings.export_max_attempts:
+            await self._settle(export, "fail", "the database was unavailable; request the export again")
+        else:
+            log.warning("export.requeued", export_id=export.export_id, error=type(exc).__name__)
+            await self._settle(export, "requeue", "")
 
     async def _settle(self, export: Export, action: str, error: str) -> None:
         async def unit(conn: Connection) -> bool:
@@ -328,6 +374,7 @@ class ExportService:
             LeaseLost: another worker owns the export now; our file was discarded.
             StorageFull: the disk is full; our file was discarded.
             StoreError: the object store failed; our upload was aborted.
+            ExportTooLarge: the file would pass ``JOBRESULTS_EXPORT_MAX_BYTES``; it was discarded.
         """
         if self.store.kind == "local":
             self._remove_stale_temp_files(export.export_id)
@@ -357,6 +404,7 @@ class ExportService:
             async for chunk in stream.chunks(params.created_from, params.created_to, params.status, chunk_rows):
                 count, data = await asyncio.to_thread(_encode_chunk, writer, chunk)
                 await file.write(data)
+                _check_size(file, self.settings.export_max_bytes)
                 rows_written += count
                 if progress is not None:
                     progress(rows_written)
@@ -401,6 +449,8 @@ class ExportService:
                 raise LeaseLost(export.export_id)
             committed.append(await file.commit())
             size, sha256 = committed[0]
+            if size > self.settings.export_max_bytes:
+                raise ExportTooLarge(self.settings.export_max_bytes)
             recorded = await repo.succeed(
                 export,
                 self.owner,

@@ -34,8 +34,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("jobresults.exports.s3")
 
-PART_SIZE = 8 * 1024 * 1024
-"""Bytes per multipart part (S3's minimum is 5 MiB); smaller exports are stored with one PUT."""
+PART_SIZE = 5 * 1024 * 1024
+"""Bytes per multipart part (S3's minimum); smaller exports are stored with one PUT."""
+SEND_SIZE = 1024 * 1024
+"""Once an upload runs, bytes are handed to it in pieces of about this size."""
 UPLOAD_CONCURRENCY = 2
 """Parts in flight at once; with :data:`PART_SIZE` this bounds the memory an upload holds."""
 READ_CHUNK = 256 * 1024
@@ -90,8 +92,9 @@ class S3Writer:
     """One attempt's object being uploaded (an :class:`exports.store.ExportWriter`).
 
     Bytes collect in memory up to :data:`PART_SIZE`; a small export is then stored with one PUT, a larger
-    one streams as a multipart upload fed through a queue of at most two parts. The bytes are identical
-    to the ``local`` backend's (gzip with mtime 0), so is their sha256.
+    one streams as a multipart upload fed through a queue of at most two pieces of :data:`SEND_SIZE`.
+    Compressing, hashing and collecting run in a worker thread. The bytes are identical to the ``local``
+    backend's (gzip with mtime 0), so is their sha256.
     """
 
     def __init__(self, store: S3ExportStore, key: str, attributes: dict[str, str], compression: str) -> None:
@@ -104,14 +107,26 @@ class S3Writer:
         self._upload: asyncio.Task[None] | None = None
         self._committed = False
 
+    @property
+    def size(self) -> int:
+        """Bytes stored so far (compressed, when gzip)."""
+        return self._sink.size
+
     async def write(self, data: bytes) -> None:
-        """Compress (in a thread), hash and send ``data``; ``StoreError`` if the upload failed."""
+        """Compress and hash ``data`` (in a thread) and send it on; ``StoreError`` if the upload failed."""
+        ready = await asyncio.to_thread(self._absorb, data, self._upload is not None)
+        if ready:
+            await self._send(ready)
+
+    def _absorb(self, data: bytes, uploading: bool) -> bytes:
         if self._gzip is not None:
-            await asyncio.to_thread(self._gzip.write, data)
+            self._gzip.write(data)
         else:
             self._sink.write(data)
-        if len(self._sink.pending) >= PART_SIZE:
-            await self._send(self._sink.take())
+        pending = len(self._sink.pending)
+        if pending >= PART_SIZE or (uploading and pending >= SEND_SIZE):
+            return self._sink.take()
+        return b""
 
     async def commit(self) -> tuple[int, str]:
         """Finish the upload; ``(bytes, sha256 hex)``. Raises :class:`StoreError` (nothing is left)."""

@@ -57,6 +57,11 @@ class ExportWriter(Protocol):
 
     key: str
 
+    @property
+    def size(self) -> int:
+        """Bytes stored so far (compressed, when gzip); final once committed."""
+        ...
+
     async def write(self, data: bytes) -> None:
         """Append ``data`` (uncompressed bytes of the format; the writer compresses and hashes).
 

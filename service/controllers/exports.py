@@ -19,7 +19,7 @@ from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from litestar.response import Stream
 
 from exports.files import StorageFull
-from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService
+from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService, ExportTooLarge
 from exports.store import ExportStore, ObjectMissing, StoreError
 from repositories.database import Database
 from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository
@@ -192,6 +192,8 @@ class JobExportController(Controller):
             raise _storage_full() from None
         except StoreError as exc:
             raise _store_failed(exc) from None
+        except ExportTooLarge as exc:
+            raise ApiError(507, str(exc), slug="export-too-large") from None
         return Response(
             ExportRecord.build(export), status_code=201, headers={"Location": f"/v1/exports/{export.export_id}"}
         )

@@ -28,8 +28,8 @@ from litestar.testing import AsyncTestClient
 from obstore.store import S3Store
 
 from config.settings import Settings, SettingsError
-from exports.pipeline import ExportService, LeaseLost, new_export_id
-from exports.s3 import S3ExportStore
+from exports.pipeline import ExportService, ExportTooLarge, LeaseLost, new_export_id
+from exports.s3 import PART_SIZE, S3ExportStore
 from exports.store import StoreRefused, StoreUnavailable
 from repositories.database import Database
 from repositories.exports import ExportParameters, ExportRepository
@@ -291,7 +291,7 @@ async def test_redirect_mode_answers_a_presigned_url_for_the_public_endpoint(
 
 
 async def test_a_large_export_streams_as_a_multipart_upload(replica_a: Client, raw_store: S3Store) -> None:
-    # Three 8 MiB parts and a rest: more than one part, so the multipart path (and its sha256) is exercised.
+    # ~27 MB: several parts, so the multipart path (and its sha256) is exercised.
     made = [await put_job(replica_a, {"i": i, "blob": os.urandom(1_500_000).hex()}) for i in range(10)]
     response = await replica_a.post(
         "/v1/exports",
@@ -299,9 +299,10 @@ async def test_a_large_export_streams_as_a_multipart_upload(replica_a: Client, r
     )
     record = await wait_done(replica_a, response.json()["export_id"])
     assert record["state"] == "succeeded", record
-    assert record["bytes"] > 3 * 8 * 1024 * 1024
+    parts = -(-record["bytes"] // PART_SIZE)
+    assert parts > 1
     meta = await obstore.head_async(raw_store, f"{PREFIX}{record['export_id']}/1.ndjson")
-    assert str(meta["e_tag"]).rstrip('"').endswith("-4")  # S3 multipart ETag: <md5 of md5s>-<parts>
+    assert str(meta["e_tag"]).rstrip('"').endswith(f"-{parts}")  # S3 multipart ETag: <md5 of md5s>-<parts>
     body = await content(replica_a, record)
     assert [json.loads(line)["result"]["i"] for line in body.splitlines()] == list(range(9))
 
@@ -443,3 +444,35 @@ async def test_a_transient_store_error_requeues_a_range_export(s3_service: Expor
     await service._run_claimed(export)  # what the worker does with that error: hand it back
     row = await service.db.run(lambda conn: ExportRepository(conn).get(export.export_id), transaction=False)
     assert (row.state, row.lease_owner, row.error) == ("queued", None, None)
+
+
+async def test_cli_export_copies_the_object_to_a_file(
+    s3_service: ExportService, replica_a: Client, tmp_path: Path
+) -> None:
+    from service.operator import export_to_file
+
+    stored = await put_job(replica_a, {"cli": True})
+    out = tmp_path / "out" / "export.json"
+    export = await export_to_file(s3_service.settings, fmt="json", compression="none", out=out, job_id=stored["job_id"])
+    assert export.object_key == f"{PREFIX}{export.export_id}/1.json"
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == export.sha256
+    # Nothing on the local disk (the exports directory is tmp_path, which holds only the copy's directory).
+    assert [path.name for path in Path(s3_service.settings.exports_dir).iterdir()] == ["out"]
+
+
+async def test_an_export_over_the_size_cap_leaves_no_object(s3_service: ExportService, raw_store: S3Store) -> None:
+    capped = msgspec.structs.replace(s3_service.settings, export_max_bytes=100_000)
+    service = ExportService(s3_service.db, capped)
+    export = await _running_export(service.db, service.owner, 1, created_to=datetime(2001, 4, 1))
+    # Rows for the export's one-second window, ~6 MB in all: past the cap and past one multipart part.
+    with connect(capped.database_url) as conn, conn.cursor() as cur:
+        for i in range(3):
+            at = datetime(2001, 3, 31, 23, 59, 59, i)
+            cur.execute(
+                "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) "
+                "VALUES (%s, 'succeeded', %s, 1, %s, %s)",
+                (f"cap-{uuid.uuid4().hex}", json.dumps({"blob": "q" * 2_000_000}), at, at),
+            )
+    with pytest.raises(ExportTooLarge):
+        await service.write_range(export)
+    assert await keys_of(raw_store, export.export_id) == []
