@@ -294,9 +294,9 @@ class S3ExportStore:
         return found
 
     async def check(self) -> None:
-        """List one key under the prefix: proves the endpoint, the credentials and the bucket."""
+        """List a prefix that holds no objects: proves the endpoint, the credentials and the bucket cheaply."""
         try:
-            async for _batch in obstore.list(self.store, prefix=self.prefix, chunk_size=1):
+            async for _batch in obstore.list(self.store, prefix=f"{self.prefix}.readyz/", chunk_size=1):
                 break
         except (BaseError, OSError) as exc:
             raise store_error(exc, "check") from None
