@@ -254,7 +254,12 @@ async def test_single_job_export_through_one_replica_downloads_through_the_other
 
 
 async def test_redirect_mode_answers_a_presigned_url_for_the_public_endpoint(
-    seaweedfs: SeaweedFS, s3_database_url: str, token: str, tmp_path: Path, replica_a: Client
+    seaweedfs: SeaweedFS,
+    s3_database_url: str,
+    token: str,
+    tmp_path: Path,
+    replica_a: Client,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     stored = await put_job(replica_a, {"redirect": True, "pad": "y" * 5000})
     record = (await replica_a.post(f"/v1/job-results/{stored['job_id']}/exports", json={"format": "json"})).json()
@@ -267,6 +272,7 @@ async def test_redirect_mode_answers_a_presigned_url_for_the_public_endpoint(
         exports_download="redirect",
         exports_url_ttl_s=90,
         s3_public_endpoint=public,
+        log_level="info",  # the request log line must be written, and must not hold the URL
     )
     async for client in started(create_app(settings), token):
         response = await client.get(record["content_url"], follow_redirects=False)
@@ -275,6 +281,9 @@ async def test_redirect_mode_answers_a_presigned_url_for_the_public_endpoint(
         assert location.startswith(f"{public}/{BUCKET}/{PREFIX}{record['export_id']}/1.json?")
         assert "X-Amz-Expires=90" in location
         assert "X-Amz-Signature=" in location
+        logged = capfd.readouterr().out  # before this test follows the URL (httpx logs what it requests)
+        assert record["export_id"] in logged  # the service's request line was written...
+        assert "X-Amz-Signature" not in logged  # ...without the presigned URL, a bearer secret
         async with httpx.AsyncClient() as plain:  # no API key: the URL alone grants the download
             followed = await plain.get(location)
             ranged = await plain.get(location, headers={"Range": "bytes=0-4"})
