@@ -97,6 +97,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """``JOBRESULTS_EXPORT_CHUNK_ROWS``: rows fetched and written per step of a range export."""
     export_max_attempts: Positive = 3
     """``JOBRESULTS_EXPORT_MAX_ATTEMPTS``: a range export failing this often on database errors is failed."""
+    export_max_bytes: Positive = 10 * 1024**3
+    """``JOBRESULTS_EXPORT_MAX_BYTES``: the largest export file (bytes as stored, after compression); an
+    export that would pass it fails and leaves no file (10 GiB)."""
     export_worker: bool = True
     """``JOBRESULTS_EXPORT_WORKER``: run range exports in this process's background worker."""
     auth_enabled: bool = True
@@ -129,6 +132,28 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """``JOBRESULTS_LOG_LEVEL``: debug, info, warning or error."""
     docs_enabled: bool = True
     """``JOBRESULTS_DOCS_ENABLED``: serve ``/schema`` and the Swagger UI."""
+    exports_store: Literal["local", "s3"] = "local"
+    """``JOBRESULTS_EXPORTS_STORE``: where export files live: ``local`` (``JOBRESULTS_EXPORTS_DIR`` on this
+    machine, for one machine) or ``s3`` (an S3-compatible bucket shared by every replica)."""
+    s3_bucket: str | None = None
+    """``JOBRESULTS_S3_BUCKET``: the bucket that holds export objects (required with ``s3``). Credentials
+    come only from the standard AWS variables and chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+    web identity, ECS and EC2 instance roles)."""
+    s3_prefix: str = "exports/"
+    """``JOBRESULTS_S3_PREFIX``: key prefix of export objects, ``<prefix><export_id>/<attempt>.<ext>``."""
+    s3_endpoint: str = ""
+    """``JOBRESULTS_S3_ENDPOINT``: ``http(s)://host:port`` of an S3-compatible server; empty for AWS S3."""
+    s3_region: str = ""
+    """``JOBRESULTS_S3_REGION``: the bucket's region; empty reads ``AWS_REGION``, else ``us-east-1``."""
+    s3_public_endpoint: str = ""
+    """``JOBRESULTS_S3_PUBLIC_ENDPOINT``: the store's address as clients reach it, used to sign download
+    URLs in ``redirect`` mode; empty means ``JOBRESULTS_S3_ENDPOINT``."""
+    exports_download: Literal["stream", "redirect"] = "stream"
+    """``JOBRESULTS_EXPORTS_DOWNLOAD``: ``stream`` serves export content through the API; ``redirect``
+    (``s3`` only) answers 302 to a presigned URL of the object."""
+    exports_url_ttl_s: Positive = 60
+    """``JOBRESULTS_EXPORTS_URL_TTL_S``: seconds a presigned download URL stays valid (at most 604800,
+    7 days: SigV4's limit)."""
 
     @property
     def exports_path(self) -> Path:
@@ -194,7 +219,38 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             )
         if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise SettingsError(f"{PREFIX}LOG_LEVEL must be one of debug, info, warning, error")
+        _check_store(settings)
         return settings
+
+
+MAX_URL_TTL_S = 7 * 24 * 3600
+"""SigV4 presigned URLs cannot be valid for longer than 7 days (seconds)."""
+
+
+def _check_store(settings: Settings) -> None:
+    """The object-store settings fit together (``SettingsError`` naming the variable otherwise)."""
+    if settings.exports_url_ttl_s > MAX_URL_TTL_S:
+        raise SettingsError(
+            f"{PREFIX}EXPORTS_URL_TTL_S={settings.exports_url_ttl_s} is invalid: at most {MAX_URL_TTL_S} "
+            "(7 days, the longest a SigV4 presigned URL can be valid)"
+        )
+    for name in ("s3_endpoint", "s3_public_endpoint"):
+        value = getattr(settings, name)
+        parts = urlsplit(value)
+        if value and (parts.scheme not in {"http", "https"} or not parts.hostname or parts.path not in {"", "/"}):
+            raise SettingsError(f"{PREFIX}{name.upper()}={value!r} is invalid: use http(s)://host[:port]")
+    if settings.s3_prefix.startswith("/") or "//" in settings.s3_prefix:
+        raise SettingsError(
+            f"{PREFIX}S3_PREFIX={settings.s3_prefix!r} is invalid: a key prefix such as exports/ "
+            "(no leading or doubled slash)"
+        )
+    if settings.exports_store == "s3" and not settings.s3_bucket:
+        raise SettingsError(f"{PREFIX}S3_BUCKET is required with {PREFIX}EXPORTS_STORE=s3")
+    if settings.exports_download == "redirect" and settings.exports_store != "s3":
+        raise SettingsError(
+            f"{PREFIX}EXPORTS_DOWNLOAD=redirect needs {PREFIX}EXPORTS_STORE=s3 (a local file has no URL to "
+            "redirect to); use stream"
+        )
 
 
 def _is_rate(value: str) -> bool:

@@ -3,19 +3,24 @@
 A file is written to a temporary name in the exports directory, flushed and fsynced, renamed
 atomically (``os.replace``, POSIX ``rename(2)``), and the directory is fsynced so the rename itself
 survives a crash. Names come only from the server-generated export id and the format, and the resolved
-path is checked to lie inside the exports directory. All methods block: call them from a worker thread.
+path is checked to lie inside the exports directory. :class:`AtomicExportFile` blocks: call it from a
+worker thread. :class:`LocalStore` is the ``local`` backend of :mod:`exports.store` built on it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import gzip
 import hashlib
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
+
+from exports.store import ObjectMissing, StoredObject, StoreRefused
 
 TEMP_SUFFIX = ".tmp"
 FILE_MODE = 0o600
@@ -96,6 +101,11 @@ class AtomicExportFile:
         self._raw: BinaryIO = os.fdopen(fd, "wb")
         self._sink = _HashingWriter(self._raw)
         self._gzip = gzip.GzipFile(fileobj=self._sink, mode="wb", mtime=0) if compression == "gzip" else None
+
+    @property
+    def size(self) -> int:
+        """Bytes that reached the file so far (compressed, when gzip)."""
+        return self._sink.size
 
     def write(self, data: bytes) -> None:
         """Append ``data`` (uncompressed bytes of the format).
@@ -178,3 +188,102 @@ def temp_files(directory: Path) -> list[tuple[Path, str, str, float]]:
             continue
         found.append((path, parts[0], parts[1], age))
     return found
+
+
+READ_CHUNK = 256 * 1024
+
+
+class LocalWriter:
+    """:class:`exports.store.ExportWriter` over an :class:`AtomicExportFile` (blocking work in threads)."""
+
+    def __init__(self, file: AtomicExportFile) -> None:
+        self.file = file
+        self.key = file.path.name
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (compressed, when gzip)."""
+        return self.file.size
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data`` (``StorageFull`` when the disk is full)."""
+        await asyncio.to_thread(self.file.write, data)
+
+    async def commit(self) -> tuple[int, str]:
+        """Flush, fsync and rename into place; ``(bytes, sha256 hex)``."""
+        return await asyncio.to_thread(self.file.commit)
+
+    async def discard(self) -> None:
+        """Remove the temporary file."""
+        await asyncio.to_thread(self.file.discard)
+
+    async def remove(self) -> None:
+        """Remove the committed file."""
+        await asyncio.to_thread(self.file.remove_final)
+
+
+class LocalStore:
+    """Export files in one directory of this machine (``JOBRESULTS_EXPORTS_STORE=local``).
+
+    Keys are file names, ``<export_id>.<ext>``: every attempt of an export writes its own temporary
+    file and renames it to that one name while it holds the export's row lock.
+    """
+
+    kind = "local"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def open_writer(
+        self, export_id: str, attempt: int, extension: str, compression: str, owner: str
+    ) -> LocalWriter:
+        """A writer to a temporary file named after ``export_id`` and ``owner`` (``attempt`` is unused)."""
+        file = await asyncio.to_thread(AtomicExportFile, self.directory, export_id, extension, compression, owner)
+        return LocalWriter(file)
+
+    async def size(self, key: str) -> int:
+        """The file's size (``ObjectMissing`` if it is gone or the key is not a plain file name)."""
+        try:
+            path = resolve_inside(self.directory, key)
+            return (await asyncio.to_thread(path.stat)).st_size
+        except (UnsafeExportPath, FileNotFoundError):
+            raise ObjectMissing(key) from None
+
+    async def read(self, key: str, start: int, stop: int) -> AsyncIterator[bytes]:
+        """Bytes ``[start, stop)`` of the file in chunks of at most 256 KiB."""
+        try:
+            path = resolve_inside(self.directory, key)
+            handle = await asyncio.to_thread(path.open, "rb")
+        except (UnsafeExportPath, FileNotFoundError):
+            raise ObjectMissing(key) from None
+        try:
+            await asyncio.to_thread(handle.seek, start)
+            remaining = stop - start
+            while remaining > 0:
+                data = await asyncio.to_thread(handle.read, min(READ_CHUNK, remaining))
+                if not data:
+                    break
+                remaining -= len(data)
+                yield data
+        finally:
+            await asyncio.to_thread(handle.close)
+
+    async def presigned_url(self, key: str, ttl_s: int) -> str:
+        """Local files have no URL."""
+        raise NotImplementedError("local export files cannot be downloaded by URL")
+
+    async def remove(self, key: str) -> None:
+        """Delete the file (missing is fine)."""
+        with contextlib.suppress(UnsafeExportPath):
+            path = resolve_inside(self.directory, key)
+            await asyncio.to_thread(path.unlink, True)
+
+    async def list_attempts(self) -> list[StoredObject]:
+        """None: a local export's leftovers are temporary files (see :func:`temp_files`)."""
+        return []
+
+    async def check(self) -> None:
+        """``StoreRefused`` unless the directory exists and this process may write in it."""
+        ok = await asyncio.to_thread(lambda: self.directory.is_dir() and os.access(self.directory, os.W_OK | os.X_OK))
+        if not ok:
+            raise StoreRefused("the exports directory is missing or not writable")

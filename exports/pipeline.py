@@ -22,16 +22,16 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pymysql
 import structlog
 
 from config.settings import Settings
-from exports.files import AtomicExportFile, StorageFull, temp_files
+from exports.files import StorageFull, temp_files
 from exports.formats import CsvColumns, ExportRow, FormatWriter, make_writer
+from exports.store import ExportStore, ExportWriter, StoreError, download_name, open_store
 from observability.metrics import EXPORT_BYTES, EXPORT_DURATION, EXPORT_ROWS, EXPORTS
 from repositories.database import CommitOutcomeUnknown, Connection, Database, DatabaseUnavailable
 from repositories.exports import Export, ExportParameters, ExportRepository
@@ -48,10 +48,24 @@ log = structlog.get_logger("jobresults.exports")
 
 STORAGE_FULL_MESSAGE = "not enough storage for the export file"
 INTERNAL_ERROR_MESSAGE = "the export failed because of an internal error"
+STORE_SWEEP_EVERY_S = 300.0
+"""How often each worker removes the objects of lost attempts from the ``s3`` store (seconds)."""
 
 
 class LeaseLost(Exception):
     """Another worker took over this range export (our lease expired)."""
+
+
+class ExportTooLarge(Exception):
+    """The export would pass ``JOBRESULTS_EXPORT_MAX_BYTES``; ``str()`` is safe to show clients."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the export is larger than the limit of {limit} bytes; export a narrower range")
+
+
+def _check_size(file: ExportWriter, limit: int) -> None:
+    if file.size > limit:
+        raise ExportTooLarge(limit)
 
 
 def _count(kind: str, fmt: str, state: str, *, rows: int = 0, size: int = 0, seconds: float | None = None) -> None:
@@ -61,6 +75,22 @@ def _count(kind: str, fmt: str, state: str, *, rows: int = 0, size: int = 0, sec
         EXPORT_BYTES.labels(fmt).inc(size)
         if seconds is not None:
             EXPORT_DURATION.labels(kind, fmt).observe(seconds)
+
+
+def _caused_by_database(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a lost connection or retries running out.
+
+    aiomysql can re-raise a connection lost mid-stream (2013) as an ``AttributeError`` from its cursor's
+    close, with the ``OperationalError`` as the context.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # exception chains are short; the bound guards against cycles
+        if seen is None:
+            return False
+        if isinstance(seen, DatabaseUnavailable | pymysql.err.OperationalError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def new_export_id() -> str:
@@ -92,34 +122,49 @@ def _row_of(stored: JobResultRow) -> ExportRow:
     )
 
 
-def _write_chunk(file: AtomicExportFile, writer: FormatWriter, chunk: Sequence[tuple[Any, ...]]) -> int:
-    """Convert, encode and write one chunk of :meth:`JobResultStream.chunks` rows (blocking)."""
+def _encode_chunk(writer: FormatWriter, chunk: Sequence[tuple[Any, ...]]) -> tuple[int, bytes]:
+    """Convert and encode one chunk of :meth:`JobResultStream.chunks` rows (blocking): ``(rows, bytes)``."""
     rows = [_export_row(*row) for row in chunk]
-    file.write(writer.encode(rows))
-    return len(rows)
+    return len(rows), writer.encode(rows)
 
 
 def _collect_columns(columns: CsvColumns, chunk: Sequence[tuple[Any, ...]]) -> None:
     columns.add([_export_row(*row) for row in chunk])
 
 
-def _write_single(
-    directory: Path, export_id: str, fmt: str, compression: str, owner: str, row: ExportRow
-) -> tuple[AtomicExportFile, int, str]:
+def _encode_single(fmt: str, row: ExportRow) -> tuple[str, bytes]:
+    """The whole file of a single-job export (blocking): ``(extension, bytes)``."""
     writer = make_writer(fmt, single=True)  # type: ignore[arg-type]
-    file = AtomicExportFile(directory, export_id, writer.extension, compression, owner)
-    file.write(writer.begin() + writer.encode([row]) + writer.end())
-    size, sha256 = file.commit()
-    return file, size, sha256
+    return writer.extension, writer.begin() + writer.encode([row]) + writer.end()
+
+
+async def _write_all(writer: ExportWriter, data: bytes, limit: int) -> tuple[int, str]:
+    """Write ``data`` and commit; the partial file or upload is removed on failure.
+
+    Raises:
+        ExportTooLarge: the file would pass ``limit`` bytes (nothing is left).
+    """
+    try:
+        await writer.write(data)
+        _check_size(writer, limit)
+        size, sha256 = await writer.commit()
+    except BaseException:
+        await writer.discard()
+        raise
+    if size > limit:
+        await writer.remove()
+        raise ExportTooLarge(limit)
+    return size, sha256
 
 
 class ExportService:
     """Runs exports for one service process. ``owner`` names this process in range-export leases."""
 
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database, settings: Settings, store: ExportStore | None = None) -> None:
         self.db = db
         self.settings = settings
         self.directory = settings.exports_path
+        self.store = store if store is not None else open_store(settings)
         self.owner = new_owner()
         self.lease = timedelta(seconds=settings.export_lease_s)
         # Renewing also records progress (rows_written), so renew at least every second.
@@ -135,19 +180,21 @@ class ExportService:
         Raises:
             JobResultNotFound: no such job.
             StorageFull: the disk is full; nothing partial is left.
+            StoreError: the object store failed or refused; nothing partial is left.
+            ExportTooLarge: the file would pass ``JOBRESULTS_EXPORT_MAX_BYTES``; nothing is left.
             DatabaseUnavailable: retries ran out.
         """
-        files: list[AtomicExportFile] = []
+        files: list[tuple[str, ExportWriter]] = []  # (export id, its file) per attempt
         started = time.perf_counter()
 
         async def unit(conn: Connection) -> Export:
             begun = utcnow()
             stored = await JobResultRepository(conn).get(job_id)
             export_id = new_export_id()
-            file, size, sha256 = await asyncio.to_thread(
-                _write_single, self.directory, export_id, fmt, compression, self.owner, _row_of(stored)
-            )
-            files.append(file)
+            extension, data = await asyncio.to_thread(_encode_single, fmt, _row_of(stored))
+            file = await self.store.open_writer(export_id, 1, extension, compression, self.owner)
+            size, sha256 = await _write_all(file, data, self.settings.export_max_bytes)
+            files.append((export_id, file))
             return await ExportRepository(conn).insert(
                 export_id=export_id,
                 kind="job",
@@ -159,7 +206,8 @@ class ExportService:
                 rows_written=1,
                 bytes=size,
                 sha256=sha256,
-                file_name=file.path.name,
+                file_name=download_name(export_id, extension, compression),
+                object_key=self._object_key(file),
                 created_at=begun,
                 started_at=begun,
                 finished_at=utcnow(),
@@ -173,17 +221,19 @@ class ExportService:
             # was rolled back, or its lost COMMIT was found not to have landed), the last one's unless
             # its COMMIT's outcome is unknown (then its record may exist, and needs its file).
             in_doubt = isinstance(exc, (CommitOutcomeUnknown, asyncio.CancelledError))
-            for file in files[:-1] if in_doubt else files:
-                await asyncio.to_thread(file.remove_final)
+            for _, file in files[:-1] if in_doubt else files:
+                with contextlib.suppress(StoreError):
+                    await file.remove()
             if in_doubt and files:
-                log.warning("export.file_kept_commit_in_doubt", file_name=files[-1].path.name)
+                log.warning("export.file_kept_commit_in_doubt", export_id=files[-1][0])
             if not isinstance(exc, JobResultNotFound):
                 _count("job", fmt, "failed")
             raise
         _count("job", fmt, "succeeded", rows=1, size=export.bytes or 0, seconds=time.perf_counter() - started)
-        for file in files:  # attempts that were rolled back and retried
-            if file.path.name != export.file_name:
-                await asyncio.to_thread(file.remove_final)
+        for export_id, file in files:  # attempts that were rolled back and retried
+            if export_id != export.export_id:
+                with contextlib.suppress(StoreError):
+                    await file.remove()
         log.info("export.finished", export_id=export.export_id, kind="job", format=fmt, bytes=export.bytes)
         return export
 
@@ -259,6 +309,9 @@ class ExportService:
         except StorageFull:
             await self._settle(export, "fail", STORAGE_FULL_MESSAGE)
             raise
+        except (StoreError, ExportTooLarge) as exc:
+            await self._settle(export, "fail", str(exc))
+            raise
         except BaseException:
             await asyncio.shield(self._settle(export, "fail", INTERNAL_ERROR_MESSAGE))
             raise
@@ -281,22 +334,37 @@ class ExportService:
         except StorageFull:
             log.error("export.storage_full", export_id=export.export_id)
             await self._settle(export, "fail", STORAGE_FULL_MESSAGE)
-        except (DatabaseUnavailable, pymysql.err.OperationalError) as exc:
-            if export.attempts >= self.settings.export_max_attempts:
-                await self._settle(export, "fail", "the database was unavailable; request the export again")
-            else:
+        except ExportTooLarge as exc:
+            log.warning("export.too_large", export_id=export.export_id)
+            await self._settle(export, "fail", str(exc))
+        except StoreError as exc:
+            if exc.transient and export.attempts < self.settings.export_max_attempts:
                 log.warning("export.requeued", export_id=export.export_id, error=type(exc).__name__)
                 await self._settle(export, "requeue", "")
+            else:
+                log.error("export.store_failed", export_id=export.export_id, error=type(exc).__name__)
+                await self._settle(export, "fail", str(exc))
         except asyncio.CancelledError:
             # Shutting down: hand the export back so another worker needn't wait for the lease.
             await asyncio.shield(self._settle(export, "requeue", ""))
             raise
-        except Exception:
-            log.exception("export.failed", export_id=export.export_id)
-            await self._settle(export, "fail", INTERNAL_ERROR_MESSAGE)
+        except Exception as exc:
+            if _caused_by_database(exc):
+                await self._database_failed(export, exc)
+            else:
+                log.exception("export.failed", export_id=export.export_id)
+                await self._settle(export, "fail", INTERNAL_ERROR_MESSAGE)
         else:
             _count("range", export.format, "succeeded", rows=rows, size=size, seconds=time.perf_counter() - started)
             log.info("export.finished", export_id=export.export_id, kind="range", rows=rows, bytes=size)
+
+    async def _database_failed(self, export: Export, exc: BaseException) -> None:
+        """A transient database error: requeue the export, or fail it once its attempts ran out."""
+        if export.attempts >= self.settings.export_max_attempts:
+            await self._settle(export, "fail", "the database was unavailable; request the export again")
+        else:
+            log.warning("export.requeued", export_id=export.export_id, error=type(exc).__name__)
+            await self._settle(export, "requeue", "")
 
     async def _settle(self, export: Export, action: str, error: str) -> None:
         async def unit(conn: Connection) -> bool:
@@ -317,11 +385,14 @@ class ExportService:
         Raises:
             LeaseLost: another worker owns the export now; our file was discarded.
             StorageFull: the disk is full; our file was discarded.
+            StoreError: the object store failed; our upload was aborted.
+            ExportTooLarge: the file would pass ``JOBRESULTS_EXPORT_MAX_BYTES``; it was discarded.
         """
-        self._remove_stale_temp_files(export.export_id)
+        if self.store.kind == "local":
+            self._remove_stale_temp_files(export.export_id)
         params = export.parameters
         chunk_rows = self.settings.export_chunk_rows
-        file: AtomicExportFile | None = None
+        file: ExportWriter | None = None
         rows_written = 0
         conn: Connection = await self.db.acquire()
         try:
@@ -338,25 +409,28 @@ class ExportService:
                     renew_at = await self._renew_if_due(export, 0, renew_at)
                 columns = collector.columns()
             writer = make_writer(export.format, single=False, csv_columns=columns)  # type: ignore[arg-type]
-            file = await asyncio.to_thread(
-                AtomicExportFile, self.directory, export.export_id, writer.extension, export.compression, self.owner
+            file = await self.store.open_writer(
+                export.export_id, max(export.attempts, 1), writer.extension, export.compression, self.owner
             )
-            await asyncio.to_thread(file.write, writer.begin())
+            await file.write(writer.begin())
             async for chunk in stream.chunks(params.created_from, params.created_to, params.status, chunk_rows):
-                rows_written += await asyncio.to_thread(_write_chunk, file, writer, chunk)
+                count, data = await asyncio.to_thread(_encode_chunk, writer, chunk)
+                await file.write(data)
+                _check_size(file, self.settings.export_max_bytes)
+                rows_written += count
                 if progress is not None:
                     progress(rows_written)
                 renew_at = await self._renew_if_due(export, rows_written, renew_at)
-            await asyncio.to_thread(file.write, writer.end())
+            await file.write(writer.end())
             await conn.commit()
         except BaseException:
             conn.close()  # a half-read server-side cursor leaves the connection unusable
             if file is not None:
-                await asyncio.to_thread(file.discard)
+                await file.discard()
             raise
         finally:
             self.db.release(conn)
-        size = await self._finish(export, file, rows_written)
+        size = await self._finish(export, file, writer.extension, rows_written)
         return rows_written, size
 
     async def _renew_if_due(self, export: Export, rows_written: int, renew_at: float) -> float:
@@ -370,29 +444,48 @@ class ExportService:
             raise LeaseLost(export.export_id)
         return now + self._renew_every
 
-    async def _finish(self, export: Export, file: AtomicExportFile, rows_written: int) -> int:
-        """Rename the file into place and mark the export succeeded, under the export's row lock."""
+    def _object_key(self, file: ExportWriter) -> str | None:
+        return None if self.store.kind == "local" else file.key
+
+    async def _finish(self, export: Export, file: ExportWriter, extension: str, rows_written: int) -> int:
+        """Complete the file (rename or upload) and mark the export succeeded, under the export's row lock.
+
+        The file's key is recorded by the same conditional UPDATE (state, lease owner and attempt in its
+        ``WHERE``) that marks the export succeeded: if it changes no row, the lease was lost.
+        """
         committed: list[tuple[int, str]] = []
 
         async def unit(conn: Connection) -> None:
             repo = ExportRepository(conn)
             if not await repo.lock_owned(export, self.owner):
                 raise LeaseLost(export.export_id)
-            committed.append(await asyncio.to_thread(file.commit))
+            committed.append(await file.commit())
             size, sha256 = committed[0]
-            await repo.succeed(
-                export, self.owner, rows_written=rows_written, size=size, sha256=sha256, file_name=file.path.name
+            if size > self.settings.export_max_bytes:
+                raise ExportTooLarge(self.settings.export_max_bytes)
+            recorded = await repo.succeed(
+                export,
+                self.owner,
+                rows_written=rows_written,
+                size=size,
+                sha256=sha256,
+                file_name=download_name(export.export_id, extension, export.compression),
+                object_key=self._object_key(file),
             )
+            if not recorded:
+                raise LeaseLost(export.export_id)
 
         try:
             await self.db.run(unit, retry=False)
         except BaseException as exc:
             if isinstance(exc, (CommitOutcomeUnknown, asyncio.CancelledError)) and committed:
                 pass  # the export may be recorded succeeded: keep its file (a requeued run replaces it)
-            elif committed:
-                await asyncio.to_thread(file.remove_final)
             else:
-                await asyncio.to_thread(file.discard)
+                with contextlib.suppress(StoreError):
+                    if committed:
+                        await file.remove()
+                    else:
+                        await file.discard()
             raise
         return committed[0][0]
 
@@ -404,12 +497,14 @@ class ExportService:
                 path.unlink(missing_ok=True)
 
     async def remove_crash_leftovers(self) -> int:
-        """Remove temporary files left by crashed processes; returns how many were removed.
+        """Remove what crashed or superseded attempts left in the store; returns how many were removed.
 
-        A temporary file is kept only while its export is running under a live lease of the owner
-        named in the file, or (single-job exports, recorded only at COMMIT) while it is younger than
-        the query timeout plus a minute.
+        ``local``: a temporary file is kept only while its export is running under a live lease of the
+        owner named in the file, or (single-job exports, recorded only at COMMIT) while it is younger
+        than the query timeout plus a minute. ``s3``: see :meth:`remove_lost_objects`.
         """
+        if self.store.kind != "local":
+            return await self.remove_lost_objects()
         temps = await asyncio.to_thread(temp_files, self.directory)
         if not temps:
             return 0
@@ -432,6 +527,44 @@ class ExportService:
             log.info("export.temp_files_removed", count=removed)
         return removed
 
+    async def remove_lost_objects(self) -> int:
+        """Delete the objects of attempts that lost (``s3``); returns how many were deleted.
+
+        An object is kept while it is the one its export recorded, or belongs to the attempt now running,
+        or (single-job exports, recorded only at COMMIT) has no export row yet and is younger than the
+        query timeout plus a minute. Multipart uploads that fail in this process are aborted by the
+        uploader; those of a killed process are left to the bucket's ``AbortIncompleteMultipartUpload``
+        lifecycle rule (obstore cannot list them).
+        """
+        objects = await self.store.list_attempts()
+        if not objects:
+            return 0
+        states = await self.db.run(
+            lambda conn: ExportRepository(conn).attempt_states(sorted({o.export_id for o in objects})),
+            transaction=False,
+        )
+        now = datetime.now(UTC)
+        grace = timedelta(seconds=self.settings.query_timeout_s + 60)
+        removed = 0
+        for obj in objects:
+            known = states.get(obj.export_id)
+            if known is None:
+                stale = now - obj.modified > grace
+            else:
+                state, attempts, object_key = known
+                if state == "succeeded":
+                    stale = obj.key != object_key
+                elif state == "running":
+                    stale = obj.attempt < attempts
+                else:  # failed, or queued again: no attempt of it is in flight
+                    stale = True
+            if stale:
+                await self.store.remove(obj.key)
+                removed += 1
+        if removed:
+            log.info("export.lost_objects_removed", count=removed)
+        return removed
+
     def start(self) -> None:
         """Start the background worker loop (idempotent)."""
         if self._task is None:
@@ -445,13 +578,21 @@ class ExportService:
                 await self._task
             self._task = None
 
-    async def _loop(self) -> None:
+    async def _sweep(self) -> None:
         try:
             await self.remove_crash_leftovers()
-        except Exception as exc:  # noqa: BLE001 - logged; the loop below keeps trying
+        except Exception as exc:  # noqa: BLE001 - logged; the loop tries again later
             log.warning("export.cleanup_failed", error=type(exc).__name__)
+
+    async def _loop(self) -> None:
+        await self._sweep()
+        loop = asyncio.get_running_loop()
+        sweep_at = loop.time() + STORE_SWEEP_EVERY_S
         failures = 0
         while True:
+            if loop.time() >= sweep_at:
+                await self._sweep()
+                sweep_at = loop.time() + STORE_SWEEP_EVERY_S
             try:
                 ran = await self.run_next()
                 failures = 0

@@ -2,10 +2,12 @@
 
 Compares the service's export pipeline (the same code ``POST /v1/exports`` and ``jobresults export``
 run) with the ``mariadb``/``mysql`` command-line client dumping the same rows with ``--batch``.
-Reports rows/s, MB/s and peak RSS of each run (each in a fresh process). A benchmark, not a test:
-run it by hand on a quiet machine and record the figures in perf/README.md.
+Reports rows/s, MB/s and peak RSS of each run (each in a fresh process), for the ``local`` export
+store and the ``s3`` one (a SeaweedFS ``weed mini`` started on loopback for the run). A benchmark,
+not a test: run it by hand on a quiet machine and record the figures in perf/README.md.
 
-    uv run python perf/export_benchmark.py --server mysql://root:@127.0.0.1:3306/test [--sizes 100000 1000000]
+    uv run python perf/export_benchmark.py --server mysql://root:@127.0.0.1:3306/test \
+        [--sizes 100000 1000000] [--stores local s3] [--formats ndjson csv]
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -82,24 +86,26 @@ def seed(server: DatabaseURL, url: str, target: int) -> None:
         print(f"seeded {max(0, target - have)} rows in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
-def run_export(url: str, fmt: str, rows: int, exports_dir: Path) -> dict[str, float]:
-    """Run one range export in a fresh process; returns its figures."""
-    done = subprocess.run(
-        [sys.executable, __file__, "--one", fmt, "--url", url, "--rows", str(rows), "--dir", str(exports_dir)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def run_export(url: str, fmt: str, rows: int, exports_dir: Path, s3_endpoint: str = "") -> dict[str, float]:
+    """Run one range export in a fresh process (to ``s3_endpoint`` when given); returns its figures."""
+    command = [sys.executable, __file__, "--one", fmt, "--url", url, "--rows", str(rows), "--dir", str(exports_dir)]
+    if s3_endpoint:
+        command += ["--s3-endpoint", s3_endpoint]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
 
-def one(url: str, fmt: str, rows: int, exports_dir: Path) -> None:
+def one(url: str, fmt: str, rows: int, exports_dir: Path, s3_endpoint: str) -> None:
     from exports.pipeline import ExportService
     from repositories.database import Database
     from repositories.exports import ExportParameters
+    from tests.seaweedfs import BUCKET
 
+    store: dict[str, object] = {}
+    if s3_endpoint:
+        store = {"exports_store": "s3", "s3_bucket": BUCKET, "s3_endpoint": s3_endpoint, "s3_region": "us-east-1"}
     settings = Settings.from_env(
-        {}, database_url=url, exports_dir=str(exports_dir), log_level="error", query_timeout_s=3600
+        {}, database_url=url, exports_dir=str(exports_dir), log_level="error", query_timeout_s=3600, **store
     )
 
     async def watch_loop(lags: list[float]) -> None:
@@ -120,11 +126,11 @@ def one(url: str, fmt: str, rows: int, exports_dir: Path) -> None:
             started = time.perf_counter()
             export = await service.run_now(params, fmt, "none", "benchmark")
             seconds = time.perf_counter() - started
+            assert export.rows_written == rows, export
+            await service.store.remove(export.object_key or str(export.file_name))
         finally:
             watcher.cancel()
             await db.close()
-        assert export.rows_written == rows, export
-        (exports_dir / str(export.file_name)).unlink()
         lags.sort()
         return {
             "seconds": seconds,
@@ -176,19 +182,41 @@ def client_dump(server: DatabaseURL, rows: int, out: Path) -> dict[str, float]:
     }
 
 
+@contextmanager
+def seaweedfs(directory: Path) -> Iterator[str]:
+    """A SeaweedFS S3 server on loopback for the run; yields its endpoint (credentials set in os.environ)."""
+    from tests.seaweedfs import ACCESS_KEY, SECRET_KEY, SeaweedFS
+
+    os.environ["AWS_ACCESS_KEY_ID"] = ACCESS_KEY
+    os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
+    work = directory / "seaweedfs"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    server = SeaweedFS(work)
+    server.start()
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--server", default=os.environ.get("JOBRESULTS_BENCH_SERVER", "mysql://root:@127.0.0.1:3306/test")
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--stores", nargs="+", choices=["local", "s3"], default=["local", "s3"])
+    parser.add_argument("--formats", nargs="+", choices=["ndjson", "csv", "json"], default=["ndjson", "csv"])
+    parser.add_argument("--s3-endpoint", default="")
     parser.add_argument("--one")
     parser.add_argument("--url")
     parser.add_argument("--rows", type=int)
     parser.add_argument("--dir")
     args = parser.parse_args()
     if args.one:
-        one(args.url, args.one, args.rows, Path(args.dir))
+        one(args.url, args.one, args.rows, Path(args.dir), args.s3_endpoint)
         return
     server = DatabaseURL.parse(args.server)
     url = f"mysql://{server.user}:{server.password}@{server.host}:{server.port}/{BENCH_DB}"
@@ -200,13 +228,18 @@ def main() -> None:
     exports_dir = ROOT / "perf" / "results" / "exports"
     exports_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for rows in sorted(args.sizes):
-        seed(server, url, rows)
-        client_dump(server, rows, exports_dir / "client.tsv")  # warm-up: every run then reads a warm buffer pool
-        client = client_dump(server, rows, exports_dir / "client.tsv")
-        results.append({"rows": rows, "what": "mariadb --batch", **client})
-        for fmt in ("ndjson", "csv"):
-            results.append({"rows": rows, "what": f"export {fmt}", **run_export(url, fmt, rows, exports_dir)})
+    with ExitStack() as stack:
+        s3_endpoint = stack.enter_context(seaweedfs(exports_dir.parent)) if "s3" in args.stores else ""
+        for rows in sorted(args.sizes):
+            seed(server, url, rows)
+            client_dump(server, rows, exports_dir / "client.tsv")  # warm-up: every run then reads a warm buffer pool
+            client = client_dump(server, rows, exports_dir / "client.tsv")
+            results.append({"rows": rows, "what": "mariadb --batch", **client})
+            for fmt in args.formats:
+                for store in args.stores:
+                    endpoint = s3_endpoint if store == "s3" else ""
+                    figures = run_export(url, fmt, rows, exports_dir, endpoint)
+                    results.append({"rows": rows, "what": f"{store} {fmt}", **figures})
     print(f"server {version}, {os.cpu_count()} cores")
     header = f"{'rows':>9}  {'what':<16} {'seconds':>8} {'rows/s':>9} {'MB/s':>7} {'peak RSS MB':>12}"
     print(f"{header} {'loop lag p99/max ms':>20}")

@@ -56,11 +56,13 @@ class Export(msgspec.Struct, frozen=True):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    object_key: str | None = None
+    """The object in the ``s3`` store (``<prefix><export_id>/<attempt>.<ext>``); None for local files."""
 
 
 _COLUMNS = (
     "id, export_id, kind, format, compression, parameters, state, rows_written, bytes, sha256, file_name, "
-    "error, requested_by, attempts, lease_owner, lease_until, created_at, started_at, finished_at"
+    "error, requested_by, attempts, lease_owner, lease_until, created_at, started_at, finished_at, object_key"
 )
 _PARAMS_DECODER = msgspec.json.Decoder(ExportParameters)
 _ENCODER = msgspec.json.Encoder()
@@ -68,7 +70,8 @@ _ENCODER = msgspec.json.Encoder()
 SQL_INSERT = (
     f"INSERT INTO exports ({_COLUMNS}) VALUES (NULL, %(export_id)s, %(kind)s, %(format)s, %(compression)s, "  # noqa: S608
     "%(parameters)s, %(state)s, %(rows_written)s, %(bytes)s, %(sha256)s, %(file_name)s, NULL, %(requested_by)s, "
-    "%(attempts)s, %(lease_owner)s, %(lease_until)s, %(created_at)s, %(started_at)s, %(finished_at)s)"
+    "%(attempts)s, %(lease_owner)s, %(lease_until)s, %(created_at)s, %(started_at)s, %(finished_at)s, "
+    "%(object_key)s)"
 )
 SQL_GET = f"SELECT {_COLUMNS} FROM exports WHERE export_id = %(export_id)s"  # noqa: S608
 SQL_CLAIMABLE = (
@@ -86,8 +89,10 @@ SQL_RENEW = (
 SQL_LOCK_OWNED = "SELECT id FROM exports WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s FOR UPDATE"
 SQL_SUCCEED = (
     "UPDATE exports SET state = 'succeeded', rows_written = %(rows_written)s, bytes = %(bytes)s, "
-    "sha256 = %(sha256)s, file_name = %(file_name)s, error = NULL, lease_owner = NULL, lease_until = NULL, "
-    "finished_at = %(now)s WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s"
+    "sha256 = %(sha256)s, file_name = %(file_name)s, object_key = %(object_key)s, error = NULL, "
+    "lease_owner = NULL, lease_until = NULL, "
+    "finished_at = %(now)s WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s "
+    "AND attempts = %(attempts)s"
 )
 SQL_FAIL = (
     "UPDATE exports SET state = 'failed', error = %(error)s, lease_owner = NULL, lease_until = NULL, "
@@ -120,6 +125,7 @@ def _export(row: tuple[Any, ...]) -> Export:
         created_at=row[16],
         started_at=row[17],
         finished_at=row[18],
+        object_key=row[19],
     )
 
 
@@ -149,6 +155,7 @@ class ExportRepository:
         lease_owner: str | None = None,
         lease_until: datetime | None = None,
         created_at: datetime | None = None,
+        object_key: str | None = None,
     ) -> Export:
         """Record an export and return it as stored (``lease_*`` to record it already claimed).
 
@@ -178,6 +185,7 @@ class ExportRepository:
             "finished_at": finished_at,
             "lease_owner": lease_owner,
             "lease_until": lease_until,
+            "object_key": object_key,
         }
         async with self.conn.cursor() as cur:
             await cur.execute(SQL_INSERT, params)
@@ -202,6 +210,7 @@ class ExportRepository:
             created_at=now,
             started_at=started_at,
             finished_at=finished_at,
+            object_key=object_key,
         )
 
     async def get(self, export_id: str) -> Export:
@@ -274,9 +283,17 @@ class ExportRepository:
             return await cur.fetchone() is not None
 
     async def succeed(
-        self, export: Export, owner: str, *, rows_written: int, size: int, sha256: str, file_name: str
+        self,
+        export: Export,
+        owner: str,
+        *,
+        rows_written: int,
+        size: int,
+        sha256: str,
+        file_name: str,
+        object_key: str | None = None,
     ) -> bool:
-        """Mark the export succeeded; False if ``owner`` no longer holds its lease."""
+        """Mark the export succeeded and record its file or object; False if ``owner`` lost its lease."""
         params = {
             "id": export.id,
             "owner": owner,
@@ -284,6 +301,8 @@ class ExportRepository:
             "bytes": size,
             "sha256": sha256,
             "file_name": file_name,
+            "object_key": object_key,
+            "attempts": export.attempts,
             "now": utcnow(),
         }
         async with self.conn.cursor() as cur:
@@ -315,3 +334,15 @@ class ExportRepository:
             await cur.execute(sql, params)
             rows = await cur.fetchall()
         return {row[0]: (row[1], row[2], row[3]) for row in rows}
+
+    async def attempt_states(self, export_ids: Sequence[str]) -> dict[str, tuple[str, int, str | None]]:
+        """``export_id -> (state, attempts, object_key)`` for the ids that exist (for the store sweep)."""
+        if not export_ids:
+            return {}
+        params = {f"id{i}": export_id for i, export_id in enumerate(export_ids)}
+        placeholders = ", ".join(f"%({name})s" for name in params)
+        sql = f"SELECT export_id, state, attempts, object_key FROM exports WHERE export_id IN ({placeholders})"  # noqa: S608
+        async with self.conn.cursor() as cur:
+            await cur.execute(sql, params)
+            rows = await cur.fetchall()
+        return {row[0]: (row[1], int(row[2]), row[3]) for row in rows}

@@ -160,6 +160,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from exports.files import StorageFull
+    from exports.pipeline import ExportTooLarge
+    from exports.store import StoreError
     from observability.logging import configure_logging
     from repositories.exports import ExportParameters
     from repositories.job_results import JobResultNotFound
@@ -199,6 +201,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 1
     except StorageFull:
         print("jobresults: not enough storage for the export file", file=sys.stderr)
+        return 1
+    except (StoreError, ExportTooLarge) as exc:
+        print(f"jobresults: {exc}", file=sys.stderr)
         return 1
     print(
         f"export {export.export_id}: {export.rows_written} rows, {export.bytes} bytes, "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import getpass
 import os
-import shutil
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
@@ -123,9 +122,10 @@ async def export_to_file(
                 )
     finally:
         await db.close()
-    source = settings.exports_path / str(export.file_name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, out)
+    with out.open("wb") as handle:  # from whichever store holds it (a local file or an S3 object)
+        async for chunk in service.store.read(export.object_key or str(export.file_name), 0, export.bytes or 0):
+            handle.write(chunk)
     return export
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
 import msgspec
+import structlog
 from litestar import Controller, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
@@ -19,8 +18,9 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.response import Stream
 
-from exports.files import StorageFull, UnsafeExportPath, resolve_inside
-from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService
+from exports.files import StorageFull
+from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService, ExportTooLarge
+from exports.store import ExportStore, ObjectMissing, StoreError
 from repositories.database import Database
 from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
@@ -28,6 +28,8 @@ from service.json_fidelity import check_document
 from service.openapi import file_response
 from service.problems import ApiError, problem_responses
 from service.schemas import JOB_ID_RULE, format_timestamp, parse_timestamp
+
+log = structlog.get_logger("jobresults.exports")
 
 Format = Literal["json", "ndjson", "csv"]
 Compression = Literal["none", "gzip"]
@@ -38,7 +40,6 @@ MEDIA_TYPES = {
     "ndjson": "application/x-ndjson",
     "csv": "text/csv",
 }  # Litestar appends "; charset=utf-8" to text/*
-READ_CHUNK = 256 * 1024
 EXPORT_WRITE_SCOPES = ("exports:write", "results:read")
 """Creating an export needs both: an export hands out job results, so it needs the right to read them."""
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
@@ -140,6 +141,11 @@ def _storage_full() -> ApiError:
     return ApiError(507, STORAGE_FULL_MESSAGE, slug="insufficient-storage")
 
 
+def _store_failed(exc: StoreError) -> ApiError:
+    """503 with the store error's safe message (it never names keys, hosts or credentials)."""
+    return ApiError(503, str(exc), slug="export-store-unavailable", headers={"Retry-After": "5"})
+
+
 def _visible_to(request: Request[Any, Any, Any]) -> str | None:
     """With ``JOBRESULTS_EXPORTS_VISIBILITY=own``, the ``requested_by`` a caller may see; else None (all)."""
     if request.app.state.settings.exports_visibility == "own":
@@ -193,6 +199,10 @@ class JobExportController(Controller):
             export = await exports.export_job(job_id, data.format, data.compression, requested_by(request))
         except StorageFull:
             raise _storage_full() from None
+        except StoreError as exc:
+            raise _store_failed(exc) from None
+        except ExportTooLarge as exc:
+            raise ApiError(507, str(exc), slug="export-too-large") from None
         return Response(
             ExportRecord.build(export), status_code=201, headers={"Location": f"/v1/exports/{export.export_id}"}
         )
@@ -291,9 +301,12 @@ class ExportController(Controller):
         description=(
             "Streams the file with `Content-Disposition: attachment` and `ETag` (its sha256). Supports "
             "`Range: bytes=...` (206, or 416), `If-Range` and `If-None-Match`. 409 while the export is not "
-            "finished. gzip exports are served as `application/gzip` (the file itself is gzip)."
+            "finished. gzip exports are served as `application/gzip` (the file itself is gzip). With "
+            "`JOBRESULTS_EXPORTS_DOWNLOAD=redirect`, answers 302 to a presigned URL of the object instead, "
+            "valid for `JOBRESULTS_EXPORTS_URL_TTL_S` seconds."
         ),
         responses={
+            302: ResponseSpec(data_container=None, description="Found: `Location` is a short-lived presigned URL"),
             206: ResponseSpec(
                 data_container=bytes, description="Partial Content", media_type="application/octet-stream"
             ),
@@ -304,6 +317,7 @@ class ExportController(Controller):
     async def get_content(
         self,
         db: NamedDependency[Database],
+        exports: NamedDependency[ExportService],
         request: Request[Any, Any, Any],
         export_id: Annotated[str, PathParameter(description="Export id.")],
         range_header: Annotated[str | None, HeaderParameter(name="Range")] = None,
@@ -319,11 +333,8 @@ class ExportController(Controller):
                 slug="export-not-ready",
             )
         settings = request.app.state.settings
-        try:
-            path = resolve_inside(settings.exports_path, export.file_name)
-            size = (await asyncio.to_thread(path.stat)).st_size
-        except (UnsafeExportPath, FileNotFoundError):
-            raise ApiError(404, "the export's file is no longer available", slug="export-file-missing") from None
+        store = exports.store
+        key = export.object_key or export.file_name
         etag = f'"{export.sha256}"'
         media_type = "application/gzip" if export.compression == "gzip" else MEDIA_TYPES[export.format]
         headers = {
@@ -335,6 +346,22 @@ class ExportController(Controller):
         if tags == "*" or (tags and etag in tags):
             not_modified: Response[bytes] = Response(content=b"", status_code=304, headers=headers)
             return not_modified
+        if settings.exports_download == "redirect" and export.object_key:
+            try:
+                url = await store.presigned_url(export.object_key, settings.exports_url_ttl_s)
+            except StoreError as exc:
+                raise _store_failed(exc) from None
+            # The URL is a bearer secret: it goes in Location only, never into a log line.
+            redirect: Response[bytes] = Response(
+                content=b"", status_code=302, headers={"Location": url, "ETag": etag, "Cache-Control": "no-store"}
+            )
+            return redirect
+        try:
+            size = await store.size(key)
+        except ObjectMissing:
+            raise ApiError(404, "the export's file is no longer available", slug="export-file-missing") from None
+        except StoreError as exc:
+            raise _store_failed(exc) from None
         start, end = 0, size - 1
         status = 200
         if range_header is not None and (if_range is None or if_range.strip() == etag):
@@ -354,7 +381,7 @@ class ExportController(Controller):
                 headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         headers["Content-Length"] = str(end - start + 1 if size else 0)
         return Stream(  # type: ignore[return-value]
-            _read(path, start, end + 1), status_code=status, media_type=media_type, headers=headers
+            _read(store, key, start, end + 1), status_code=status, media_type=media_type, headers=headers
         )
 
 
@@ -405,19 +432,18 @@ def header_number(digits: str) -> int:
     return min(int(significant or "0"), HEADER_NUMBER_MAX)
 
 
-async def _read(path: Path, start: int, stop: int) -> AsyncIterator[bytes]:
-    handle = await asyncio.to_thread(path.open, "rb")
+async def _read(store: ExportStore, key: str, start: int, stop: int) -> AsyncIterator[bytes]:
+    """The body: bytes ``[start, stop)`` from the store.
+
+    Headers are sent by then, so a failure can only cut the response short (the client sees fewer bytes
+    than Content-Length); it is logged.
+    """
     try:
-        await asyncio.to_thread(handle.seek, start)
-        remaining = stop - start
-        while remaining > 0:
-            data = await asyncio.to_thread(handle.read, min(READ_CHUNK, remaining))
-            if not data:
-                break
-            remaining -= len(data)
-            yield data
-    finally:
-        await asyncio.to_thread(handle.close)
+        async for chunk in store.read(key, start, stop):
+            yield chunk
+    except (ObjectMissing, StoreError) as exc:
+        log.warning("export.download_cut_short", error=type(exc).__name__)
+        raise
 
 
 def _encode_cursor(export_pk: int) -> str:

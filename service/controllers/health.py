@@ -26,7 +26,10 @@ async def healthz() -> Health:
 @get(
     "/readyz",
     tags=["health"],
-    summary="Readiness: the database (and Redis, when configured) answer within 1 s, the schema is current",
+    summary=(
+        "Readiness: the database, the export store (and Redis, when configured) answer within 1 s, "
+        "the schema is current"
+    ),
     security=[{}],
     responses=problem_responses(503),
 )
@@ -55,6 +58,13 @@ async def readyz(request: Request[Any, Any, Any], db: NamedDependency[Database])
             redis_ok = False
         if not redis_ok:
             return _unready(request, "the rate-limit store (Redis) is unreachable")
+    exports = getattr(request.app.state, "exports", None)
+    if exports is not None:
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                await exports.store.check()
+        except Exception:  # noqa: BLE001 - any failure to reach the export store means not ready
+            return _unready(request, f"the export store ({exports.store.kind}) does not answer")
     missing = expected_migrations() - applied
     if missing:
         return _unready(
