@@ -42,6 +42,7 @@ from repositories.job_results import (
     utcnow,
 )
 from service.schemas import format_timestamp
+from service.webhook_events import emitting, export_event
 
 log = structlog.get_logger("jobresults.exports")
 
@@ -166,7 +167,9 @@ class ExportService:
             )
 
         try:
-            export = await self.db.run(unit, snapshot=True)
+            export = await self.db.run(
+                emitting(unit, lambda done: export_event(done, state="succeeded")), snapshot=True
+            )
         except BaseException as exc:
             for file in files:  # the COMMIT did not happen: no file may outlive its row
                 await asyncio.to_thread(file.remove_final)
@@ -294,7 +297,14 @@ class ExportService:
             )
 
         try:
-            await self.db.run(unit)
+            await self.db.run(
+                emitting(
+                    unit,
+                    lambda done: (
+                        export_event(export, state="failed", error=error) if done and action == "fail" else None
+                    ),
+                )
+            )
         except Exception:
             # The lease will expire and another worker will claim the export again.
             log.exception("export.settle_failed", export_id=export.export_id, action=action)
@@ -372,8 +382,14 @@ class ExportService:
                 export, self.owner, rows_written=rows_written, size=size, sha256=sha256, file_name=file.path.name
             )
 
+        unit_and_event = emitting(
+            unit,
+            lambda _: export_event(
+                export, state="succeeded", rows_written=rows_written, size=committed[0][0], sha256=committed[0][1]
+            ),
+        )
         try:
-            await self.db.run(unit, retry=False)
+            await self.db.run(unit_and_event, retry=False)
         except BaseException:
             if committed:
                 await asyncio.to_thread(file.remove_final)

@@ -26,7 +26,15 @@ from repositories.database import Database
 from service.problems import ApiError
 from service.rate_limit import RateLimiter, bucket_of, client_ip
 
-SCOPES: tuple[str, ...] = ("results:read", "results:write", "exports:read", "exports:write", "metrics:read")
+SCOPES: tuple[str, ...] = (
+    "results:read",
+    "results:write",
+    "exports:read",
+    "exports:write",
+    "metrics:read",
+    "webhooks:read",
+    "webhooks:write",
+)
 TOKEN_PREFIX = "jr_"  # noqa: S105 - a visible prefix, not a secret
 _TOKEN = re.compile(r"jr_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="jobresults"'}
@@ -136,5 +144,16 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
             await limiter.enforce("ip", bucket_of(ip), limiter.per_ip)
             if limiter.per_key is not None:
                 await limiter.enforce("key", key.key_id, limiter.per_key)
-    if needed not in key.scopes:
-        raise ApiError(403, f"the API key lacks the scope {needed}", slug="forbidden")
+    if not _grants(key.scopes, needed):
+        raise ApiError(403, f"the API key lacks the scope {_scope_text(needed)}", slug="forbidden")
+
+
+def _grants(scopes: tuple[str, ...] | list[str], needed: str | tuple[str, ...] | None) -> bool:
+    """True if ``scopes`` hold ``needed``: one scope, or a tuple of alternatives (any one suffices)."""
+    if isinstance(needed, tuple):
+        return any(scope in scopes for scope in needed)
+    return needed in scopes
+
+
+def _scope_text(needed: str | tuple[str, ...] | None) -> str:
+    return " or ".join(needed) if isinstance(needed, tuple) else str(needed)

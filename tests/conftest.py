@@ -115,6 +115,7 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         log_level="warning",
         export_poll_s=0.1,
         export_worker=False,
+        webhooks_worker=False,
         # Rate limits have their own tests; the rest of the suite must not trip over 10/s.
         rate_limit_per_ip="100000/second",
     )
