@@ -91,7 +91,9 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextmanager
-def receiving(plan: list[tuple[int, float]] | None = None, default: tuple[int, float] = (200, 0.0)) -> Iterator[Receiver]:
+def receiving(
+    plan: list[tuple[int, float]] | None = None, default: tuple[int, float] = (200, 0.0)
+) -> Iterator[Receiver]:
     """Run a :class:`Receiver` on a free port of 127.0.0.1 for the block; ``receiver.url`` is its URL."""
     receiver = Receiver(plan, default)
     server = _Server(("127.0.0.1", 0), _Handler)
