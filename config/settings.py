@@ -143,9 +143,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     4 times longer (with +-20 % jitter) up to ``JOBRESULTS_WEBHOOKS_RETRY_MAX_S``."""
     webhooks_retry_max_s: Seconds = 21600.0
     """``JOBRESULTS_WEBHOOKS_RETRY_MAX_S``: longest pause between two attempts (6 h)."""
-    webhooks_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
-    """``JOBRESULTS_WEBHOOKS_MAX_ATTEMPTS``: attempts per event before it is given up (10: about 21 h with
-    the default pauses). An endpoint whose attempts failed this many times in a row is disabled."""
+    webhooks_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 11
+    """``JOBRESULTS_WEBHOOKS_MAX_ATTEMPTS``: attempts per event before it is given up (11: the last one about
+    26 h after the first with the default pauses). An endpoint whose attempts failed this many times in a row
+    is disabled."""
     webhooks_cache_ttl_s: Seconds = 5.0
     """``JOBRESULTS_WEBHOOKS_CACHE_TTL_S``: how long a process caches which event types have subscribers;
     a webhook created or changed through another process receives events after at most this long."""
