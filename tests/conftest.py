@@ -198,9 +198,11 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
 def server(servers: Servers, database_url: str) -> Server:
     """A running ``jobresults serve`` on the session database: 2 Granian workers sharing Redis, info logs.
 
-    Like the session app it runs no export worker (tests of the worker use databases of their own).
+    Like the session app it runs no export or webhook worker (tests of the workers use databases of their own).
     """
-    return servers.start(database_url, workers=2, redis_url=REDIS_URL, log_level="info", export_worker=False)
+    return servers.start(
+        database_url, workers=2, redis_url=REDIS_URL, log_level="info", export_worker=False, webhooks_worker=False
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
