@@ -48,10 +48,10 @@ def refusal(address: IPAddress, *, allow_private: bool) -> str | None:
         return "a multicast address"
     if address.is_loopback:
         return None if allow_private else "a loopback address"
-    if address.is_private:
-        return None if allow_private else "a private address"
     if address.is_reserved:
         return "a reserved address"
+    if address.is_private:
+        return None if allow_private else "a private address"
     if not address.is_global:
         return None if allow_private else "an address that is not globally routable"
     return None
