@@ -235,7 +235,7 @@ class WebhookController(Controller):
             "be https and resolve only to public addresses. " + _EVENTS_RULE + "."
         ),
         status_code=201,
-        responses={201: ResponseSpec(data_container=WebhookRecord, description="Created")}
+        responses={201: ResponseSpec(data_container=WebhookRecord, description="Created", generate_examples=False)}
         | problem_responses(400, 401, 403, 415, 429, 503),
     )
     async def create_webhook(self, request: Request[Any, Any, Any], db: NamedDependency[Database]) -> Response[Any]:
