@@ -154,6 +154,29 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     exports_url_ttl_s: Positive = 60
     """``JOBRESULTS_EXPORTS_URL_TTL_S``: seconds a presigned download URL stays valid (at most 604800,
     7 days: SigV4's limit)."""
+    webhooks_worker: bool = True
+    """``JOBRESULTS_WEBHOOKS_WORKER``: deliver webhook events from this process's background worker."""
+    webhooks_allow_private: bool = False
+    """``JOBRESULTS_WEBHOOKS_ALLOW_PRIVATE``: allow ``http`` webhook URLs and loopback or private addresses
+    (tests, closed networks). Link-local (cloud metadata), multicast and reserved addresses stay refused."""
+    webhooks_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0
+    """``JOBRESULTS_WEBHOOKS_TIMEOUT_S``: longest time one delivery attempt may take (connect, send, answer)."""
+    webhooks_poll_s: Seconds = 1.0
+    """``JOBRESULTS_WEBHOOKS_POLL_S``: how often an idle delivery worker looks for due events."""
+    webhooks_retry_base_s: Seconds = 5.0
+    """``JOBRESULTS_WEBHOOKS_RETRY_BASE_S``: pause after the first failed attempt; each further pause is
+    4 times longer (with +-20 % jitter) up to ``JOBRESULTS_WEBHOOKS_RETRY_MAX_S``."""
+    webhooks_retry_max_s: Seconds = 21600.0
+    """``JOBRESULTS_WEBHOOKS_RETRY_MAX_S``: longest pause between two attempts (6 h)."""
+    webhooks_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 11
+    """``JOBRESULTS_WEBHOOKS_MAX_ATTEMPTS``: attempts per event before it is given up (11: the last one about
+    26 h after the first with the default pauses). An endpoint whose attempts failed this many times in a row
+    is disabled."""
+    webhooks_cache_ttl_s: Seconds = 5.0
+    """``JOBRESULTS_WEBHOOKS_CACHE_TTL_S``: how long a process caches which event types have subscribers;
+    a webhook created or changed through another process receives events after at most this long."""
+    webhooks_retention_days: Positive = 7
+    """``JOBRESULTS_WEBHOOKS_RETENTION_DAYS``: days settled events and delivery attempts are kept."""
 
     @property
     def exports_path(self) -> Path:
@@ -216,6 +239,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             raise SettingsError(
                 f"{PREFIX}WORKERS={settings.workers} needs {PREFIX}REDIS_URL: without a shared store each worker "
                 f"would count rate limits on its own and multiply them (or set {PREFIX}RATE_LIMIT_ENABLED=false)"
+            )
+        if settings.webhooks_retry_base_s > settings.webhooks_retry_max_s:
+            raise SettingsError(
+                f"{PREFIX}WEBHOOKS_RETRY_BASE_S ({settings.webhooks_retry_base_s}) must not exceed "
+                f"{PREFIX}WEBHOOKS_RETRY_MAX_S ({settings.webhooks_retry_max_s})"
             )
         if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise SettingsError(f"{PREFIX}LOG_LEVEL must be one of debug, info, warning, error")

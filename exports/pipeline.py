@@ -43,6 +43,7 @@ from repositories.job_results import (
     utcnow,
 )
 from service.schemas import format_timestamp
+from service.webhook_events import emitting, export_event
 
 log = structlog.get_logger("jobresults.exports")
 
@@ -215,7 +216,9 @@ class ExportService:
             )
 
         try:
-            export = await self.db.run(unit, snapshot=True)
+            export = await self.db.run(
+                emitting(unit, lambda done: export_event(done, state="succeeded")), snapshot=True
+            )
         except BaseException as exc:
             # A file goes only when its record is known not to exist: a retried attempt's always (it
             # was rolled back, or its lost COMMIT was found not to have landed), the last one's unless
@@ -374,7 +377,14 @@ class ExportService:
             )
 
         try:
-            await self.db.run(unit)
+            await self.db.run(
+                emitting(
+                    unit,
+                    lambda done: (
+                        export_event(export, state="failed", error=error) if done and action == "fail" else None
+                    ),
+                )
+            )
         except Exception:
             # The lease will expire and another worker will claim the export again.
             log.exception("export.settle_failed", export_id=export.export_id, action=action)
@@ -475,8 +485,14 @@ class ExportService:
             if not recorded:
                 raise LeaseLost(export.export_id)
 
+        unit_and_event = emitting(
+            unit,
+            lambda _: export_event(
+                export, state="succeeded", rows_written=rows_written, size=committed[0][0], sha256=committed[0][1]
+            ),
+        )
         try:
-            await self.db.run(unit, retry=False)
+            await self.db.run(unit_and_event, retry=False)
         except BaseException as exc:
             if isinstance(exc, (CommitOutcomeUnknown, asyncio.CancelledError)) and committed:
                 pass  # the export may be recorded succeeded: keep its file (a requeued run replaces it)

@@ -86,6 +86,27 @@ EXPORT_DURATION = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
 )
 
+WEBHOOK_DELIVERIES = Counter(
+    "jobresults_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome: delivered, http_error, timeout, network_error, refused.",
+    ["outcome"],
+)
+WEBHOOK_DELIVERY_DURATION = Histogram(
+    "jobresults_webhook_delivery_duration_seconds",
+    "Time of one webhook delivery attempt (connect, send, answer).",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+WEBHOOK_PENDING = Gauge(
+    "jobresults_webhook_events_pending",
+    "Webhook events waiting for delivery (the outbox queue depth), as last seen by a delivery worker.",
+    multiprocess_mode="livemax",
+)
+WEBHOOK_OLDEST_PENDING_AGE = Gauge(
+    "jobresults_webhook_oldest_pending_age_seconds",
+    "Age of the oldest webhook event waiting for delivery (0 when none), as last seen by a delivery worker.",
+    multiprocess_mode="livemax",
+)
+
 
 def render() -> tuple[bytes, str]:
     """The current metrics in the Prometheus text format, and its content type.

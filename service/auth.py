@@ -14,6 +14,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cachetools import TTLCache
@@ -27,7 +28,15 @@ from repositories.database import Database
 from service.problems import ApiError
 from service.rate_limit import RateLimiter, bucket_of, client_ip
 
-SCOPES: tuple[str, ...] = ("results:read", "results:write", "exports:read", "exports:write", "metrics:read")
+SCOPES: tuple[str, ...] = (
+    "results:read",
+    "results:write",
+    "exports:read",
+    "exports:write",
+    "metrics:read",
+    "webhooks:read",
+    "webhooks:write",
+)
 TOKEN_PREFIX = "jr_"  # noqa: S105 - a visible prefix, not a secret
 _TOKEN = re.compile(r"jr_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="jobresults"'}
@@ -122,8 +131,9 @@ def _parsed_limit(spec: str) -> RateLimitItem:
 async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """Litestar guard: client IP, rate limit, API key and scope, in that order.
 
-    The route's ``opt["scope"]`` (one scope, or a tuple of scopes that are all needed, see
-    :func:`required_scopes`) must be among the caller's API key scopes. Routes without a scope
+    The route's ``opt["scope"]`` (one scope, a tuple of scopes that are all needed, see
+    :func:`required_scopes`, or :class:`AnyOf` alternatives) must be among the caller's API key
+    scopes. Routes without a scope
     (health, docs) are open and unlimited; every ``/v1`` route must declare one. A request counts
     against its IP before its key is looked up anywhere but in the cache of known keys (unless the
     worker saw that key id exist within the hour: see :meth:`Authenticator.authenticate`), so tokens
@@ -135,7 +145,7 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     Raises:
         ApiError: 401 (no valid key), 403 (the key lacks the scope), 429 (rate limit).
     """
-    needed: str | tuple[str, ...] | None = handler.opt.get("scope")
+    needed: str | tuple[str, ...] | AnyOf | None = handler.opt.get("scope")
     path = connection.scope["path"]
     is_options = connection.scope.get("method") == "OPTIONS"
     if needed is None and not (is_options and path.startswith("/v1")):
@@ -170,9 +180,23 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
             await count_ip()
             if limiter.per_key is not None:
                 await limiter.enforce("key", key.key_id, limiter.per_key)
+    if isinstance(needed, AnyOf):
+        if not any(scope in key.scopes for scope in needed.scopes):
+            raise ApiError(403, f"the API key lacks the scope {' or '.join(needed.scopes)}", slug="forbidden")
+        return
     missing = [scope for scope in required_scopes(needed or ()) if scope not in key.scopes]
     if missing:
         raise ApiError(403, f"the API key lacks the scope {' and '.join(missing)}", slug="forbidden")
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """Alternative scopes for a route's ``opt["scope"]``: any one of ``scopes`` is enough.
+
+    E.g. webhook reads are allowed with ``webhooks:read`` or ``webhooks:write``.
+    """
+
+    scopes: tuple[str, ...]
 
 
 def required_scopes(needed: str | tuple[str, ...]) -> tuple[str, ...]:

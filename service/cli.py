@@ -284,7 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key and print its token once")
     create.add_argument("--name", required=True)
-    create.add_argument("--scopes", required=True, help="comma-separated: results:read,results:write,...")
+    create.add_argument(
+        "--scopes",
+        required=True,
+        help=(
+            "comma-separated, from: results:read, results:write, exports:read, exports:write, metrics:read, "
+            "webhooks:read, webhooks:write"
+        ),
+    )
     create.add_argument("--rate-limit", help="the key's own limit, e.g. 1000/second (default: the per-IP limit)")
     keys_sub.add_parser("list", help="list keys (never their tokens)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key")

@@ -115,6 +115,7 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         log_level="warning",
         export_poll_s=0.1,
         export_worker=False,
+        webhooks_worker=False,
         # Rate limits have their own tests; the rest of the suite must not trip over 10/s.
         rate_limit_per_ip="100000/second",
     )
@@ -197,9 +198,11 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
 def server(servers: Servers, database_url: str) -> Server:
     """A running ``jobresults serve`` on the session database: 2 Granian workers sharing Redis, info logs.
 
-    Like the session app it runs no export worker (tests of the worker use databases of their own).
+    Like the session app it runs no export or webhook worker (tests of the workers use databases of their own).
     """
-    return servers.start(database_url, workers=2, redis_url=REDIS_URL, log_level="info", export_worker=False)
+    return servers.start(
+        database_url, workers=2, redis_url=REDIS_URL, log_level="info", export_worker=False, webhooks_worker=False
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -35,6 +35,7 @@ from service.schemas import (
     is_valid_job_id,
     parse_timestamp,
 )
+from service.webhook_events import emitting, job_result_deleted, job_result_event
 
 JSON = "application/json"
 _WRITE_DECODER = msgspec.json.Decoder(JobResultWrite)
@@ -177,7 +178,7 @@ class JobResultController(Controller):
                 return await repo.replace(job_id, write.status, text), False
             return await repo.upsert(job_id, write.status, text)
 
-        meta, created = await db.run(unit)
+        meta, created = await db.run(emitting(unit, job_result_event))
         headers = {"ETag": etag_of(meta)}
         if created:
             headers["Location"] = f"{self.path}/{job_id}"
@@ -301,7 +302,7 @@ class JobResultController(Controller):
                     raise PreconditionFailed(job_id)
             await repo.delete(job_id)
 
-        await db.run(unit)
+        await db.run(emitting(unit, lambda _: job_result_deleted(job_id)))
 
     @put("/", include_in_schema=False, opt={"scope": "results:write", "advertised": False})
     async def put_without_id(self) -> None:

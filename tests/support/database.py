@@ -15,7 +15,15 @@ from config.settings import DatabaseURL, Settings
 from repositories.migrations import apply_migrations
 from service.operator import create_key
 
-ALL_SCOPES = ("results:read", "results:write", "exports:read", "exports:write", "metrics:read")
+ALL_SCOPES = (
+    "results:read",
+    "results:write",
+    "exports:read",
+    "exports:write",
+    "metrics:read",
+    "webhooks:read",
+    "webhooks:write",
+)
 
 
 def connect(url: str | DatabaseURL, *, database: bool = True) -> pymysql.connections.Connection:
