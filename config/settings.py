@@ -101,6 +101,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """``JOBRESULTS_EXPORT_CHUNK_ROWS``: rows fetched and written per step of a range export."""
     export_max_attempts: Positive = 3
     """``JOBRESULTS_EXPORT_MAX_ATTEMPTS``: a range export failing this often on database errors is failed."""
+    exports_max_pending_per_key: Positive = 10
+    """``JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY``: range exports one API key (or, without auth, one client
+    address) may have queued or running at once; one more is refused with 429 and ``Retry-After``."""
     export_worker: bool = True
     """``JOBRESULTS_EXPORT_WORKER``: run range exports in this process's background worker."""
     auth_enabled: bool = True

@@ -83,8 +83,11 @@ def error_code(exc: BaseException) -> int | None:
 
 
 def is_transient(exc: Exception) -> bool:
-    """True for the errors a retry can cure: deadlock or Galera certification failure 1213, lock wait
-    1205, Group Replication rollback at COMMIT 3101, lost connection 2006/2013."""
+    """True for the errors a retry can cure (see :data:`TRANSIENT_ERRORS`).
+
+    Deadlock or Galera certification failure 1213, lock wait 1205, Group Replication rollback at
+    COMMIT 3101, lost connection 2006/2013.
+    """
     # stamina logs each scheduled retry itself (``stamina.retry_scheduled``) through structlog.
     return error_code(exc) in TRANSIENT_ERRORS
 

@@ -22,7 +22,7 @@ from litestar.response import Stream
 from exports.files import StorageFull, UnsafeExportPath, resolve_inside
 from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService
 from repositories.database import Database
-from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository
+from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository, TooManyPendingExports
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
 from service.openapi import file_response
 from service.problems import ApiError, problem_responses
@@ -38,6 +38,8 @@ MEDIA_TYPES = {
     "csv": "text/csv",
 }  # Litestar appends "; charset=utf-8" to text/*
 READ_CHUNK = 256 * 1024
+PENDING_RETRY_AFTER_S = 5
+"""``Retry-After`` of a range export refused because its key has too many queued or running."""
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
@@ -201,7 +203,9 @@ class ExportController(Controller):
         summary="Export a time range of job results to a file (asynchronous)",
         description=(
             "202 Accepted with `Location: /v1/exports/{export_id}`. The export runs in the background, "
-            "survives restarts, and is done when its state is `succeeded` (or `failed`)."
+            "survives restarts, and is done when its state is `succeeded` (or `failed`). A key may have "
+            "`JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY` (default 10) range exports queued or running; "
+            "one more is 429 with `Retry-After`. Workers take range exports round-robin across keys."
         ),
         status_code=202,
         responses=problem_responses(400, 401, 403, 415, 429, 503),
@@ -216,7 +220,16 @@ class ExportController(Controller):
         if lower is not None and upper is not None and lower >= upper:
             raise ApiError(400, "created_from must be earlier than created_to", slug="invalid-request")
         parameters = ExportParameters(created_from=lower, created_to=upper, status=data.status)
-        export = await exports.enqueue_range(parameters, data.format, data.compression, requested_by(request))
+        try:
+            export = await exports.enqueue_range(parameters, data.format, data.compression, requested_by(request))
+        except TooManyPendingExports as exc:
+            raise ApiError(
+                429,
+                f"this key has {exc.limit} range exports queued or running, the most allowed "
+                "(JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY); retry when one has finished",
+                slug="too-many-pending-exports",
+                headers={"Retry-After": str(PENDING_RETRY_AFTER_S)},
+            ) from None
         return Response(
             ExportRecord.build(export), status_code=202, headers={"Location": f"/v1/exports/{export.export_id}"}
         )
