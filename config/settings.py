@@ -92,6 +92,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """``JOBRESULTS_WORKERS``: Granian worker processes."""
     max_body_bytes: Positive = 16 * 1024 * 1024
     """``JOBRESULTS_MAX_BODY_BYTES``: largest accepted request body; larger bodies get 413."""
+    list_max_bytes: Positive = 8 * 1024 * 1024
+    """``JOBRESULTS_LIST_MAX_BYTES``: a page of ``GET /v1/job-results?include=result`` ends before its
+    documents would pass this many bytes of JSON in total (it always holds at least one item; its
+    ``next_cursor`` continues after the last one)."""
     export_lease_s: Seconds = 30.0
     """``JOBRESULTS_EXPORT_LEASE_S``: a running range export whose worker stopped renewing its lease for
     this long is claimed again by another worker (renewed every third of it)."""

@@ -6,6 +6,7 @@ Repositories work on a connection handed to them by the unit of work
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Literal
@@ -212,15 +213,23 @@ class JobResultRepository:
         after: Cursor | None,
         limit: int,
         include_result: bool,
-    ) -> list[JobResultRow]:
-        """Job results with ``created_from <= created_at < created_to``, oldest first.
+        max_bytes: int | None = None,
+    ) -> tuple[list[JobResultRow], bool]:
+        """A page of job results with ``created_from <= created_at < created_to``, oldest first.
 
         Keyset pagination on ``(created_at, id)``: rows strictly after ``after``. Returns at most
-        ``limit`` rows; ``result`` is empty bytes unless ``include_result``. Bounds are naive UTC.
+        ``limit`` rows and whether more rows follow the last one. ``result`` is empty bytes unless
+        ``include_result``. Bounds are naive UTC.
+
+        With ``include_result`` and ``max_bytes``, the page also stops before the row whose document
+        would bring the documents' total above ``max_bytes`` (bytes of JSON text), though never before
+        its first row: the rows are read one by one from a server-side cursor, so at most one document
+        beyond the budget is ever held. A page cut short this way closes the connection (the rest of
+        the result set is never read).
         """
         columns = _META_COLUMNS + (", result_data" if include_result else "")
         where, params = range_filter(created_from, created_to, status)
-        params["limit"] = limit
+        params["limit"] = limit + 1
         if after is not None:
             # Expanded form of (created_at, id) > (%s, %s): both engines use idx_created for it.
             where += " AND " if where else " WHERE "
@@ -229,16 +238,43 @@ class JobResultRepository:
             params["after_id"] = after.id
         sql = f"SELECT {columns} FROM job_results {ORDERED_BY_TIME}{where}"  # noqa: S608 - fixed fragments only
         sql += " ORDER BY created_at, id LIMIT %(limit)s"
+        if include_result and max_bytes is not None:
+            return await self._list_within(sql, params, limit, max_bytes)
         async with self.conn.cursor() as cur:
             await cur.execute(sql, params)
             rows = await cur.fetchall()
-        out = []
-        for row in rows:
-            document = row[1] if include_result else b""
-            out.append(
-                JobResultRow(meta=_meta(row), result=document.encode() if isinstance(document, str) else document)
-            )
-        return out
+        out = [_row(row, include_result) for row in rows[:limit]]
+        return out, len(rows) > limit
+
+    async def _list_within(
+        self, sql: str, params: dict[str, object], limit: int, max_bytes: int
+    ) -> tuple[builtins.list[JobResultRow], bool]:
+        out: builtins.list[JobResultRow] = []
+        total = 0
+        cur = await self.conn.cursor(aiomysql.SSCursor)
+        await cur.execute(sql, params)
+        while True:
+            row = await cur.fetchone()
+            if row is None:
+                await cur.close()
+                return out, False
+            item = _row(row, include_result=True)
+            if len(out) == limit:  # the look-ahead row (LIMIT is limit + 1): the result set is done
+                await cur.close()
+                return out, True
+            if out and total + len(item.result) > max_bytes:
+                # Over budget: rather than drain the rest of the result set (up to `limit` more
+                # documents) through the socket, drop the connection; the pool opens a new one.
+                self.conn.close()
+                return out, True
+            out.append(item)
+            total += len(item.result)
+
+
+def _row(row: tuple[object, ...], include_result: bool) -> JobResultRow:
+    document = row[1] if include_result else b""
+    result = document.encode() if isinstance(document, str) else document
+    return JobResultRow(meta=_meta(row), result=result)  # type: ignore[arg-type]
 
 
 SQL_EXPORT_COLUMNS = (

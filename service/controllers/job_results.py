@@ -210,12 +210,15 @@ class JobResultController(Controller):
         description=(
             "Half-open range `created_from <= created_at < created_to` (RFC 3339, any offset), oldest "
             "first, keyset-paginated: pass `next_cursor` back as `cursor`. Items carry metadata only "
-            "unless `include=result`."
+            "unless `include=result`; then a page also ends before its documents would pass "
+            "`JOBRESULTS_LIST_MAX_BYTES` (8 MiB by default) in total, though it always holds at least one "
+            "item, and `next_cursor` continues after its last item, so nothing is skipped."
         ),
         responses=problem_responses(400, 401, 403, 429, 503),
     )
     async def list_job_results(
         self,
+        request: Request[Any, Any, Any],
         db: NamedDependency[Database],
         created_from: Annotated[
             str | None, QueryParameter(description="Inclusive lower bound, RFC 3339 with offset.")
@@ -239,18 +242,19 @@ class JobResultController(Controller):
             raise ApiError(400, "created_from must be earlier than created_to", slug="invalid-request")
         after = _decode_cursor(cursor) if cursor is not None else None
         include_result = include == "result"
-        rows = await db.run(
+        max_bytes = request.app.state.settings.list_max_bytes
+        page, more = await db.run(
             lambda conn: JobResultRepository(conn).list(
                 created_from=lower,
                 created_to=upper,
                 status=status,
                 after=after,
-                limit=limit + 1,
+                limit=limit,
                 include_result=include_result,
+                max_bytes=max_bytes,
             ),
             transaction=False,
         )
-        page = rows[:limit]
         items = [
             JobResultSummary(
                 job_id=row.meta.job_id,
@@ -262,7 +266,7 @@ class JobResultController(Controller):
             )
             for row in page
         ]
-        next_cursor = _encode_cursor(page[-1].meta) if len(rows) > limit else None
+        next_cursor = _encode_cursor(page[-1].meta) if more else None
         return Response(content=JobResultPage(items=items, next_cursor=next_cursor))
 
     @delete(
