@@ -15,7 +15,7 @@ import aiomysql
 import msgspec
 import pymysql
 
-from repositories.database import ER_DUP_ENTRY, Connection, SQLText, error_code
+from repositories.database import ER_DUP_ENTRY, Connection, SQLText, error_code, escape_text
 
 Status = Literal["succeeded", "failed", "cancelled"]
 STATUSES: tuple[Status, ...] = ("succeeded", "failed", "cancelled")
@@ -56,6 +56,45 @@ class Cursor(msgspec.Struct, array_like=True, frozen=True):
 
     created_at: datetime
     id: int
+
+
+class EscapedText:
+    """A document escaped as a MySQL string literal ahead of time (:func:`escape_text`).
+
+    Escaping a large document in a worker thread leaves the event loop only a copy to make when the
+    statement is built.
+
+    Attributes:
+        literal: the quoted, escaped literal.
+    """
+
+    __slots__ = ("literal",)
+
+    def __init__(self, text: str) -> None:
+        self.literal = escape_text(text)
+
+
+def _encode_escaped(value: EscapedText, mapping: object = None) -> str:
+    return value.literal
+
+
+# aiomysql ignores the connection's ``conv`` for encoding and uses PyMySQL's module-level registry.
+pymysql.converters.encoders[EscapedText] = _encode_escaped
+
+Document = str | EscapedText
+"""A checked JSON document to store: its text, or its text already escaped."""
+
+
+def _document(result: Document) -> EscapedText | SQLText:
+    return result if isinstance(result, EscapedText) else SQLText(result)
+
+
+async def read_max_allowed_packet(conn: Connection) -> int:
+    """The session's ``max_allowed_packet`` in bytes: the largest statement the server accepts."""
+    async with conn.cursor() as cur:
+        await cur.execute("SELECT @@SESSION.max_allowed_packet")
+        row = await cur.fetchone()
+    return int(row[0])
 
 
 def utcnow() -> datetime:
@@ -143,7 +182,7 @@ class JobResultRepository:
             raise JobResultNotFound(job_id)
         return _meta(row)
 
-    async def create(self, job_id: str, status: str, result: str) -> JobResultMeta:
+    async def create(self, job_id: str, status: str, result: Document) -> JobResultMeta:
         """Insert a new job result; ``result`` is JSON text already checked for fidelity.
 
         Raises:
@@ -153,7 +192,7 @@ class JobResultRepository:
         async with self.conn.cursor() as cur:
             try:
                 await cur.execute(
-                    SQL_INSERT, {"job_id": job_id, "status": status, "result": SQLText(result), "now": now}
+                    SQL_INSERT, {"job_id": job_id, "status": status, "result": _document(result), "now": now}
                 )
             except pymysql.err.IntegrityError as exc:
                 if error_code(exc) == ER_DUP_ENTRY:
@@ -162,20 +201,20 @@ class JobResultRepository:
             row_id = cur.lastrowid
         return JobResultMeta(id=row_id, job_id=job_id, status=status, version=1, created_at=now, updated_at=now)
 
-    async def replace(self, job_id: str, status: str, result: str) -> JobResultMeta:
+    async def replace(self, job_id: str, status: str, result: Document) -> JobResultMeta:
         """Replace an existing job result, bumping its version; returns the new metadata.
 
         Raises:
             JobResultNotFound: no such job id.
         """
-        params = {"job_id": job_id, "status": status, "result": SQLText(result), "now": utcnow()}
+        params = {"job_id": job_id, "status": status, "result": _document(result), "now": utcnow()}
         async with self.conn.cursor() as cur:
             changed = await cur.execute(SQL_UPDATE, params)
         if not changed:
             raise JobResultNotFound(job_id)
         return await self.get_meta(job_id)
 
-    async def upsert(self, job_id: str, status: str, result: str) -> tuple[JobResultMeta, bool]:
+    async def upsert(self, job_id: str, status: str, result: Document) -> tuple[JobResultMeta, bool]:
         """Create or replace; returns the stored metadata and True when the row is new.
 
         INSERT comes first: a new job takes no gap lock, so concurrent uploads of new jobs do not

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from typing import Annotated, Any, Literal
@@ -12,15 +13,18 @@ from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 
-from repositories.database import Connection, Database
+from repositories.database import Connection, Database, TooLargeForDatabase
 from repositories.job_results import (
     Cursor,
+    Document,
+    EscapedText,
     JobResultMeta,
     JobResultNotFound,
     JobResultRepository,
     PreconditionFailed,
+    read_max_allowed_packet,
 )
-from service.json_fidelity import MAX_DEPTH, check_document
+from service.json_fidelity import MAX_DEPTH, check_document, check_document_streaming
 from service.openapi import json_request_body
 from service.problems import ApiError, problem_responses
 from service.schemas import (
@@ -40,6 +44,14 @@ _WRITE_DECODER = msgspec.json.Decoder(JobResultWrite)
 _CURSOR_DECODER = msgspec.json.Decoder(Cursor)
 _ENCODER = msgspec.json.Encoder()
 _WRITE_SHAPE = 'expected {"status": "succeeded" | "failed" | "cancelled", "result": <any JSON value>}'
+INLINE_CHECK_BYTES = 64 * 1024
+"""Bodies up to this size are checked on the event loop (a few milliseconds at worst, whatever their
+shape); larger ones in a worker thread, by the streaming check, so the loop keeps serving."""
+_ESCAPED_BYTES = (b"\\", b"'", b'"', b"\n", b"\r", b"\0", b"\x1a")
+"""Bytes that :func:`repositories.database.escape_text` doubles: one more byte each in the statement."""
+_STATEMENT_SLACK = 64
+"""At least this many bytes of an INSERT or UPDATE of a job result come on top of the escaped body
+(the statement text, minus the escaped envelope ``{"status": ..., "result": ...}``)."""
 
 
 def require_json_body(request: Request[Any, Any, Any]) -> None:
@@ -97,7 +109,7 @@ def _decode_cursor(value: str) -> Cursor:
 
 
 def _decode_write(body: bytes) -> tuple[JobResultWrite, str]:
-    """Decode a PUT body; returns it with the result as checked JSON text.
+    """Decode a small PUT body (at most :data:`INLINE_CHECK_BYTES`): the body and its result as JSON text.
 
     The whole body is checked for fidelity first (so duplicate keys are refused in the envelope too),
     then decoded into :class:`JobResultWrite` with the result kept raw.
@@ -108,12 +120,47 @@ def _decode_write(body: bytes) -> tuple[JobResultWrite, str]:
         UnfaithfulJSON: 422, with the JSON path of the offending value.
     """
     check_document(body, max_depth=MAX_DEPTH + 1)  # the envelope is one level
+    write = _decode_checked(body)
+    return write, bytes(write.result).decode("utf-8")
+
+
+def _decode_checked(body: bytes) -> JobResultWrite:
     try:
-        write = _WRITE_DECODER.decode(body)
+        return _WRITE_DECODER.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         detail = str(exc).replace("`$.", "`")
         raise ApiError(400, f"invalid body: {detail}; {_WRITE_SHAPE}", slug="invalid-body") from None
-    return write, bytes(write.result).decode("utf-8")
+
+
+def _decode_large_write(body: bytes, max_packet: int) -> tuple[JobResultWrite, EscapedText]:
+    """Decode a large PUT body (blocking: run it in a worker thread); the result comes back escaped.
+
+    The cheap size check comes first: a body whose statement cannot fit the server's
+    ``max_allowed_packet`` is refused before the fidelity check runs.
+
+    Raises:
+        TooLargeForDatabase: 413, the statement would pass ``max_packet`` bytes.
+        ApiError, MalformedJSON, UnfaithfulJSON: as :func:`_decode_write`.
+    """
+    escaped_size = len(body) + sum(body.count(byte) for byte in _ESCAPED_BYTES)
+    if escaped_size + _STATEMENT_SLACK > max_packet:
+        raise TooLargeForDatabase(f"a statement of at least {escaped_size} bytes passes max_allowed_packet")
+    check_document_streaming(body, max_depth=MAX_DEPTH + 1)
+    write = _decode_checked(body)
+    return write, EscapedText(bytes(write.result).decode("utf-8"))
+
+
+async def _max_allowed_packet(request: Request[Any, Any, Any], db: Database) -> int:
+    """The server's ``max_allowed_packet``, read once per process.
+
+    A changed setting shows in new sessions only; the server's own 1153 refusal stays the final word.
+    """
+    state = request.app.state
+    cached: int | None = getattr(state, "max_allowed_packet", None)
+    if cached is None:
+        cached = await db.run(read_max_allowed_packet, transaction=False)
+        state.max_allowed_packet = cached
+    return cached
 
 
 class JobResultController(Controller):
@@ -149,7 +196,12 @@ class JobResultController(Controller):
         """Create or replace the job result of ``job_id``."""
         checked_job_id(job_id)
         require_json_body(request)
-        write, text = _decode_write(await request.body())
+        body = await request.body()
+        text: Document
+        if len(body) <= INLINE_CHECK_BYTES:
+            write, text = _decode_write(body)
+        else:
+            write, text = await asyncio.to_thread(_decode_large_write, body, await _max_allowed_packet(request, db))
         match_tags = entity_tags(if_match, weak=False)
         none_match_tags = entity_tags(if_none_match)
 
