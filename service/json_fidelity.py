@@ -253,12 +253,15 @@ class _Frame:
 class _Scanner:
     """One pass over a JSON text; see :func:`check_document_streaming`."""
 
-    def __init__(self, text: str, root: str, max_depth: int) -> None:
+    def __init__(self, text: str, root: str, max_depth: int, *, members: bool = False) -> None:
         self.text = text
         self.root = root
         self.max_depth = max_depth
         self.stack: list[_Frame] = []
         self.violation: UnfaithfulJSON | None = None
+        self.members: dict[str, tuple[int, int]] | None = {} if members else None
+        """With ``members``: where each value of the root object starts and ends in ``text``."""
+        self._member_start: int | None = None
 
     # -- reporting
 
@@ -339,6 +342,8 @@ class _Scanner:
             # A value starts at pos.
             if pos >= end:
                 raise self.malformed("Expecting value", pos)
+            if self.members is not None and len(stack) == 1 and stack[0].keys is not None:
+                self._member_start = pos
             char = text[pos]
             if char == "{" or char == "[":
                 if len(stack) + 1 > self.max_depth:
@@ -370,6 +375,9 @@ class _Scanner:
                 raise self.malformed("Expecting value", pos)
             # After a value: a comma, the end of its container(s), or the end of the text.
             while True:
+                if self._member_start is not None and len(stack) == 1:
+                    self.members[str(stack[0].step)] = (self._member_start, pos)  # type: ignore[index]
+                    self._member_start = None
                 pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
                 if not stack:
                     if pos != end:
@@ -399,7 +407,8 @@ class _Scanner:
         keys = frame.keys
         containers_allowed = len(self.stack) + 1 <= self.max_depth
         run, item = _RUNS[keys is not None, containers_allowed]
-        while True:
+        # The root object's members one by one when their spans are wanted.
+        while self.members is None or len(self.stack) > 1 or keys is None:
             match = run.match(text, pos)
             if match is None:
                 break
@@ -466,3 +475,21 @@ def check_document_streaming(raw: bytes | str, root: str = "$", *, max_depth: in
         text = raw
     _Scanner(text, root, max_depth).run()
     return text
+
+
+def check_envelope_streaming(raw: bytes, *, max_depth: int) -> tuple[str, dict[str, tuple[int, int]]]:
+    """:func:`check_document_streaming` of a request body, and where its root object's member values are.
+
+    Returns ``(text, {key: (start, end)})``, positions in ``text``, so the caller needs no second
+    parse. The dict is empty when the root is not an object.
+
+    Raises:
+        MalformedJSON, UnfaithfulJSON: as :func:`check_document_streaming`.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedJSON(f"body is not valid UTF-8 (byte offset {exc.start})") from None
+    scanner = _Scanner(text, "$", max_depth, members=True)
+    scanner.run()
+    return text, scanner.members or {}

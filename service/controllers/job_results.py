@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from typing import Annotated, Any, Literal
+import json
+from typing import Annotated, Any, Literal, NoReturn
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, put
@@ -24,7 +25,7 @@ from repositories.job_results import (
     PreconditionFailed,
     read_max_allowed_packet,
 )
-from service.json_fidelity import MAX_DEPTH, check_document, check_document_streaming
+from service.json_fidelity import MAX_DEPTH, check_document, check_envelope_streaming
 from service.openapi import json_request_body
 from service.problems import ApiError, problem_responses
 from service.schemas import (
@@ -136,7 +137,8 @@ def _decode_large_write(body: bytes, max_packet: int) -> tuple[JobResultWrite, E
     """Decode a large PUT body (blocking: run it in a worker thread); the result comes back escaped.
 
     The cheap size check comes first: a body whose statement cannot fit the server's
-    ``max_allowed_packet`` is refused before the fidelity check runs.
+    ``max_allowed_packet`` is refused before the fidelity check runs. The envelope is read from the
+    spans the streaming check found, so the body is parsed once.
 
     Raises:
         TooLargeForDatabase: 413, the statement would pass ``max_packet`` bytes.
@@ -145,9 +147,28 @@ def _decode_large_write(body: bytes, max_packet: int) -> tuple[JobResultWrite, E
     escaped_size = len(body) + sum(body.count(byte) for byte in _ESCAPED_BYTES)
     if escaped_size + _STATEMENT_SLACK > max_packet:
         raise TooLargeForDatabase(f"a statement of at least {escaped_size} bytes passes max_allowed_packet")
-    check_document_streaming(body, max_depth=MAX_DEPTH + 1)
-    write = _decode_checked(body)
-    return write, EscapedText(bytes(write.result).decode("utf-8"))
+    text, members = check_envelope_streaming(body, max_depth=MAX_DEPTH + 1)
+    if not members and not text.lstrip(" \t\n\r").startswith("{"):
+        _invalid_body("Expected `object`")
+    for name in members:
+        if name not in ("status", "result"):
+            _invalid_body(f"Object contains unknown field `{name}`")
+    for name in ("status", "result"):
+        if name not in members:
+            _invalid_body(f"Object missing required field `{name}`")
+    start, end = members["status"]
+    token = text[start:end]
+    status = json.loads(token) if token.startswith('"') and len(token) <= 64 else None
+    if status not in ("succeeded", "failed", "cancelled"):
+        _invalid_body("Invalid enum value - at `status`" if token.startswith('"') else "Expected `str` - at `status`")
+    start, end = members["result"]
+    result = text[start:end]
+    raw = body[start:end] if len(text) == len(body) else result.encode("utf-8")  # ASCII: same offsets
+    return JobResultWrite(status=status, result=msgspec.Raw(raw)), EscapedText(result)
+
+
+def _invalid_body(detail: str) -> NoReturn:
+    raise ApiError(400, f"invalid body: {detail}; {_WRITE_SHAPE}", slug="invalid-body")
 
 
 async def _max_allowed_packet(request: Request[Any, Any, Any], db: Database) -> int:

@@ -5,6 +5,7 @@ before the fidelity check runs."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -137,3 +138,41 @@ async def test_body_under_max_allowed_packet_is_checked_and_stored(
     )
     assert response.status_code == 201
     assert (await own_client.get(f"/v1/job-results/{job_id}")).json()["result"][1] == 'it\'s "quoted"\n'
+
+
+PADDING = '"' + "x" * 100_000 + '"'
+"""Makes a body larger than INLINE_CHECK_BYTES, so the worker-thread path reads its envelope."""
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (f'{{"status": "succeeded", "result": {PADDING}, "extra": 1}}', "unknown field `extra`"),
+        (f'{{"result": {PADDING}}}', "missing required field `status`"),
+        (f'{{"status": "done", "result": {PADDING}}}', "`status`"),
+        (f'{{"status": 1, "result": {PADDING}}}', "`status`"),
+        (f"[{PADDING}]", "Expected `object`"),
+    ],
+    ids=["unknown-field", "missing-status", "bad-status", "status-not-a-string", "not-an-object"],
+)
+async def test_large_body_of_the_wrong_shape_is_400(own_client: Client, job_id: str, body: str, fragment: str) -> None:
+    response = await own_client.put(
+        f"/v1/job-results/{job_id}", content=body.encode(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    problem = response.json()
+    assert problem["type"].endswith("/invalid-body")
+    assert fragment in problem["detail"]
+
+
+async def test_large_body_round_trips_exactly(own_client: Client, job_id: str) -> None:
+    result = {"é": [PADDING, "\\u00e9 \\ud83d\\ude00", 18446744073709551615, -1.5e300], "n": None}
+    body = ('{"status": "succ\\u0065eded", "result": ' + json.dumps(result) + "}").encode()
+    response = await own_client.put(
+        f"/v1/job-results/{job_id}", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["result"] == result
+    stored = (await own_client.get(f"/v1/job-results/{job_id}")).json()
+    assert stored["status"] == "succeeded"
+    assert stored["result"] == result
