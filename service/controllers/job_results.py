@@ -171,6 +171,19 @@ def _invalid_body(detail: str) -> NoReturn:
     raise ApiError(400, f"invalid body: {detail}; {_WRITE_SHAPE}", slug="invalid-body")
 
 
+def _large_check_lock(request: Request[Any, Any, Any]) -> asyncio.Lock:
+    """One large body is checked at a time per process.
+
+    The check is Python code holding the GIL: threads running it side by side finish no sooner, but
+    each one more makes the event loop wait longer for the GIL, and holds one more body's working set.
+    """
+    state = request.app.state
+    lock: asyncio.Lock | None = getattr(state, "large_check_lock", None)
+    if lock is None:
+        lock = state.large_check_lock = asyncio.Lock()
+    return lock
+
+
 async def _max_allowed_packet(request: Request[Any, Any, Any], db: Database) -> int:
     """The server's ``max_allowed_packet``, read once per process.
 
@@ -222,7 +235,9 @@ class JobResultController(Controller):
         if len(body) <= INLINE_CHECK_BYTES:
             write, text = _decode_write(body)
         else:
-            write, text = await asyncio.to_thread(_decode_large_write, body, await _max_allowed_packet(request, db))
+            max_packet = await _max_allowed_packet(request, db)
+            async with _large_check_lock(request):
+                write, text = await asyncio.to_thread(_decode_large_write, body, max_packet)
         match_tags = entity_tags(if_match, weak=False)
         none_match_tags = entity_tags(if_none_match)
 
