@@ -9,6 +9,9 @@ service did before, for comparison.
 
     uv run python perf/put_stall_benchmark.py --server mysql://root:@127.0.0.1:3307/test
     uv run python perf/put_stall_benchmark.py --server ... --shape escaped-strings --concurrent 4
+
+``PUT_BENCH_DEBUG=1 PUT_BENCH_LOG_LEVEL=warning PUT_BENCH_SLOW_S=0.01`` with ``--child <shape>,1,0``
+runs one case in asyncio debug mode, logging every callback that held the loop longer than 10 ms.
 """
 
 from __future__ import annotations
@@ -64,7 +67,12 @@ async def one_run(server: str, shape: str, size: int, concurrent: int, inline: b
     parts = DatabaseURL.parse(server)
     url = f"mysql://{parts.user}:{parts.password}@{parts.host}:{parts.port}/{DATABASE}"
     settings = Settings.from_env(
-        {}, database_url=url, auth_enabled=False, rate_limit_enabled=False, export_worker=False, log_level="error"
+        {},
+        database_url=url,
+        auth_enabled=False,
+        rate_limit_enabled=False,
+        export_worker=False,
+        log_level=os.environ.get("PUT_BENCH_LOG_LEVEL", "error"),
     )
     app = app_module.create_app(settings)
     bodies = [body_of(shape, size) for _ in range(concurrent)]
@@ -88,7 +96,7 @@ async def one_run(server: str, shape: str, size: int, concurrent: int, inline: b
             stalls.append(now - last - 0.001)
             last = now
 
-    asyncio.get_running_loop().slow_callback_duration = 0.03
+    asyncio.get_running_loop().slow_callback_duration = float(os.environ.get("PUT_BENCH_SLOW_S", "0.02"))
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     async with app.lifespan():

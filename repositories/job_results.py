@@ -71,7 +71,20 @@ class EscapedText:
     __slots__ = ("literal",)
 
     def __init__(self, text: str) -> None:
-        self.literal = escape_text(text)
+        if len(text) <= _ESCAPE_CHUNK:
+            self.literal = escape_text(text)
+            return
+        # In pieces: one str.replace over a whole 16 MiB document full of quotes holds the GIL for
+        # tens of milliseconds. Escapes never span characters, so any cut is safe.
+        parts = ["'"]
+        for start in range(0, len(text), _ESCAPE_CHUNK):
+            parts.append(escape_text(text[start : start + _ESCAPE_CHUNK])[1:-1])
+        parts.append("'")
+        self.literal = "".join(parts)
+
+
+_ESCAPE_CHUNK = 1 << 20
+"""Characters escaped per step by :class:`EscapedText`."""
 
 
 def _encode_escaped(value: EscapedText, mapping: object = None) -> str:

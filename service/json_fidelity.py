@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterable
 
 MAX_DEPTH = 64
@@ -240,6 +241,13 @@ pattern's ``findall`` gives an object's keys (one group) or an array's elements.
 _LITERALS = ("true", "false", "null")
 
 
+_YIELD_EVERY = 1023
+"""Every 1024 steps (a value, or 1/32 of a run of simple items: well under a millisecond of work) the
+scan gives the GIL up for a moment. A thread that only waits for the switch interval (5 ms) to pass
+keeps the event loop thread waiting that long each time the loop released the GIL for a system call,
+several times per loop iteration."""
+
+
 class _Frame:
     """An open array (``keys is None``, ``step`` = index) or object (``step`` = current key)."""
 
@@ -262,6 +270,7 @@ class _Scanner:
         self.members: dict[str, tuple[int, int]] | None = {} if members else None
         """With ``members``: where each value of the root object starts and ends in ``text``."""
         self._member_start: int | None = None
+        self._steps = 0
 
     # -- reporting
 
@@ -339,6 +348,9 @@ class _Scanner:
         pos = _WS.match(text, 0).end()  # type: ignore[union-attr]
         step: str | int | None = None  # where the next value sits in its parent (None: the root)
         while True:
+            self._steps += 1
+            if not self._steps & _YIELD_EVERY:
+                time.sleep(0)  # see _YIELD_EVERY
             # A value starts at pos.
             if pos >= end:
                 raise self.malformed("Expecting value", pos)
@@ -413,6 +425,9 @@ class _Scanner:
             if match is None:
                 break
             found = item.findall(text, pos, match.end())
+            self._steps += 32
+            if not self._steps & _YIELD_EVERY:
+                time.sleep(0)
             pos = match.end()
             if keys is None:
                 frame.step = int(frame.step) + len(found)
