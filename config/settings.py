@@ -78,7 +78,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     query_timeout_s: Seconds = 30.0
     """``JOBRESULTS_QUERY_TIMEOUT_S``: seconds one unit of work may take before it is cancelled
     and its connection closed."""
-    lock_wait_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=60)] = 2
+    lock_wait_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=60)] = 1
     """``JOBRESULTS_LOCK_WAIT_TIMEOUT_S``: whole seconds a statement waits for a row lock held by another
     session (the session's ``innodb_lock_wait_timeout``) before failing with 1205; the unit of work
     is then retried within its retry budget and answered 503 with ``Retry-After``."""

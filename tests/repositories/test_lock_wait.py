@@ -33,7 +33,7 @@ async def test_put_behind_a_held_row_lock_is_503_soon(
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"
         assert response.headers["content-type"] == "application/problem+json"
-        # Each attempt waits JOBRESULTS_LOCK_WAIT_TIMEOUT_S (2 s); far below the 30 s query timeout.
+        # Each attempt waits JOBRESULTS_LOCK_WAIT_TIMEOUT_S (1 s); far below the 30 s query timeout.
         assert waited < settings.query_timeout_s / 2
         db: Database = app.state.db
         assert db.pool.size - db.pool.freesize == 0  # the connection went back to the pool
