@@ -78,6 +78,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     query_timeout_s: Seconds = 30.0
     """``JOBRESULTS_QUERY_TIMEOUT_S``: seconds one unit of work may take before it is cancelled
     and its connection closed."""
+    lock_wait_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=60)] = 1
+    """``JOBRESULTS_LOCK_WAIT_TIMEOUT_S``: whole seconds a statement waits for a row lock held by another
+    session (the session's ``innodb_lock_wait_timeout``) before failing with 1205; the unit of work
+    is then retried within its retry budget and answered 503 with ``Retry-After``."""
     exports_dir: str = "./data/exports"
     """``JOBRESULTS_EXPORTS_DIR``: directory that holds export files (created if missing, mode 0700)."""
     host: str = "127.0.0.1"
@@ -88,6 +92,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """``JOBRESULTS_WORKERS``: Granian worker processes."""
     max_body_bytes: Positive = 16 * 1024 * 1024
     """``JOBRESULTS_MAX_BODY_BYTES``: largest accepted request body; larger bodies get 413."""
+    list_max_bytes: Positive = 8 * 1024 * 1024
+    """``JOBRESULTS_LIST_MAX_BYTES``: a page of ``GET /v1/job-results?include=result`` ends before its
+    documents would pass this many bytes of JSON in total (it always holds at least one item; its
+    ``next_cursor`` continues after the last one)."""
     export_lease_s: Seconds = 30.0
     """``JOBRESULTS_EXPORT_LEASE_S``: a running range export whose worker stopped renewing its lease for
     this long is claimed again by another worker (renewed every third of it)."""
@@ -100,6 +108,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     export_max_bytes: Positive = 10 * 1024**3
     """``JOBRESULTS_EXPORT_MAX_BYTES``: the largest export file (bytes as stored, after compression); an
     export that would pass it fails and leaves no file (10 GiB)."""
+    exports_max_pending_per_key: Positive = 10
+    """``JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY``: range exports one API key (or, without auth, one client
+    address) may have queued or running at once; one more is refused with 429 and ``Retry-After``."""
     export_worker: bool = True
     """``JOBRESULTS_EXPORT_WORKER``: run range exports in this process's background worker."""
     auth_enabled: bool = True

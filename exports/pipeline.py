@@ -245,16 +245,20 @@ class ExportService:
     async def enqueue_range(
         self, parameters: ExportParameters, fmt: str, compression: str, requested_by: str | None
     ) -> Export:
-        """Record a queued range export and wake this process's worker."""
+        """Record a queued range export and wake this process's worker.
+
+        Raises:
+            TooManyPendingExports: ``requested_by`` has ``exports_max_pending_per_key`` range exports
+                queued or running already.
+        """
         export = await self.db.run(
-            lambda conn: ExportRepository(conn).insert(
+            lambda conn: ExportRepository(conn).enqueue(
                 export_id=new_export_id(),
-                kind="range",
                 format=fmt,
                 compression=compression,
                 parameters=parameters,
-                state="queued",
                 requested_by=requested_by,
+                max_pending=self.settings.exports_max_pending_per_key,
             )
         )
         self._wake.set()

@@ -59,8 +59,20 @@ ER_NET_PACKET_TOO_LARGE = 1153
 """MySQL error 1153: a statement is larger than the server's ``max_allowed_packet``."""
 ER_NO_SUCH_TABLE = 1146
 """MySQL error 1146: table doesn't exist (here: the schema was not migrated)."""
+ER_TRANSACTION_ROLLBACK_DURING_COMMIT = 3101
+"""MySQL error 3101: Group Replication (InnoDB Cluster) rolled the transaction back at COMMIT
+because it conflicted with one certified first on another member; like a deadlock, the whole
+transaction can run again. (Galera reports its certification failures as 1213.)"""
 
-TRANSIENT_ERRORS = frozenset({ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK, CR_SERVER_GONE_ERROR, CR_SERVER_LOST})
+TRANSIENT_ERRORS = frozenset(
+    {
+        ER_LOCK_WAIT_TIMEOUT,
+        ER_LOCK_DEADLOCK,
+        ER_TRANSACTION_ROLLBACK_DURING_COMMIT,
+        CR_SERVER_GONE_ERROR,
+        CR_SERVER_LOST,
+    }
+)
 """Error codes after which the whole transaction is retried from BEGIN; nothing else is retried."""
 _CONNECTION_LOST = frozenset({CR_SERVER_GONE_ERROR, CR_SERVER_LOST})
 
@@ -94,7 +106,11 @@ def error_code(exc: BaseException) -> int | None:
 
 
 def is_transient(exc: Exception) -> bool:
-    """True for the errors a retry can cure: deadlock 1213, lock wait 1205, lost connection 2006/2013."""
+    """True for the errors a retry can cure (see :data:`TRANSIENT_ERRORS`).
+
+    Deadlock or Galera certification failure 1213, lock wait 1205, Group Replication rollback at
+    COMMIT 3101, lost connection 2006/2013.
+    """
     # Each scheduled retry is logged as ``db.retry_scheduled`` (observability.retries).
     return error_code(exc) in TRANSIENT_ERRORS
 
@@ -242,6 +258,10 @@ class Database:
     async def open(cls, settings: Settings) -> Database:
         """Create the pool: utf8mb4, session time zone UTC, autocommit on, recycled connections.
 
+        Each session waits at most ``lock_wait_timeout_s`` for a row lock (``innodb_lock_wait_timeout``,
+        a session variable on both engines), so a write behind a lock held elsewhere fails with 1205,
+        which is retried within the retry budget and then answered 503, well inside the query timeout.
+
         Raises:
             pymysql.err.OperationalError: the server cannot be reached (e.g. error 2003).
         """
@@ -258,7 +278,7 @@ class Database:
             charset="utf8mb4",
             autocommit=True,
             connect_timeout=settings.connect_timeout_s,
-            init_command="SET time_zone = '+00:00'",
+            init_command=f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {int(settings.lock_wait_timeout_s)}",
             conv=CONVERSIONS,
         )
         return cls(pool, settings)

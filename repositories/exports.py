@@ -1,9 +1,12 @@
 """Hand-written SQL for the ``exports`` aggregate: export records, and the lease protocol of range exports.
 
-A range export is a durable job. A worker claims the oldest claimable row (``queued``, or ``running``
-with an expired lease) with ``SELECT ... FOR UPDATE SKIP LOCKED`` (MySQL 8.0.1+, MariaDB 10.6+), so two
-processes never take the same export; it renews its lease while it works and may only finish an export
-whose lease it still holds.
+A range export is a durable job. A worker claims a claimable row (``queued``, or ``running`` with an
+expired lease) with a conditional ``UPDATE`` that names the state, attempt count and lease it read:
+the claim counts only if exactly one row changed, so exactly one worker wins on every MySQL-compatible
+engine, Galera, Group Replication, TiDB and Vitess included (a plain read picks the candidates; no
+``SKIP LOCKED`` semantics are relied on). Candidates are taken round-robin across requesters: the
+requester whose last range export started longest ago goes first. The worker renews its lease while it
+works and may only finish an export whose lease it still holds.
 """
 
 from __future__ import annotations
@@ -23,6 +26,18 @@ ExportKind = Literal["job", "range"]
 
 class ExportNotFound(Exception):
     """No export has this id."""
+
+
+class TooManyPendingExports(Exception):
+    """The requester already has ``limit`` range exports queued or running.
+
+    Attributes:
+        limit: the per-requester cap (``JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY``).
+    """
+
+    def __init__(self, requested_by: str | None, limit: int) -> None:
+        super().__init__(f"{requested_by} has {limit} range exports queued or running")
+        self.limit = limit
 
 
 class ExportParameters(msgspec.Struct, omit_defaults=True, frozen=True):
@@ -74,13 +89,26 @@ SQL_INSERT = (
     "%(object_key)s)"
 )
 SQL_GET = f"SELECT {_COLUMNS} FROM exports WHERE export_id = %(export_id)s"  # noqa: S608
+CLAIM_CANDIDATES = 8
+"""Candidates read per claim; each is tried with the conditional UPDATE until one is won."""
 SQL_CLAIMABLE = (
-    "SELECT id FROM exports WHERE state = 'queued' OR (state = 'running' AND lease_until < %(now)s) "
-    "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    "SELECT e.id, e.state, e.attempts, e.lease_until FROM exports e "
+    "WHERE e.kind = 'range' AND (e.state = 'queued' OR (e.state = 'running' AND e.lease_until < %(now)s)) "
+    # Round-robin across requesters: the one whose last range export started longest ago (or never)
+    # first, then the oldest of its exports. NULL (never started) sorts first on both engines.
+    "ORDER BY (SELECT MAX(s.started_at) FROM exports s "
+    "WHERE s.requested_by = e.requested_by AND s.kind = 'range'), e.id "
+    "LIMIT %(candidates)s"
 )
 SQL_CLAIM = (
     "UPDATE exports SET state = 'running', attempts = attempts + 1, lease_owner = %(owner)s, "
-    "lease_until = %(lease_until)s, started_at = %(now)s, rows_written = 0 WHERE id = %(id)s"
+    "lease_until = %(lease_until)s, started_at = %(now)s, rows_written = 0 "
+    "WHERE id = %(id)s AND state = %(state)s AND attempts = %(attempts)s AND lease_until <=> %(seen_lease)s "
+    "AND (state = 'queued' OR (state = 'running' AND lease_until < %(now)s))"
+)
+SQL_PENDING = (
+    "SELECT id FROM exports WHERE requested_by = %(requested_by)s AND kind = 'range' "
+    "AND state IN ('queued', 'running') LIMIT %(limit)s FOR UPDATE"
 )
 SQL_RENEW = (
     "UPDATE exports SET lease_until = %(lease_until)s, rows_written = %(rows_written)s "
@@ -253,21 +281,68 @@ class ExportRepository:
             rows = await cur.fetchall()
         return [_export(row) for row in rows]
 
-    async def claim(self, owner: str, lease: timedelta) -> Export | None:
-        """Claim the oldest queued export, or a running one whose lease expired; None if there is none.
+    async def enqueue(
+        self,
+        *,
+        export_id: str,
+        format: str,
+        compression: str,
+        parameters: ExportParameters,
+        requested_by: str | None,
+        max_pending: int,
+    ) -> Export:
+        """Record a queued range export unless its requester already has ``max_pending`` queued or running.
 
-        Must run inside a transaction: the row stays locked until it commits.
+        Run it inside a transaction: the requester's pending rows are read with ``FOR UPDATE``, so two
+        concurrent requests of one requester on one server cannot both pass the cap (one waits, or is
+        a deadlock victim and is retried).
+
+        Raises:
+            TooManyPendingExports: the requester is at its cap.
+        """
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_PENDING, {"requested_by": requested_by, "limit": max_pending})
+            pending = len(await cur.fetchall())
+        if pending >= max_pending:
+            raise TooManyPendingExports(requested_by, max_pending)
+        return await self.insert(
+            export_id=export_id,
+            kind="range",
+            format=format,
+            compression=compression,
+            parameters=parameters,
+            state="queued",
+            requested_by=requested_by,
+        )
+
+    async def claim(self, owner: str, lease: timedelta) -> Export | None:
+        """Claim a queued range export, or a running one whose lease expired; None if there is none.
+
+        Requesters take turns (see the module docstring). A candidate is won only if the conditional
+        ``UPDATE`` (same state, attempts and lease as read) changed exactly one row; a candidate some
+        other worker won meanwhile changes none and the next one is tried. Run it inside a
+        transaction: the claim is made when it commits (on Galera a conflicting claim fails there
+        with 1213, and the unit runs again from BEGIN).
         """
         now = utcnow()
         async with self.conn.cursor() as cur:
-            await cur.execute(SQL_CLAIMABLE, {"now": now})
-            row = await cur.fetchone()
-            if row is None:
-                return None
-            await cur.execute(SQL_CLAIM, {"id": row[0], "owner": owner, "lease_until": now + lease, "now": now})
-            await cur.execute(f"SELECT {_COLUMNS} FROM exports WHERE id = %(id)s", {"id": row[0]})  # noqa: S608
-            claimed = await cur.fetchone()
-        return _export(claimed)
+            await cur.execute(SQL_CLAIMABLE, {"now": now, "candidates": CLAIM_CANDIDATES})
+            candidates = await cur.fetchall()
+            for row_id, state, attempts, seen_lease in candidates:
+                params = {
+                    "id": row_id,
+                    "state": state,
+                    "attempts": attempts,
+                    "seen_lease": seen_lease,
+                    "owner": owner,
+                    "lease_until": now + lease,
+                    "now": now,
+                }
+                if await cur.execute(SQL_CLAIM, params) != 1:
+                    continue
+                await cur.execute(f"SELECT {_COLUMNS} FROM exports WHERE id = %(id)s", {"id": row_id})  # noqa: S608
+                return _export(await cur.fetchone())
+        return None
 
     async def renew(self, export: Export, owner: str, lease: timedelta, rows_written: int) -> bool:
         """Extend the lease and record progress; False if the lease was lost to another worker."""

@@ -6,6 +6,7 @@ Repositories work on a connection handed to them by the unit of work
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -13,7 +14,7 @@ import aiomysql
 import msgspec
 import pymysql
 
-from repositories.database import ER_DUP_ENTRY, Connection, SQLText, error_code
+from repositories.database import ER_DUP_ENTRY, Connection, SQLText, error_code, escape_text
 
 
 class JobResultNotFound(Exception):
@@ -51,6 +52,58 @@ class Cursor(msgspec.Struct, array_like=True, frozen=True):
 
     created_at: datetime
     id: int
+
+
+class EscapedText:
+    """A document escaped as a MySQL string literal ahead of time (:func:`escape_text`).
+
+    Escaping a large document in a worker thread leaves the event loop only a copy to make when the
+    statement is built.
+
+    Attributes:
+        literal: the quoted, escaped literal.
+    """
+
+    __slots__ = ("literal",)
+
+    def __init__(self, text: str) -> None:
+        if len(text) <= _ESCAPE_CHUNK:
+            self.literal = escape_text(text)
+            return
+        # In pieces: one str.replace over a whole 16 MiB document full of quotes holds the GIL for
+        # tens of milliseconds. Escapes never span characters, so any cut is safe.
+        parts = ["'"]
+        for start in range(0, len(text), _ESCAPE_CHUNK):
+            parts.append(escape_text(text[start : start + _ESCAPE_CHUNK])[1:-1])
+        parts.append("'")
+        self.literal = "".join(parts)
+
+
+_ESCAPE_CHUNK = 1 << 20
+"""Characters escaped per step by :class:`EscapedText`."""
+
+
+def _encode_escaped(value: EscapedText, mapping: object = None) -> str:
+    return value.literal
+
+
+# aiomysql ignores the connection's ``conv`` for encoding and uses PyMySQL's module-level registry.
+pymysql.converters.encoders[EscapedText] = _encode_escaped
+
+Document = str | EscapedText
+"""A checked JSON document to store: its text, or its text already escaped."""
+
+
+def _document(result: Document) -> EscapedText | SQLText:
+    return result if isinstance(result, EscapedText) else SQLText(result)
+
+
+async def read_max_allowed_packet(conn: Connection) -> int:
+    """The session's ``max_allowed_packet`` in bytes: the largest statement the server accepts."""
+    async with conn.cursor() as cur:
+        await cur.execute("SELECT @@SESSION.max_allowed_packet")
+        row = await cur.fetchone()
+    return int(row[0])
 
 
 def utcnow() -> datetime:
@@ -138,7 +191,7 @@ class JobResultRepository:
             raise JobResultNotFound(job_id)
         return _meta(row)
 
-    async def create(self, job_id: str, status: str, result: str) -> JobResultMeta:
+    async def create(self, job_id: str, status: str, result: Document) -> JobResultMeta:
         """Insert a new job result; ``result`` is JSON text already checked for fidelity.
 
         Raises:
@@ -148,7 +201,7 @@ class JobResultRepository:
         async with self.conn.cursor() as cur:
             try:
                 await cur.execute(
-                    SQL_INSERT, {"job_id": job_id, "status": status, "result": SQLText(result), "now": now}
+                    SQL_INSERT, {"job_id": job_id, "status": status, "result": _document(result), "now": now}
                 )
             except pymysql.err.IntegrityError as exc:
                 if error_code(exc) == ER_DUP_ENTRY:
@@ -157,20 +210,20 @@ class JobResultRepository:
             row_id = cur.lastrowid
         return JobResultMeta(id=row_id, job_id=job_id, status=status, version=1, created_at=now, updated_at=now)
 
-    async def replace(self, job_id: str, status: str, result: str) -> JobResultMeta:
+    async def replace(self, job_id: str, status: str, result: Document) -> JobResultMeta:
         """Replace an existing job result, bumping its version; returns the new metadata.
 
         Raises:
             JobResultNotFound: no such job id.
         """
-        params = {"job_id": job_id, "status": status, "result": SQLText(result), "now": utcnow()}
+        params = {"job_id": job_id, "status": status, "result": _document(result), "now": utcnow()}
         async with self.conn.cursor() as cur:
             changed = await cur.execute(SQL_UPDATE, params)
         if not changed:
             raise JobResultNotFound(job_id)
         return await self.get_meta(job_id)
 
-    async def upsert(self, job_id: str, status: str, result: str) -> tuple[JobResultMeta, bool]:
+    async def upsert(self, job_id: str, status: str, result: Document) -> tuple[JobResultMeta, bool]:
         """Create or replace; returns the stored metadata and True when the row is new.
 
         INSERT comes first: a new job takes no gap lock, so concurrent uploads of new jobs do not
@@ -208,15 +261,23 @@ class JobResultRepository:
         after: Cursor | None,
         limit: int,
         include_result: bool,
-    ) -> list[JobResultRow]:
-        """Job results with ``created_from <= created_at < created_to``, oldest first.
+        max_bytes: int | None = None,
+    ) -> tuple[list[JobResultRow], bool]:
+        """A page of job results with ``created_from <= created_at < created_to``, oldest first.
 
         Keyset pagination on ``(created_at, id)``: rows strictly after ``after``. Returns at most
-        ``limit`` rows; ``result`` is empty bytes unless ``include_result``. Bounds are naive UTC.
+        ``limit`` rows and whether more rows follow the last one. ``result`` is empty bytes unless
+        ``include_result``. Bounds are naive UTC.
+
+        With ``include_result`` and ``max_bytes``, the page also stops before the row whose document
+        would bring the documents' total above ``max_bytes`` (bytes of JSON text), though never before
+        its first row: the rows are read one by one from a server-side cursor, so at most one document
+        beyond the budget is ever held. A page cut short this way closes the connection (the rest of
+        the result set is never read).
         """
         columns = _META_COLUMNS + (", result_data" if include_result else "")
         where, params = range_filter(created_from, created_to, status)
-        params["limit"] = limit
+        params["limit"] = limit + 1
         if after is not None:
             # Expanded form of (created_at, id) > (%s, %s): both engines use idx_created for it.
             where += " AND " if where else " WHERE "
@@ -225,16 +286,43 @@ class JobResultRepository:
             params["after_id"] = after.id
         sql = f"SELECT {columns} FROM job_results {ORDERED_BY_TIME}{where}"  # noqa: S608 - fixed fragments only
         sql += " ORDER BY created_at, id LIMIT %(limit)s"
+        if include_result and max_bytes is not None:
+            return await self._list_within(sql, params, limit, max_bytes)
         async with self.conn.cursor() as cur:
             await cur.execute(sql, params)
             rows = await cur.fetchall()
-        out = []
-        for row in rows:
-            document = row[1] if include_result else b""
-            out.append(
-                JobResultRow(meta=_meta(row), result=document.encode() if isinstance(document, str) else document)
-            )
-        return out
+        out = [_row(row, include_result) for row in rows[:limit]]
+        return out, len(rows) > limit
+
+    async def _list_within(
+        self, sql: str, params: dict[str, object], limit: int, max_bytes: int
+    ) -> tuple[builtins.list[JobResultRow], bool]:
+        out: builtins.list[JobResultRow] = []
+        total = 0
+        cur = await self.conn.cursor(aiomysql.SSCursor)
+        await cur.execute(sql, params)
+        while True:
+            row = await cur.fetchone()
+            if row is None:
+                await cur.close()
+                return out, False
+            item = _row(row, include_result=True)
+            if len(out) == limit:  # the look-ahead row (LIMIT is limit + 1): the result set is done
+                await cur.close()
+                return out, True
+            if out and total + len(item.result) > max_bytes:
+                # Over budget: rather than drain the rest of the result set (up to `limit` more
+                # documents) through the socket, drop the connection; the pool opens a new one.
+                self.conn.close()
+                return out, True
+            out.append(item)
+            total += len(item.result)
+
+
+def _row(row: tuple[object, ...], include_result: bool) -> JobResultRow:
+    document = row[1] if include_result else b""
+    result = document.encode() if isinstance(document, str) else document
+    return JobResultRow(meta=_meta(row), result=result)  # type: ignore[arg-type]
 
 
 SQL_EXPORT_COLUMNS = (

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterable
 
 MAX_DEPTH = 64
@@ -52,6 +53,9 @@ class UnfaithfulJSON(ValueError):
 
 class _Pairs(list[tuple[str, object]]):
     """A JSON object as its (key, value) pairs in document order, duplicates kept."""
+
+
+_DUPLICATE_KEY = "duplicate object key; each key may appear once"
 
 
 def _reject_constant(name: str) -> object:
@@ -137,9 +141,7 @@ def _walk(value: object, root: str, max_depth: int, *, check_strings: bool) -> N
                 seen: set[str] = set()
                 for key in keys:
                     if key in seen:
-                        raise UnfaithfulJSON(
-                            _path(root, (trail, key)), "duplicate object key; each key may appear once"
-                        )
+                        raise UnfaithfulJSON(_path(root, (trail, key)), _DUPLICATE_KEY)
                     seen.add(key)
             if check_strings:
                 for key in keys:
@@ -197,3 +199,312 @@ def _member_path(path: str, key: str) -> str:
     if _IDENTIFIER.fullmatch(key):
         return f"{path}.{key}"
     return f"{path}[{json.dumps(key)}]"
+
+
+# --- the streaming check -------------------------------------------------------------------------
+#
+# check_document builds the whole document as Python objects first: about 25 times the text's size
+# for ``[{},{},...]``, and json's C decoder holds the GIL for all of it (seconds for 16 MiB), so not
+# even a worker thread keeps the event loop free. The scanner below checks the text in place: memory
+# is the text plus the keys of the objects still open, and it gives the GIL up at least every few
+# milliseconds, as no single regex match it runs covers more than about half a megabyte.
+
+_WS = re.compile(r"[ \t\n\r]*")
+_PLAIN = re.compile(r'[^"\\\x00-\x1f]{0,1048576}')
+_ESCAPE = re.compile(r'\\(?:["\\/bfnrt]|u([0-9a-fA-F]{4}))')
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+# A "simple" value: short, and nothing in it can break a fidelity rule.
+_W = r"[ \t\n\r]*"
+_SIMPLE_SCALAR = (
+    r'"[^"\\\x00-\x1f]{0,1024}"'  # a string without escapes
+    r"|-?(?:0|[1-9][0-9]{0,17})(?![0-9.eE])"  # an integer of up to 18 digits: within 64 bits
+    r"|-?(?:0|[1-9][0-9]{0,200})(?:\.[0-9]{1,400}(?:[eE][-+]?[0-9]{1,2})?|[eE][-+]?[0-9]{1,2})"  # < 1e302
+    r"|true|false|null"
+)
+_EMPTY_CONTAINER = rf"\{{{_W}\}}|\[{_W}\]"
+_KEY = r'"([^"\\\x00-\x1f]{0,1024})"'
+_RUN = 256
+"""Most simple array elements or object members matched by one regex call (bounds a GIL hold)."""
+
+
+def _item_patterns(member: bool, containers: bool) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    value = f"(?:{_SIMPLE_SCALAR}|{_EMPTY_CONTAINER})" if containers else f"(?:{_SIMPLE_SCALAR})"
+    item = f"{_W}{_KEY}{_W}:{_W}{value}{_W}," if member else f"{_W}{value}{_W},"
+    return re.compile(f"(?:{item}){{1,{_RUN}}}"), re.compile(item)
+
+
+_RUNS = {
+    (member, containers): _item_patterns(member, containers) for member in (False, True) for containers in (False, True)
+}
+"""``(in an object, empty containers allowed here) -> (a run of simple items, one item)``; the item
+pattern's ``findall`` gives an object's keys (one group) or an array's elements."""
+_LITERALS = ("true", "false", "null")
+
+
+_YIELD_EVERY = 1023
+"""Every 1024 steps (a value, or 1/32 of a run of simple items: well under a millisecond of work) the
+scan gives the GIL up for a moment. A thread that only waits for the switch interval (5 ms) to pass
+keeps the event loop thread waiting that long each time the loop released the GIL for a system call,
+several times per loop iteration."""
+
+
+class _Frame:
+    """An open array (``keys is None``, ``step`` = index) or object (``step`` = current key)."""
+
+    __slots__ = ("keys", "step")
+
+    def __init__(self, keys: set[str] | None) -> None:
+        self.keys = keys
+        self.step: str | int = 0
+
+
+class _Scanner:
+    """One pass over a JSON text; see :func:`check_document_streaming`."""
+
+    def __init__(self, text: str, root: str, max_depth: int, *, members: bool = False) -> None:
+        self.text = text
+        self.root = root
+        self.max_depth = max_depth
+        self.stack: list[_Frame] = []
+        self.violation: UnfaithfulJSON | None = None
+        self.members: dict[str, tuple[int, int]] | None = {} if members else None
+        """With ``members``: where each value of the root object starts and ends in ``text``."""
+        self._member_start: int | None = None
+        self._steps = 0
+
+    # -- reporting
+
+    def malformed(self, message: str, pos: int) -> MalformedJSON:
+        line = self.text.count("\n", 0, pos) + 1
+        column = pos - self.text.rfind("\n", 0, pos)
+        return MalformedJSON(f"{message} at line {line} column {column}")
+
+    def unfaithful(self, reason: str, step: str | int | None) -> None:
+        """Record the first rule broken (in document order); the scan goes on to check the syntax.
+
+        ``step`` is where the offending value sits in the innermost open container (None: the root).
+        """
+        if self.violation is None:
+            path = self.root
+            steps = [frame.step for frame in self.stack[:-1]]
+            if step is not None:
+                steps.append(step)
+            for item in steps:
+                path = f"{path}[{item}]" if isinstance(item, int) else _member_path(path, item)
+            self.violation = UnfaithfulJSON(path, reason)
+
+    # -- tokens
+
+    def string(self, pos: int) -> tuple[int, bool]:
+        """Index after the string opening at ``pos``, and whether it holds a surrogate escape."""
+        text = self.text
+        i = pos + 1
+        surrogate = False
+        while True:
+            i = _PLAIN.match(text, i).end()  # type: ignore[union-attr]  # matches the empty string
+            if i >= len(text):
+                raise self.malformed("Unterminated string starting", pos)
+            char = text[i]
+            if char == '"':
+                return i + 1, surrogate
+            if char != "\\":
+                if char < " ":
+                    raise self.malformed("Invalid control character", i)
+                continue  # _PLAIN stopped at its length bound
+            escape = _ESCAPE.match(text, i)
+            if escape is None:
+                raise self.malformed("Invalid \\escape", i)
+            code = escape.group(1)
+            if code is not None and code[0] in "dD" and code[1] in "89abcdefABCDEF":
+                surrogate = True
+            i = escape.end()
+
+    def string_value(self, start: int, end: int, surrogate: bool) -> str:
+        """The decoded text of the string token ``text[start:end]``."""
+        if "\\" not in self.text[start:end]:
+            return self.text[start + 1 : end - 1]
+        value: str = json.decoder.scanstring(self.text, start + 1)[0]  # type: ignore[attr-defined]
+        return value
+
+    def number(self, pos: int, step: str | int | None) -> int:
+        match = _NUMBER.match(self.text, pos)
+        if match is None:
+            raise self.malformed("Expecting value", pos)
+        literal = match.group()
+        if match.group(1) is None and match.group(2) is None:
+            value = _parse_int(literal)
+            if value is _OUT_OF_RANGE or not INT_MIN <= value <= INT_MAX:  # type: ignore[operator]
+                self.unfaithful(_INT_RANGE, step)
+        elif not math.isfinite(float(literal)):
+            self.unfaithful(_NOT_A_DOUBLE, step)
+        return match.end()
+
+    # -- the scan
+
+    def run(self) -> None:
+        text = self.text
+        stack = self.stack
+        end = len(text)
+        pos = _WS.match(text, 0).end()  # type: ignore[union-attr]
+        step: str | int | None = None  # where the next value sits in its parent (None: the root)
+        while True:
+            self._steps += 1
+            if not self._steps & _YIELD_EVERY:
+                time.sleep(0)  # see _YIELD_EVERY
+            # A value starts at pos.
+            if pos >= end:
+                raise self.malformed("Expecting value", pos)
+            if self.members is not None and len(stack) == 1 and stack[0].keys is not None:
+                self._member_start = pos
+            char = text[pos]
+            if char == "{" or char == "[":
+                if len(stack) + 1 > self.max_depth:
+                    self.unfaithful(f"nesting is deeper than {MAX_DEPTH} levels", step)
+                frame = _Frame(set() if char == "{" else None)
+                stack.append(frame)
+                pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
+                if pos < end and text[pos] == ("}" if char == "{" else "]"):
+                    stack.pop()
+                    pos += 1
+                else:
+                    pos, step = self.first_item(frame, pos)
+                    continue
+            elif char == '"':
+                start = pos
+                pos, surrogate = self.string(pos)
+                if surrogate and not _is_scalar_text(self.string_value(start, pos, surrogate)):
+                    self.unfaithful(_LONE_SURROGATE, step)
+            elif char == "-" or "0" <= char <= "9":
+                if text.startswith("-Infinity", pos):
+                    raise MalformedJSON("-Infinity is not a JSON value (RFC 8259 allows no NaN or Infinity)")
+                pos = self.number(pos, step)
+            elif text.startswith(_LITERALS, pos):
+                pos += 4 if char != "f" else 5
+            elif text.startswith(("NaN", "Infinity"), pos):
+                name = "NaN" if char == "N" else "Infinity"
+                raise MalformedJSON(f"{name} is not a JSON value (RFC 8259 allows no NaN or Infinity)")
+            else:
+                raise self.malformed("Expecting value", pos)
+            # After a value: a comma, the end of its container(s), or the end of the text.
+            while True:
+                if self._member_start is not None and len(stack) == 1:
+                    self.members[str(stack[0].step)] = (self._member_start, pos)  # type: ignore[index]
+                    self._member_start = None
+                pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
+                if not stack:
+                    if pos != end:
+                        raise self.malformed("Extra data", pos)
+                    if self.violation is not None:
+                        raise self.violation
+                    return
+                frame = stack[-1]
+                char = text[pos] if pos < end else ""
+                if char == ",":
+                    pos, step = self.next_item(frame, pos + 1)
+                    break
+                if char == ("]" if frame.keys is None else "}"):
+                    stack.pop()
+                    pos += 1
+                    continue
+                raise self.malformed("Expecting ',' delimiter", pos)
+
+    def first_item(self, frame: _Frame, pos: int) -> tuple[int, str | int]:
+        if frame.keys is None:
+            frame.step = -1
+        return self.next_item(frame, pos)
+
+    def next_item(self, frame: _Frame, pos: int) -> tuple[int, str | int]:
+        """Skip runs of simple items after ``pos``; return where the next value starts and its step."""
+        text = self.text
+        keys = frame.keys
+        containers_allowed = len(self.stack) + 1 <= self.max_depth
+        run, item = _RUNS[keys is not None, containers_allowed]
+        # The root object's members one by one when their spans are wanted.
+        while self.members is None or len(self.stack) > 1 or keys is None:
+            match = run.match(text, pos)
+            if match is None:
+                break
+            found = item.findall(text, pos, match.end())
+            self._steps += 32
+            if not self._steps & _YIELD_EVERY:
+                time.sleep(0)
+            pos = match.end()
+            if keys is None:
+                frame.step = int(frame.step) + len(found)
+            else:
+                new = set(found)
+                if len(new) != len(found) or not keys.isdisjoint(new):
+                    self.duplicate(keys, found)
+                keys.update(new)
+                frame.step = found[-1]
+        pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
+        if keys is None:
+            frame.step = int(frame.step) + 1
+            return pos, frame.step
+        # A member: "key" : value
+        if pos >= len(text) or text[pos] != '"':
+            raise self.malformed("Expecting property name enclosed in double quotes", pos)
+        start = pos
+        pos, surrogate = self.string(pos)
+        key = self.string_value(start, pos, surrogate)
+        if surrogate and not _is_scalar_text(key):
+            self.unfaithful(_LONE_SURROGATE, key)
+        if key in keys:
+            self.unfaithful(_DUPLICATE_KEY, key)
+        keys.add(key)
+        pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
+        if pos >= len(text) or text[pos] != ":":
+            raise self.malformed("Expecting ':' delimiter", pos)
+        pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
+        frame.step = key
+        return pos, key
+
+    def duplicate(self, keys: set[str], found: list[str]) -> None:
+        """Report the first of ``found`` (keys about to join ``keys``) that is already there or repeats."""
+        seen: set[str] = set()
+        for key in found:
+            if key in keys or key in seen:
+                self.unfaithful(_DUPLICATE_KEY, key)
+                return
+            seen.add(key)
+
+
+def check_document_streaming(raw: bytes | str, root: str = "$", *, max_depth: int = MAX_DEPTH) -> str:
+    """Like :func:`check_document` (same arguments, result and errors), without building the document.
+
+    Memory is the text plus the keys of the objects open at any one point; the work gives the GIL up
+    at least every few milliseconds, so run in a worker thread it never holds the event loop for
+    long, whatever the document's shape. Of several offending values it names the first in document
+    order; a syntax error anywhere wins over them (400 before 422), as with :func:`check_document`.
+
+    Raises:
+        MalformedJSON: not UTF-8, or not JSON.
+        UnfaithfulJSON: well-formed, but breaks a rule listed in the module docstring.
+    """
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedJSON(f"body is not valid UTF-8 (byte offset {exc.start})") from None
+    else:
+        text = raw
+    _Scanner(text, root, max_depth).run()
+    return text
+
+
+def check_envelope_streaming(raw: bytes, *, max_depth: int) -> tuple[str, dict[str, tuple[int, int]]]:
+    """:func:`check_document_streaming` of a request body, and where its root object's member values are.
+
+    Returns ``(text, {key: (start, end)})``, positions in ``text``, so the caller needs no second
+    parse. The dict is empty when the root is not an object.
+
+    Raises:
+        MalformedJSON, UnfaithfulJSON: as :func:`check_document_streaming`.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedJSON(f"body is not valid UTF-8 (byte offset {exc.start})") from None
+    scanner = _Scanner(text, "$", max_depth, members=True)
+    scanner.run()
+    return text, scanner.members or {}

@@ -22,7 +22,7 @@ from exports.files import StorageFull
 from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService, ExportTooLarge
 from exports.store import ExportStore, ObjectMissing, StoreError
 from repositories.database import Database
-from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository
+from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository, TooManyPendingExports
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
 from service.json_fidelity import check_document
 from service.openapi import file_response
@@ -42,6 +42,8 @@ MEDIA_TYPES = {
 }  # Litestar appends "; charset=utf-8" to text/*
 EXPORT_WRITE_SCOPES = ("exports:write", "results:read")
 """Creating an export needs both: an export hands out job results, so it needs the right to read them."""
+PENDING_RETRY_AFTER_S = 5
+"""``Retry-After`` of a range export refused because its key has too many queued or running."""
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
@@ -220,7 +222,9 @@ class ExportController(Controller):
         summary="Export a time range of job results to a file (asynchronous)",
         description=(
             "202 Accepted with `Location: /v1/exports/{export_id}`. The export runs in the background, "
-            "survives restarts, and is done when its state is `succeeded` (or `failed`)."
+            "survives restarts, and is done when its state is `succeeded` (or `failed`). A key may have "
+            "`JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY` (default 10) range exports queued or running; "
+            "one more is 429 with `Retry-After`. Workers take range exports round-robin across keys."
         ),
         status_code=202,
         responses=problem_responses(400, 401, 403, 415, 422, 429, 503),
@@ -238,7 +242,16 @@ class ExportController(Controller):
         if lower is not None and upper is not None and lower >= upper:
             raise ApiError(400, "created_from must be earlier than created_to", slug="invalid-request")
         parameters = ExportParameters(created_from=lower, created_to=upper, status=data.status)
-        export = await exports.enqueue_range(parameters, data.format, data.compression, requested_by(request))
+        try:
+            export = await exports.enqueue_range(parameters, data.format, data.compression, requested_by(request))
+        except TooManyPendingExports as exc:
+            raise ApiError(
+                429,
+                f"this key has {exc.limit} range exports queued or running, the most allowed "
+                "(JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY); retry when one has finished",
+                slug="too-many-pending-exports",
+                headers={"Retry-After": str(PENDING_RETRY_AFTER_S)},
+            ) from None
         return Response(
             ExportRecord.build(export), status_code=202, headers={"Location": f"/v1/exports/{export.export_id}"}
         )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-from typing import Annotated, Any, Literal
+import json
+from typing import Annotated, Any, Literal, NoReturn
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, put
@@ -13,15 +15,18 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIFormat
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 
-from repositories.database import Connection, Database
+from repositories.database import Connection, Database, TooLargeForDatabase
 from repositories.job_results import (
     Cursor,
+    Document,
+    EscapedText,
     JobResultMeta,
     JobResultNotFound,
     JobResultRepository,
     PreconditionFailed,
+    read_max_allowed_packet,
 )
-from service.json_fidelity import MAX_DEPTH, check_document
+from service.json_fidelity import MAX_DEPTH, check_document, check_envelope_streaming
 from service.openapi import json_request_body
 from service.problems import ApiError, problem_responses
 from service.schemas import (
@@ -42,6 +47,14 @@ _WRITE_DECODER = msgspec.json.Decoder(JobResultWrite)
 _CURSOR_DECODER = msgspec.json.Decoder(Cursor)
 _ENCODER = msgspec.json.Encoder()
 _WRITE_SHAPE = 'expected {"status": "succeeded" | "failed" | "cancelled", "result": <any JSON value>}'
+INLINE_CHECK_BYTES = 64 * 1024
+"""Bodies up to this size are checked on the event loop (a few milliseconds at worst, whatever their
+shape); larger ones in a worker thread, by the streaming check, so the loop keeps serving."""
+_ESCAPED_BYTES = (b"\\", b"'", b'"', b"\n", b"\r", b"\0", b"\x1a")
+"""Bytes that :func:`repositories.database.escape_text` doubles: one more byte each in the statement."""
+_STATEMENT_SLACK = 64
+"""At least this many bytes of an INSERT or UPDATE of a job result come on top of the escaped body
+(the statement text, minus the escaped envelope ``{"status": ..., "result": ...}``)."""
 
 
 def require_json_body(request: Request[Any, Any, Any]) -> None:
@@ -104,7 +117,7 @@ def _decode_cursor(value: str) -> Cursor:
 
 
 def _decode_write(body: bytes) -> tuple[JobResultWrite, str]:
-    """Decode a PUT body; returns it with the result as checked JSON text.
+    """Decode a small PUT body (at most :data:`INLINE_CHECK_BYTES`): the body and its result as JSON text.
 
     The whole body is checked for fidelity first (so duplicate keys are refused in the envelope too),
     then decoded into :class:`JobResultWrite` with the result kept raw.
@@ -115,12 +128,80 @@ def _decode_write(body: bytes) -> tuple[JobResultWrite, str]:
         UnfaithfulJSON: 422, with the JSON path of the offending value.
     """
     check_document(body, max_depth=MAX_DEPTH + 1)  # the envelope is one level
+    write = _decode_checked(body)
+    return write, bytes(write.result).decode("utf-8")
+
+
+def _decode_checked(body: bytes) -> JobResultWrite:
     try:
-        write = _WRITE_DECODER.decode(body)
+        return _WRITE_DECODER.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         detail = str(exc).replace("`$.", "`")
         raise ApiError(400, f"invalid body: {detail}; {_WRITE_SHAPE}", slug="invalid-body") from None
-    return write, bytes(write.result).decode("utf-8")
+
+
+def _decode_large_write(body: bytes, max_packet: int) -> tuple[JobResultWrite, EscapedText]:
+    """Decode a large PUT body (blocking: run it in a worker thread); the result comes back escaped.
+
+    The cheap size check comes first: a body whose statement cannot fit the server's
+    ``max_allowed_packet`` is refused before the fidelity check runs. The envelope is read from the
+    spans the streaming check found, so the body is parsed once.
+
+    Raises:
+        TooLargeForDatabase: 413, the statement would pass ``max_packet`` bytes.
+        ApiError, MalformedJSON, UnfaithfulJSON: as :func:`_decode_write`.
+    """
+    escaped_size = len(body) + sum(body.count(byte) for byte in _ESCAPED_BYTES)
+    if escaped_size + _STATEMENT_SLACK > max_packet:
+        raise TooLargeForDatabase(f"a statement of at least {escaped_size} bytes passes max_allowed_packet")
+    text, members = check_envelope_streaming(body, max_depth=MAX_DEPTH + 1)
+    if not members and not text.lstrip(" \t\n\r").startswith("{"):
+        _invalid_body("Expected `object`")
+    for name in members:
+        if name not in ("status", "result"):
+            _invalid_body(f"Object contains unknown field `{name}`")
+    for name in ("status", "result"):
+        if name not in members:
+            _invalid_body(f"Object missing required field `{name}`")
+    start, end = members["status"]
+    token = text[start:end]
+    status = json.loads(token) if token.startswith('"') and len(token) <= 64 else None
+    if status not in ("succeeded", "failed", "cancelled"):
+        _invalid_body("Invalid enum value - at `status`" if token.startswith('"') else "Expected `str` - at `status`")
+    start, end = members["result"]
+    result = text[start:end]
+    raw = body[start:end] if len(text) == len(body) else result.encode("utf-8")  # ASCII: same offsets
+    return JobResultWrite(status=status, result=msgspec.Raw(raw)), EscapedText(result)
+
+
+def _invalid_body(detail: str) -> NoReturn:
+    raise ApiError(400, f"invalid body: {detail}; {_WRITE_SHAPE}", slug="invalid-body")
+
+
+def _large_check_lock(request: Request[Any, Any, Any]) -> asyncio.Lock:
+    """One large body is checked at a time per process.
+
+    The check is Python code holding the GIL: threads running it side by side finish no sooner, but
+    each one more makes the event loop wait longer for the GIL, and holds one more body's working set.
+    """
+    state = request.app.state
+    lock: asyncio.Lock | None = getattr(state, "large_check_lock", None)
+    if lock is None:
+        lock = state.large_check_lock = asyncio.Lock()
+    return lock
+
+
+async def _max_allowed_packet(request: Request[Any, Any, Any], db: Database) -> int:
+    """The server's ``max_allowed_packet``, read once per process.
+
+    A changed setting shows in new sessions only; the server's own 1153 refusal stays the final word.
+    """
+    state = request.app.state
+    cached: int | None = getattr(state, "max_allowed_packet", None)
+    if cached is None:
+        cached = await db.run(read_max_allowed_packet, transaction=False)
+        state.max_allowed_packet = cached
+    return cached
 
 
 class JobResultController(Controller):
@@ -156,7 +237,14 @@ class JobResultController(Controller):
         """Create or replace the job result of ``job_id``."""
         checked_job_id(job_id)
         require_json_body(request)
-        write, text = _decode_write(await request.body())
+        body = await request.body()
+        text: Document
+        if len(body) <= INLINE_CHECK_BYTES:
+            write, text = _decode_write(body)
+        else:
+            max_packet = await _max_allowed_packet(request, db)
+            async with _large_check_lock(request):
+                write, text = await asyncio.to_thread(_decode_large_write, body, max_packet)
         match_tags = entity_tags(if_match, weak=False)
         none_match_tags = entity_tags(if_none_match)
 
@@ -217,12 +305,15 @@ class JobResultController(Controller):
         description=(
             "Half-open range `created_from <= created_at < created_to` (RFC 3339, any offset), oldest "
             "first, keyset-paginated: pass `next_cursor` back as `cursor`. Items carry metadata only "
-            "unless `include=result`."
+            "unless `include=result`; then a page also ends before its documents would pass "
+            "`JOBRESULTS_LIST_MAX_BYTES` (8 MiB by default) in total, though it always holds at least one "
+            "item, and `next_cursor` continues after its last item, so nothing is skipped."
         ),
         responses=problem_responses(400, 401, 403, 429, 503),
     )
     async def list_job_results(
         self,
+        request: Request[Any, Any, Any],
         db: NamedDependency[Database],
         created_from: Annotated[
             str | None,
@@ -248,18 +339,19 @@ class JobResultController(Controller):
             raise ApiError(400, "created_from must be earlier than created_to", slug="invalid-request")
         after = _decode_cursor(cursor) if cursor is not None else None
         include_result = include == "result"
-        rows = await db.run(
+        max_bytes = request.app.state.settings.list_max_bytes
+        page, more = await db.run(
             lambda conn: JobResultRepository(conn).list(
                 created_from=lower,
                 created_to=upper,
                 status=status,
                 after=after,
-                limit=limit + 1,
+                limit=limit,
                 include_result=include_result,
+                max_bytes=max_bytes,
             ),
             transaction=False,
         )
-        page = rows[:limit]
         items = [
             JobResultSummary(
                 job_id=row.meta.job_id,
@@ -271,7 +363,7 @@ class JobResultController(Controller):
             )
             for row in page
         ]
-        next_cursor = _encode_cursor(page[-1].meta) if len(rows) > limit else None
+        next_cursor = _encode_cursor(page[-1].meta) if more else None
         return Response(content=JobResultPage(items=items, next_cursor=next_cursor))
 
     @delete(

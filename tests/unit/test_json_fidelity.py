@@ -1,10 +1,24 @@
-"""The fidelity check names the JSONPath of the first offending value, in document order."""
+"""The fidelity check names the JSONPath of the first offending value, in document order.
+
+Both checks run every case: ``check_document`` (small bodies, on the event loop) and
+``check_document_streaming`` (large bodies, in a worker thread) must agree.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
-from service.json_fidelity import UnfaithfulJSON, check_document
+from service.json_fidelity import UnfaithfulJSON, check_document, check_document_streaming
+
+Checker = Callable[..., str]
+
+
+@pytest.fixture(params=[check_document, check_document_streaming], ids=["tree", "streaming"])
+def check(request: pytest.FixtureRequest) -> Checker:
+    checker: Checker = request.param
+    return checker
 
 
 @pytest.mark.parametrize(
@@ -21,28 +35,28 @@ from service.json_fidelity import UnfaithfulJSON, check_document
         ('{"k": 1, "big": -' + "1" * 4400 + "}", "$.big", "integer out of range"),
     ],
 )
-def test_offending_value_is_named(document: str, path: str, reason: str) -> None:
+def test_offending_value_is_named(check: Checker, document: str, path: str, reason: str) -> None:
     with pytest.raises(UnfaithfulJSON) as caught:
-        check_document(document)
+        check(document)
     assert caught.value.path == path
     assert reason in caught.value.reason
 
 
-def test_nesting_limit_counts_the_root_as_level_one() -> None:
-    assert check_document("[" * 64 + "]" * 64) == "[" * 64 + "]" * 64
+def test_nesting_limit_counts_the_root_as_level_one(check: Checker) -> None:
+    assert check("[" * 64 + "]" * 64) == "[" * 64 + "]" * 64
     with pytest.raises(UnfaithfulJSON) as caught:
-        check_document('{"a": ' + "[" * 64 + "]" * 64 + "}")
+        check('{"a": ' + "[" * 64 + "]" * 64 + "}")
     assert caught.value.path == "$.a" + "[0]" * 63
     assert "nesting" in caught.value.reason
 
 
-def test_integer_limits_are_exact() -> None:
-    assert check_document("[18446744073709551615, -9223372036854775808]")
+def test_integer_limits_are_exact(check: Checker) -> None:
+    assert check("[18446744073709551615, -9223372036854775808]")
     for literal in ("18446744073709551616", "-9223372036854775809", "-18446744073709551615"):
         with pytest.raises(UnfaithfulJSON):
-            check_document(f"[{literal}]")
+            check(f"[{literal}]")
 
 
-def test_faithful_document_is_returned_unchanged() -> None:
+def test_faithful_document_is_returned_unchanged(check: Checker) -> None:
     text = '{ "a" : [1, 2.50, -0, "\\u00e9\\ud83d\\ude00", null, true], "b": {"c": {}} }'
-    assert check_document(text.encode()) == text
+    assert check(text.encode()) == text
