@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 from litestar.testing import AsyncTestClient
 
 from config.settings import Settings
@@ -16,9 +17,8 @@ from tests.conftest import connect
 async def test_put_behind_a_held_row_lock_is_503_soon(
     settings: Settings, database_url: str, job_id: str, auth_headers: dict[str, str]
 ) -> None:
-    app = create_app(
-        Settings.from_env({}, database_url=database_url, log_level="error", export_worker=False, pool_max_size=2)
-    )
+    # The session settings (their own exports directory, no workers) with a small pool.
+    app = create_app(msgspec.structs.replace(settings, log_level="error", pool_max_size=2))
     async with AsyncTestClient(app=app) as client:
         client.headers.update(auth_headers)
         url = f"/v1/job-results/{job_id}"
