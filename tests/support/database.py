@@ -13,17 +13,11 @@ import pymysql
 
 from config.settings import DatabaseURL, Settings
 from repositories.migrations import apply_migrations
+from service.auth import SCOPES
 from service.operator import create_key
 
-ALL_SCOPES = (
-    "results:read",
-    "results:write",
-    "exports:read",
-    "exports:write",
-    "metrics:read",
-    "webhooks:read",
-    "webhooks:write",
-)
+ALL_SCOPES = SCOPES
+"""Every scope the product knows (test keys that may do anything)."""
 
 
 def connect(url: str | DatabaseURL, *, database: bool = True) -> pymysql.connections.Connection:
