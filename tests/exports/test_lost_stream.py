@@ -23,8 +23,9 @@ from repositories.exports import Export, ExportParameters, ExportRepository
 from tests.conftest import connect, fresh_database
 
 WINDOW_START = datetime(1998, 6, 1)
-ROWS = 1500
-"""~8 KB each, ~12 MB in all: far more than socket buffers hold, so the kill lands mid-stream."""
+ROWS = 5000
+"""~8 KB each, ~40 MB in all: far more than the socket buffers on the way hold (loopback sockets grow to
+about 6 MB each, and through HAProxy there are four of them), so the kill lands mid-stream."""
 
 
 @pytest.fixture(scope="module")
