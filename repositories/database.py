@@ -212,9 +212,10 @@ def escape_text(value: str) -> str:
     """``value`` as a quoted MySQL string literal, escaped exactly as PyMySQL's ``escape_string`` does.
 
     PyMySQL runs ``str.translate`` with a table of seven characters; seven chained ``str.replace``
-    calls (backslash first) produce the same text several times faster. The escapes are MySQL's backslash escapes of NUL, LF, CR, Ctrl-Z, both quotes and the
-    backslash itself (MySQL manual, "String Literals", table 11.1); like PyMySQL's, they assume
-    ``NO_BACKSLASH_ESCAPES`` is off, MySQL's and MariaDB's default.
+    calls (backslash first) produce the same text several times faster. The escapes are MySQL's
+    backslash escapes of NUL, LF, CR, Ctrl-Z, both quotes and the backslash itself (MySQL manual,
+    "String Literals", table 11.1); like PyMySQL's, they assume ``NO_BACKSLASH_ESCAPES`` is off,
+    MySQL's and MariaDB's default.
     """
     escaped = (
         value.replace("\\", "\\\\")

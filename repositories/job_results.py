@@ -115,8 +115,9 @@ _META_COLUMNS = "CONCAT_WS(' ', id, version, status, created_at, updated_at, job
 """A row's metadata packed into one column: ``b"<id> <version> <status> <created> <updated> <job_id>"``.
 
 Each column of a result set costs aiomysql's pure-Python protocol code a field-descriptor parse per
-query and a length-coded read per row, so one packed column costs less than six. Timestamps come as ``YYYY-MM-DD HH:MM:SS.ffffff`` (``DATETIME(6)``); the
-job id goes last, so it is the rest of the string whatever it holds."""
+query and a length-coded read per row, so one packed column costs less than six. Timestamps come as
+``YYYY-MM-DD HH:MM:SS.ffffff`` (``DATETIME(6)``); the job id goes last, so it is the rest of the string
+whatever it holds."""
 
 SQL_GET = f"SELECT {_META_COLUMNS}, result_data FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
 SQL_GET_META = f"SELECT {_META_COLUMNS} FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
