@@ -4,6 +4,7 @@ timeout, and its pooled connection comes back (issue 12 item 10)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from litestar.testing import AsyncTestClient
 
@@ -14,10 +15,17 @@ from tests.conftest import connect
 
 
 async def test_put_behind_a_held_row_lock_is_503_soon(
-    settings: Settings, database_url: str, job_id: str, auth_headers: dict[str, str]
+    settings: Settings, database_url: str, job_id: str, auth_headers: dict[str, str], exports_dir: Path
 ) -> None:
     app = create_app(
-        Settings.from_env({}, database_url=database_url, log_level="error", export_worker=False, pool_max_size=2)
+        Settings.from_env(
+            {},
+            database_url=database_url,
+            exports_dir=str(exports_dir),
+            log_level="error",
+            export_worker=False,
+            pool_max_size=2,
+        )
     )
     async with AsyncTestClient(app=app) as client:
         client.headers.update(auth_headers)
