@@ -5,10 +5,10 @@ export; the file is durable under its final name before the COMMIT and removed o
 is known not to exist (a COMMIT whose answer was lost is looked up first, see :mod:`repositories.database`).
 The unit is retried from BEGIN on transient errors (see :mod:`repositories.database`).
 
-Range export: a row in ``exports`` (state ``queued``) that a background :class:`ExportWorker` in some
-service process claims with a lease, streams from a server-side cursor in chunks, and finishes. Chunks
-are converted, encoded and written in a worker thread, so the event loop is never held by export work
-for longer than the interpreter's GIL switch interval (5 ms). A worker that dies stops renewing its
+Range export: a row in ``exports`` (state ``queued``) that the background worker of some service
+process (:meth:`ExportService.start`) claims with a lease, streams from a server-side cursor in chunks,
+and finishes. Chunks are converted, encoded and written in a worker thread, so the event loop is never
+held by export work for longer than the interpreter's GIL switch interval (5 ms). A worker that dies stops renewing its
 lease; once the lease expires, another worker claims the export and starts it again.
 """
 

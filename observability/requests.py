@@ -33,7 +33,7 @@ def request_id_of(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == REQUEST_ID_HEADER and _SANE_REQUEST_ID.fullmatch(value):
             return value.decode("ascii")
-    return os.urandom(16).hex()  # 128 random bits, as uuid4().hex without its 1.3 µs of UUID object
+    return os.urandom(16).hex()  # 128 random bits, as uuid4().hex without building a UUID object
 
 
 class RequestObservabilityMiddleware:

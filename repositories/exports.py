@@ -191,8 +191,8 @@ class ExportRepository:
 
         The record is built from the inserted values and the new ``AUTO_INCREMENT`` id rather than read
         back: every column is stored as given (``DATETIME(6)`` keeps the microseconds, strict SQL mode
-        refuses what does not fit), and reading 19 columns back cost a single-job export about 15% of
-        its CPU (aiomysql parses each column's descriptor in Python).
+        refuses what does not fit), and reading 19 columns back would cost a descriptor parse per column
+        (aiomysql parses each column's descriptor in Python), a large share of a single-job export's CPU.
         """
         now = created_at or utcnow()
         params = {

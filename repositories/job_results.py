@@ -115,9 +115,9 @@ _META_COLUMNS = "CONCAT_WS(' ', id, version, status, created_at, updated_at, job
 """A row's metadata packed into one column: ``b"<id> <version> <status> <created> <updated> <job_id>"``.
 
 Each column of a result set costs aiomysql's pure-Python protocol code a field-descriptor parse per
-query and a length-coded read per row; one packed column instead of six took about 10% off a GET's
-CPU (see perf/README.md). Timestamps come as ``YYYY-MM-DD HH:MM:SS.ffffff`` (``DATETIME(6)``); the
-job id goes last, so it is the rest of the string whatever it holds."""
+query and a length-coded read per row, so one packed column costs less than six. Timestamps come as
+``YYYY-MM-DD HH:MM:SS.ffffff`` (``DATETIME(6)``); the job id goes last, so it is the rest of the string
+whatever it holds."""
 
 SQL_GET = f"SELECT {_META_COLUMNS}, result_data FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
 SQL_GET_META = f"SELECT {_META_COLUMNS} FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
@@ -332,7 +332,7 @@ SQL_EXPORT_COLUMNS = (
 
 Neither job ids nor statuses contain spaces. Two columns instead of four, and the timestamp formatted
 by the server, halve the per-row work of aiomysql's pure-Python protocol parser, which dominates the
-cost of a range export (see perf/README.md)."""
+cost of a range export."""
 ORDERED_BY_TIME = "FORCE INDEX (idx_created)"
 """Read rows in index order instead of sorting them: when a range covers most of the table, MySQL
 prefers a table scan plus filesort, and a filesort of rows carrying multi-megabyte JSON documents fails

@@ -96,8 +96,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             webhooks.start()
         # Everything built so far (modules, routes, pools) lives as long as the process: collect once,
         # then move it out of the cycle collector's reach (gc.freeze, Python docs), so a full collection
-        # scans only what requests allocated since. Measured under the k6 mix at 1000/s: the longest
-        # gen-2 pause went from 62-74 ms to 6 ms (perf/README.md).
+        # scans only what requests allocated since, which keeps gen-2 pauses short.
         gc.collect()
         gc.freeze()
         try:

@@ -203,8 +203,8 @@ def _member_path(path: str, key: str) -> str:
 
 # --- the streaming check -------------------------------------------------------------------------
 #
-# check_document builds the whole document as Python objects first: about 25 times the text's size
-# for ``[{},{},...]``, and json's C decoder holds the GIL for all of it (seconds for 16 MiB), so not
+# check_document builds the whole document as Python objects first: many times the text's size for
+# ``[{},{},...]``, and json's C decoder holds the GIL for all of it (seconds for a large body), so not
 # even a worker thread keeps the event loop free. The scanner below checks the text in place: memory
 # is the text plus the keys of the objects still open, and it gives the GIL up at least every few
 # milliseconds, as no single regex match it runs covers more than about half a megabyte.

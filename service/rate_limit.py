@@ -148,8 +148,8 @@ class RateLimiter:
         # wrap_exceptions: Redis failures surface as limits.errors.StorageError, answered with 503.
         options: dict[str, object] = {}
         if storage_url.split("://", 1)[0] in ("async+redis", "async+rediss"):
-            # redis-py (with hiredis) rather than limits' default coredis: about 20% less client CPU
-            # per hit. A blocking pool: under a burst, a request waits for one of the connections
+            # redis-py (with hiredis) rather than limits' default coredis: less client CPU per hit.
+            # A blocking pool: under a burst, a request waits for one of the connections
             # instead of failing at once (redis-py's default pool raises MaxConnectionsError).
             options["implementation"] = "redispy"
             options["connection_pool"] = redis.asyncio.BlockingConnectionPool.from_url(

@@ -157,7 +157,7 @@ async def test_exceptions_are_logged_with_traceback_not_returned(
     assert response.headers["content-type"] == "application/problem+json"
     assert "secret" not in response.text
     assert "Traceback" not in response.text
-    assert "X-Request-ID" in response.json()["detail"]  # every problem has a detail (README, Errors)
+    assert "X-Request-ID" in response.json()["detail"]  # every problem has a detail (docs/usage.md, Input rules)
     out = capfd.readouterr().out
     entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     failure = next(e for e in entries if e.get("event") == "http.unhandled_exception")
