@@ -57,6 +57,11 @@ test-fast *args: install
 perf rate="200" duration="30s": install
     exec python perf/run_perf.py --rate {{ rate }} --duration {{ duration }}
 
+# Side by side: Express 5 + mysql2 + helmet, bare Litestar, the service (production and lean), wrk rounds + k6; DROPS jr_peers
+[group('perf')]
+perf-peers *args: install
+    exec python perf/peers/compare.py --k6 --plot {{ args }}
+
 # py-spy on both Granian workers while k6 runs the mix (or one of get, put, list, export) for 15 s
 [group('perf')]
 profile rate="800" mix="mix": install
