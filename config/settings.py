@@ -102,7 +102,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     export_poll_s: Seconds = 1.0
     """``JOBRESULTS_EXPORT_POLL_S``: how often an idle export worker looks for queued range exports."""
     export_chunk_rows: Positive = 500
-    """``JOBRESULTS_EXPORT_CHUNK_ROWS``: rows fetched and written per step of a range export."""
+    """``JOBRESULTS_EXPORT_CHUNK_ROWS``: rows fetched and written per step of a range export (at most)."""
+    export_chunk_bytes: Positive = 8 * 1024**2
+    """``JOBRESULTS_EXPORT_CHUNK_BYTES``: a step of a range export also ends once its stored documents
+    reach this many bytes (8 MiB), so its memory is bounded in bytes, not rows; a step holds at least
+    one row."""
+    csv_max_columns: Positive = 10_000
+    """``JOBRESULTS_CSV_MAX_COLUMNS``: the most result columns a CSV export may have; a wider one fails
+    with a clear error and leaves no file (use json or ndjson for such documents)."""
     export_max_attempts: Positive = 3
     """``JOBRESULTS_EXPORT_MAX_ATTEMPTS``: a range export failing this often on database errors is failed."""
     export_max_bytes: Positive = 10 * 1024**3

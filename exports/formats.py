@@ -78,6 +78,18 @@ ROOT_COLUMN = "result"
 """CSV column of a result that is not a non-empty object."""
 FORMULA_STARTS = frozenset("=+-@\t\r\n")
 """First characters that make spreadsheets read a text cell as a formula (OWASP CSV Injection)."""
+DEFAULT_MAX_COLUMNS = 10_000
+"""Result columns a CSV export may have unless the caller says otherwise (``JOBRESULTS_CSV_MAX_COLUMNS``)."""
+
+
+class CsvTooWide(Exception):
+    """A CSV export would have more result columns than allowed; ``str()`` is safe to show clients."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the CSV would have more than {limit} result columns; export json or ndjson instead, or a narrower range"
+        )
+        self.limit = limit
 
 
 class ExportRow(msgspec.Struct, frozen=True):
@@ -253,17 +265,23 @@ def _collect_paths(obj: dict[str, Any], prefix: str, out: set[str]) -> None:
 
 
 class CsvColumns:
-    """Pass 1 of a CSV range export: collects the union of result columns over all rows."""
+    """Pass 1 of a CSV range export: collects the union of result columns over all rows.
 
-    def __init__(self) -> None:
+    ``max_columns`` bounds the union: one document with 100,000 keys would otherwise turn a small
+    stored result into a CSV file of 100,000 mostly empty columns per row.
+    """
+
+    def __init__(self, max_columns: int = DEFAULT_MAX_COLUMNS) -> None:
         self._decoder = _decoder()
         self._seen: set[str] = set()
+        self._max_columns = max_columns
 
     def add(self, rows: Sequence[ExportRow]) -> None:
         """Add the result columns of ``rows``.
 
         Raises:
             msgspec.DecodeError: a stored result is not JSON.
+            CsvTooWide: the columns seen so far pass ``max_columns``.
         """
         decode = self._decoder.decode
         seen = self._seen
@@ -273,6 +291,8 @@ class CsvColumns:
                 _collect_paths(value, "", seen)
             else:
                 seen.add(ROOT_COLUMN)
+            if len(seen) > self._max_columns:
+                raise CsvTooWide(self._max_columns)
 
     def columns(self) -> list[str]:
         """The result columns seen so far, sorted by code point (the fixed three not included)."""
@@ -292,7 +312,7 @@ class CsvWriter:
     media_type = "text/csv; charset=utf-8"
     extension = "csv"
 
-    def __init__(self, *, single: bool, columns: Sequence[str] | None) -> None:
+    def __init__(self, *, single: bool, columns: Sequence[str] | None, max_columns: int = DEFAULT_MAX_COLUMNS) -> None:
         if columns is None and not single:
             raise ValueError("a CSV range export needs csv_columns (collect them first with CsvColumns)")
         self._guard = _SingleGuard(single)
@@ -300,6 +320,7 @@ class CsvWriter:
         self._encoder = msgspec.json.Encoder()
         self._columns: list[str] | None = None
         self._column_set: frozenset[str] = frozenset()
+        self._max_columns = max_columns
         if columns is not None:
             self._set_columns(columns)
 
@@ -328,6 +349,7 @@ class CsvWriter:
         Raises:
             ValueError: a result has a column missing from ``csv_columns``, or a single-job export
                 got more than one row.
+            CsvTooWide: a single-job export's result has more than ``max_columns`` columns.
             msgspec.DecodeError: a stored result is not JSON.
         """
         if not rows:
@@ -337,6 +359,8 @@ class CsvWriter:
         flatten = self._flatten
         if self._columns is None:
             cells = flatten(rows[0].result)
+            if len(cells) > self._max_columns:
+                raise CsvTooWide(self._max_columns)
             self._set_columns(sorted(cells))
             records.append(self._header())
         columns = self._columns
@@ -418,7 +442,13 @@ def _cell(value: Any, encode: Callable[[Any], bytes]) -> str:
     return encode(value).decode("utf-8")  # an array, as compact JSON
 
 
-def make_writer(fmt: Format, *, single: bool, csv_columns: Sequence[str] | None = None) -> FormatWriter:
+def make_writer(
+    fmt: Format,
+    *,
+    single: bool,
+    csv_columns: Sequence[str] | None = None,
+    max_columns: int = DEFAULT_MAX_COLUMNS,
+) -> FormatWriter:
     """A fresh writer for one export.
 
     Args:
@@ -427,6 +457,8 @@ def make_writer(fmt: Format, *, single: bool, csv_columns: Sequence[str] | None 
         csv_columns: CSV only: the result columns, from :meth:`CsvColumns.columns` (required for a
             range; for a single job the row's own columns are used when omitted). Ignored by the
             other formats.
+        max_columns: CSV only: the most result columns a single-job export may have (a range's
+            columns are bounded by :class:`CsvColumns`).
 
     Raises:
         ValueError: unknown format, or a CSV range export without ``csv_columns``.
@@ -436,5 +468,5 @@ def make_writer(fmt: Format, *, single: bool, csv_columns: Sequence[str] | None 
     if fmt == "ndjson":
         return NdjsonWriter(single=single)
     if fmt == "csv":
-        return CsvWriter(single=single, columns=csv_columns)
+        return CsvWriter(single=single, columns=csv_columns, max_columns=max_columns)
     raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")

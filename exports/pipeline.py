@@ -30,7 +30,7 @@ import structlog
 
 from config.settings import Settings
 from exports.files import StorageFull, temp_files
-from exports.formats import CsvColumns, ExportRow, FormatWriter, make_writer
+from exports.formats import CsvColumns, CsvTooWide, ExportRow, FormatWriter, make_writer
 from exports.store import ExportStore, ExportWriter, StoreError, download_name, open_store
 from observability.metrics import EXPORT_BYTES, EXPORT_DURATION, EXPORT_ROWS, EXPORTS
 from repositories.database import CommitOutcomeUnknown, Connection, Database, DatabaseUnavailable
@@ -133,9 +133,13 @@ def _collect_columns(columns: CsvColumns, chunk: Sequence[tuple[Any, ...]]) -> N
     columns.add([_export_row(*row) for row in chunk])
 
 
-def _encode_single(fmt: str, row: ExportRow) -> tuple[str, bytes]:
-    """The whole file of a single-job export (blocking): ``(extension, bytes)``."""
-    writer = make_writer(fmt, single=True)  # type: ignore[arg-type]
+def _encode_single(fmt: str, row: ExportRow, max_columns: int) -> tuple[str, bytes]:
+    """The whole file of a single-job export (blocking): ``(extension, bytes)``.
+
+    Raises:
+        CsvTooWide: a CSV of the result would have more than ``max_columns`` result columns.
+    """
+    writer = make_writer(fmt, single=True, max_columns=max_columns)  # type: ignore[arg-type]
     return writer.extension, writer.begin() + writer.encode([row]) + writer.end()
 
 
@@ -183,6 +187,7 @@ class ExportService:
             StorageFull: the disk is full; nothing partial is left.
             StoreError: the object store failed or refused; nothing partial is left.
             ExportTooLarge: the file would pass ``JOBRESULTS_EXPORT_MAX_BYTES``; nothing is left.
+            CsvTooWide: a CSV would pass ``JOBRESULTS_CSV_MAX_COLUMNS``; nothing is written.
             DatabaseUnavailable: retries ran out.
         """
         files: list[tuple[str, ExportWriter]] = []  # (export id, its file) per attempt
@@ -192,7 +197,9 @@ class ExportService:
             begun = utcnow()
             stored = await JobResultRepository(conn).get(job_id)
             export_id = new_export_id()
-            extension, data = await asyncio.to_thread(_encode_single, fmt, _row_of(stored))
+            extension, data = await asyncio.to_thread(
+                _encode_single, fmt, _row_of(stored), self.settings.csv_max_columns
+            )
             file = await self.store.open_writer(export_id, 1, extension, compression, self.owner)
             size, sha256 = await _write_all(file, data, self.settings.export_max_bytes)
             files.append((export_id, file))
@@ -316,7 +323,7 @@ class ExportService:
         except StorageFull:
             await self._settle(export, "fail", STORAGE_FULL_MESSAGE)
             raise
-        except (StoreError, ExportTooLarge) as exc:
+        except (StoreError, ExportTooLarge, CsvTooWide) as exc:
             await self._settle(export, "fail", str(exc))
             raise
         except BaseException:
@@ -341,8 +348,8 @@ class ExportService:
         except StorageFull:
             log.error("export.storage_full", export_id=export.export_id)
             await self._settle(export, "fail", STORAGE_FULL_MESSAGE)
-        except ExportTooLarge as exc:
-            log.warning("export.too_large", export_id=export.export_id)
+        except (ExportTooLarge, CsvTooWide) as exc:
+            log.warning("export.too_large", export_id=export.export_id, error=type(exc).__name__)
             await self._settle(export, "fail", str(exc))
         except StoreError as exc:
             if exc.transient and export.attempts < self.settings.export_max_attempts:
@@ -405,7 +412,7 @@ class ExportService:
         if self.store.kind == "local":
             self._remove_stale_temp_files(export.export_id)
         params = export.parameters
-        chunk_rows = self.settings.export_chunk_rows
+        chunk_rows, chunk_bytes = self.settings.export_chunk_rows, self.settings.export_chunk_bytes
         file: ExportWriter | None = None
         rows_written = 0
         conn: Connection = await self.db.acquire()
@@ -417,8 +424,10 @@ class ExportService:
             renew_at = asyncio.get_running_loop().time() + self._renew_every
             if export.format == "csv":
                 # Pass 1 (same snapshot): the union of the result columns, for the header row.
-                collector = CsvColumns()
-                async for chunk in stream.chunks(params.created_from, params.created_to, params.status, chunk_rows):
+                collector = CsvColumns(self.settings.csv_max_columns)
+                async for chunk in stream.chunks(
+                    params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
+                ):
                     await asyncio.to_thread(_collect_columns, collector, chunk)
                     renew_at = await self._renew_if_due(export, 0, renew_at)
                 columns = collector.columns()
@@ -427,7 +436,9 @@ class ExportService:
                 export.export_id, max(export.attempts, 1), writer.extension, export.compression, self.owner
             )
             await file.write(writer.begin())
-            async for chunk in stream.chunks(params.created_from, params.created_to, params.status, chunk_rows):
+            async for chunk in stream.chunks(
+                params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
+            ):
                 count, data = await asyncio.to_thread(_encode_chunk, writer, chunk)
                 await file.write(data)
                 _check_size(file, self.settings.export_max_bytes)

@@ -360,7 +360,8 @@ def range_filter(
 class JobResultStream:
     """Rows of a time range for an export, read through a server-side (unbuffered) cursor.
 
-    Memory stays flat whatever the range size: rows arrive ``chunk_rows`` at a time. The connection
+    Memory stays flat whatever the range size: rows arrive in chunks of at most ``chunk_rows`` rows
+    that end once their documents reach ``chunk_bytes`` (a chunk holds at least one row). The connection
     is busy until the stream is exhausted; a stream abandoned half-way leaves the connection unusable,
     so callers close that connection.
     """
@@ -382,8 +383,13 @@ class JobResultStream:
         created_to: datetime | None,
         status: str | None,
         chunk_rows: int,
+        chunk_bytes: int = 8 * 1024**2,
     ) -> AsyncIterator[list[tuple[bytes, str]]]:
-        """Yield lists of ``(b"<job_id> <status> <created_at>", result_json_text)``, oldest first."""
+        """Yield lists of ``(b"<job_id> <status> <created_at>", result_json_text)``, oldest first.
+
+        A list ends after ``chunk_rows`` rows, or after the row that brings its documents' length
+        (characters of JSON text) to ``chunk_bytes``: 500 rows of 15 MB documents are never held at once.
+        """
         where, params = range_filter(created_from, created_to, status)
         sql = f"SELECT {SQL_EXPORT_COLUMNS} FROM job_results {ORDERED_BY_TIME}{where} ORDER BY created_at, id"  # noqa: S608
         cur = await self.conn.cursor(aiomysql.SSCursor)
@@ -391,9 +397,17 @@ class JobResultStream:
         # connection, and closing the cursor first would read the rest of the result, or, with the
         # connection lost, fail with an AttributeError inside aiomysql that hides the 2013 it follows.
         await cur.execute(sql, params)
+        chunk: list[tuple[bytes, str]] = []
+        size = 0
         while True:
-            rows = await cur.fetchmany(chunk_rows)
-            if not rows:
+            row = await cur.fetchone()  # row by row: a fetchmany(n) would hold n rows whatever their size
+            if row is None:
                 break
-            yield rows
+            chunk.append(row)
+            size += len(row[1])
+            if len(chunk) >= chunk_rows or size >= chunk_bytes:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
         await cur.close()

@@ -160,6 +160,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from exports.files import StorageFull
+    from exports.formats import CsvTooWide
     from exports.pipeline import ExportTooLarge
     from exports.store import StoreError
     from observability.logging import configure_logging
@@ -202,7 +203,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except StorageFull:
         print("jobresults: not enough storage for the export file", file=sys.stderr)
         return 1
-    except (StoreError, ExportTooLarge) as exc:
+    except (StoreError, ExportTooLarge, CsvTooWide) as exc:
         print(f"jobresults: {exc}", file=sys.stderr)
         return 1
     print(

@@ -19,6 +19,7 @@ from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParam
 from litestar.response import Stream
 
 from exports.files import StorageFull
+from exports.formats import CsvTooWide
 from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService, ExportTooLarge
 from exports.store import ExportStore, ObjectMissing, StoreError
 from repositories.database import Database
@@ -205,6 +206,8 @@ class JobExportController(Controller):
             raise _store_failed(exc) from None
         except ExportTooLarge as exc:
             raise ApiError(507, str(exc), slug="export-too-large") from None
+        except CsvTooWide as exc:
+            raise ApiError(422, str(exc), slug="csv-too-wide") from None
         return Response(
             ExportRecord.build(export), status_code=201, headers={"Location": f"/v1/exports/{export.export_id}"}
         )

@@ -1,0 +1,113 @@
+"""``JOBRESULTS_CSV_MAX_COLUMNS``: a CSV export wider than the cap fails with a clear error, leaves no file.
+
+One document with 100k keys once turned 1.5 MB of stored data into a 101 MB CSV (issue 12 item 6).
+The app runs in-process with a database of its own, its export worker on, and a cap of 10 columns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from config.settings import Settings
+from service.app import create_app
+from tests.conftest import connect, fresh_database, make_token
+
+LIMIT = 10
+TOO_WIDE = "the CSV would have more than 10 result columns; export json or ndjson instead, or a narrower range"
+WIDE = {f"k{i:03d}": i for i in range(LIMIT + 1)}
+"""One more key than the cap allows."""
+
+
+@pytest.fixture(scope="module")
+def narrow_database_url(server_url: str) -> Iterator[str]:
+    with fresh_database(server_url, "jr_csvcols") as url:
+        yield url
+
+
+@pytest.fixture
+async def narrow(
+    settings: Settings, narrow_database_url: str, tmp_path: Path
+) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    app = create_app(
+        msgspec.structs.replace(
+            settings,
+            database_url=narrow_database_url,
+            exports_dir=str(tmp_path),
+            csv_max_columns=LIMIT,
+            export_worker=True,
+        )
+    )
+    async with AsyncTestClient(app=app) as client:
+        client.headers["Authorization"] = f"Bearer {make_token(narrow_database_url)}"
+        yield client
+
+
+async def _put(client: AsyncTestClient[Litestar], result: Any) -> dict[str, Any]:
+    created = await client.put(
+        f"/v1/job-results/csvcols-{uuid.uuid4().hex}", json={"status": "succeeded", "result": result}
+    )
+    assert created.status_code == 201, created.text
+    body: dict[str, Any] = created.json()
+    return body
+
+
+async def _finished(client: AsyncTestClient[Litestar], export_id: str) -> dict[str, Any]:
+    for _ in range(400):
+        record: dict[str, Any] = (await client.get(f"/v1/exports/{export_id}")).json()
+        if record["state"] in {"succeeded", "failed"}:
+            return record
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"export {export_id} did not finish")
+
+
+async def test_single_job_csv_wider_than_the_cap_is_422_and_leaves_nothing(
+    narrow: AsyncTestClient[Litestar], narrow_database_url: str, tmp_path: Path
+) -> None:
+    wide = await _put(narrow, WIDE)
+    response = await narrow.post(f"/v1/job-results/{wide['job_id']}/exports", json={"format": "csv"})
+    assert response.status_code == 422, response.text
+    problem = response.json()
+    assert problem["type"].endswith("/csv-too-wide")
+    assert problem["detail"] == TOO_WIDE
+    assert list(tmp_path.iterdir()) == []
+    with connect(narrow_database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT COUNT(*) FROM exports WHERE kind = 'job'")
+        assert cur.fetchone() == (0,)
+    # The same document exports as ndjson, and a document at the cap still exports as csv.
+    assert (
+        await narrow.post(f"/v1/job-results/{wide['job_id']}/exports", json={"format": "ndjson"})
+    ).status_code == 201
+    fits = await _put(narrow, {f"k{i:03d}": i for i in range(LIMIT)})
+    assert (await narrow.post(f"/v1/job-results/{fits['job_id']}/exports", json={"format": "csv"})).status_code == 201
+
+
+async def test_range_csv_whose_union_passes_the_cap_fails_and_leaves_nothing(
+    narrow: AsyncTestClient[Litestar], tmp_path: Path
+) -> None:
+    # Each document alone fits; their union of columns (12) does not.
+    first = await _put(narrow, {f"a{i}": i for i in range(6)})
+    await _put(narrow, {f"b{i}": i for i in range(6)})
+    start = datetime.fromisoformat(first["created_at"])
+    window = {
+        "created_from": first["created_at"],
+        "created_to": (start + timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+    queued = await narrow.post("/v1/exports", json={"format": "csv", **window})
+    assert queued.status_code == 202, queued.text
+    record = await _finished(narrow, queued.json()["export_id"])
+    assert (record["state"], record["error"]) == ("failed", TOO_WIDE)
+    assert record.get("content_url") is None
+    assert [p.name for p in tmp_path.iterdir()] == []
+    # ndjson of the same range is not affected.
+    again = await narrow.post("/v1/exports", json={"format": "ndjson", **window})
+    assert (await _finished(narrow, again.json()["export_id"]))["state"] == "succeeded"
