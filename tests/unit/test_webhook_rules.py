@@ -63,6 +63,11 @@ def test_the_default_retry_schedule_spans_about_a_day() -> None:
         ("224.0.0.1", False, False),
         ("0.0.0.0", False, False),
         ("240.0.0.1", False, False),
+        # 6to4 (2002::/16) carries an IPv4 address; judged as that address, like IPv4-mapped ones
+        ("2002:a9fe:a9fe::", False, False),  # 169.254.169.254
+        ("2002:7f00:1::", False, True),  # 127.0.0.1
+        ("2002:a00:1::1", False, True),  # 10.0.0.1
+        ("2002:101:101::", True, True),  # 1.1.1.1
     ],
 )
 def test_address_rules(address: str, allowed_strict: bool, allowed_private: bool) -> None:
