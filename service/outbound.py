@@ -51,8 +51,8 @@ def refusal(address: IPAddress, *, allow_private: bool) -> str | None:
         return None if allow_private else "a loopback address"
     if address.is_reserved:
         return "a reserved address"
-    if address.is_private:
-        return None if allow_private else "a private address"
+    if address.is_private or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local):
+        return None if allow_private else "a private address"  # site-local fec0::/10: private, deprecated
     if not address.is_global:
         return None if allow_private else "an address that is not globally routable"
     return None

@@ -57,6 +57,7 @@ def test_the_default_retry_schedule_spans_about_a_day() -> None:
         ("172.16.5.4", False, True),
         ("192.168.1.1", False, True),
         ("fd00:ec2::254", False, True),  # AWS metadata over IPv6: unique-local
+        ("fec0::1", False, True),  # deprecated IPv6 site-local: still private where it is used
         ("100.100.100.200", False, True),  # Alibaba metadata: shared address space
         ("169.254.169.254", False, False),
         ("fe80::1", False, False),
