@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from exports.store import ObjectMissing, StoredObject, StoreRefused
 
@@ -268,7 +268,7 @@ class LocalStore:
         finally:
             await asyncio.to_thread(handle.close)
 
-    async def presigned_url(self, key: str, ttl_s: int) -> str:
+    async def presigned_url(self, key: str, ttl_s: int, method: Literal["GET", "HEAD"] = "GET") -> str:
         """Local files have no URL."""
         raise NotImplementedError("local export files cannot be downloaded by URL")
 

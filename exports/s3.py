@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import obstore
 import structlog
@@ -264,10 +264,10 @@ class S3ExportStore:
         except (BaseError, OSError) as exc:
             raise store_error(exc, "get") from None
 
-    async def presigned_url(self, key: str, ttl_s: int) -> str:
-        """A SigV4 presigned GET URL for the public endpoint, valid ``ttl_s`` seconds. Never log it."""
+    async def presigned_url(self, key: str, ttl_s: int, method: Literal["GET", "HEAD"] = "GET") -> str:
+        """A SigV4 presigned ``method`` URL for the public endpoint, valid ``ttl_s`` seconds. Never log it."""
         try:
-            return await obstore.sign_async(self.signer, "GET", key, timedelta(seconds=ttl_s))
+            return await obstore.sign_async(self.signer, method, key, timedelta(seconds=ttl_s))
         except (BaseError, OSError) as exc:
             raise store_error(exc, "sign") from None
 

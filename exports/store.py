@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -114,8 +114,10 @@ class ExportStore(Protocol):
         """The bytes ``[start, stop)`` of the object, in chunks (``ObjectMissing``/``StoreError`` on failure)."""
         ...
 
-    async def presigned_url(self, key: str, ttl_s: int) -> str:
+    async def presigned_url(self, key: str, ttl_s: int, method: Literal["GET", "HEAD"] = "GET") -> str:
         """A URL that downloads the object without credentials for ``ttl_s`` seconds (a bearer secret).
+
+        ``method`` is the one the URL is signed for (a GET URL refuses HEAD, and the reverse).
 
         Raises:
             NotImplementedError: the backend has no URLs (``local``).

@@ -13,6 +13,8 @@ from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from litestar.utils import normalize_path
 
+HEAD_SCOPE_KEY = "jobresults.head"
+"""The ASGI scope key :class:`HeadMiddleware` sets on a ``HEAD`` it serves as a ``GET``."""
 METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 ADVERTISED = "advertised"
 """Route handler ``opt`` key: ``False`` for a handler that only explains a mistake (e.g. a 400 for a
@@ -85,6 +87,7 @@ class HeadMiddleware:
             # A single body message is dropped; the response was finished at its start.
 
         scope["method"] = "GET"  # type: ignore[typeddict-unknown-key]
+        scope[HEAD_SCOPE_KEY] = True  # type: ignore[literal-required]
         try:
             await self.app(scope, receive, head_send)
         except Exception:
@@ -103,6 +106,11 @@ class HeadMiddleware:
             await send(message)
 
         return options_send
+
+
+def is_head(scope: Scope) -> bool:
+    """True when the request is a ``HEAD`` served as a ``GET`` by :class:`HeadMiddleware`."""
+    return bool(scope.get(HEAD_SCOPE_KEY))
 
 
 class _HeadDone(Exception):

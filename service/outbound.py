@@ -3,7 +3,7 @@
 A webhook URL must be ``https`` and its host must resolve only to globally routable unicast
 addresses. Loopback, private (RFC 1918, unique-local), shared (100.64.0.0/10), link-local (so the
 cloud metadata address 169.254.169.254), multicast, reserved and unspecified addresses are refused,
-with IPv4-mapped IPv6 addresses judged as the IPv4 address they carry. The check runs when a webhook
+with IPv4-mapped and 6to4 IPv6 addresses judged as the IPv4 address they carry. The check runs when a webhook
 is registered or changed, and again at every connection: :class:`GuardedBackend` resolves the host
 itself, checks every address, and connects to a checked address (TLS still verifies the host name),
 so a DNS answer that changes after registration (DNS rebinding) cannot reach an internal service.
@@ -38,8 +38,9 @@ def refusal(address: IPAddress, *, allow_private: bool) -> str | None:
     Uses the stdlib ``ipaddress`` properties; ``allow_private`` admits loopback, private and shared
     (not globally routable) unicast addresses.
     """
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        # IPv4-mapped and 6to4 (2002::/16) addresses reach the IPv4 address they carry
+        address = address.ipv4_mapped or address.sixtofour or address
     if address.is_unspecified:
         return "an unspecified address"
     if address.is_link_local:
@@ -50,8 +51,8 @@ def refusal(address: IPAddress, *, allow_private: bool) -> str | None:
         return None if allow_private else "a loopback address"
     if address.is_reserved:
         return "a reserved address"
-    if address.is_private:
-        return None if allow_private else "a private address"
+    if address.is_private or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local):
+        return None if allow_private else "a private address"  # site-local fec0::/10: private, deprecated
     if not address.is_global:
         return None if allow_private else "an address that is not globally routable"
     return None

@@ -8,7 +8,8 @@ query parameter the handler declares:
 * an ``int`` (optionally ``None``): ASCII digits only (no sign, exponent, point or leading zero),
   within the declared ``ge`` / ``le``;
 * a ``Literal`` of strings: one of its values;
-* a ``str`` declared with ``format=OpenAPIFormat.DATE_TIME``: an RFC 3339 timestamp with an offset.
+* a ``str`` declared with ``format=OpenAPIFormat.DATE_TIME``: an RFC 3339 timestamp with an offset;
+* each given once (a repeated parameter is refused rather than one of its values picked).
 
 Every failure is listed in one 400 problem's ``errors`` (``name``, ``source``, ``message``).
 """
@@ -52,7 +53,11 @@ def check_query(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
         key = key or name
         if key not in query or name in path_params:
             continue
-        message = _problem(field.annotation, kwarg, query[key], key)
+        values = query.getall(key)
+        if len(values) > 1:  # Litestar would use the last value, unchecked if the first one passed
+            errors.append({"key": key, "source": "query", "message": "must be given once"})
+            continue
+        message = _problem(field.annotation, kwarg, values[0], key)
         if message is not None:
             errors.append({"key": key, "source": "query", "message": message})
     if errors:

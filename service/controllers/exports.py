@@ -26,6 +26,7 @@ from repositories.database import Database
 from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository, TooManyPendingExports
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
 from service.json_fidelity import check_document
+from service.methods import is_head
 from service.openapi import file_response
 from service.problems import ApiError, problem_responses
 from service.schemas import JOB_ID_RULE, format_timestamp, parse_timestamp
@@ -364,7 +365,10 @@ class ExportController(Controller):
             return not_modified
         if settings.exports_download == "redirect" and export.object_key:
             try:
-                url = await store.presigned_url(export.object_key, settings.exports_url_ttl_s)
+                # A HEAD follows the redirect with HEAD, which a URL signed for GET refuses (403)
+                url = await store.presigned_url(
+                    export.object_key, settings.exports_url_ttl_s, "HEAD" if is_head(request.scope) else "GET"
+                )
             except StoreError as exc:
                 raise _store_failed(exc) from None
             # The URL is a bearer secret: it goes in Location only, never into a log line.

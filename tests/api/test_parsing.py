@@ -37,6 +37,23 @@ async def test_every_bad_parameter_is_listed(client: Client) -> None:
     assert sorted(e["name"] for e in exports.json()["errors"]) == ["limit", "state"]
 
 
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        ("/v1/job-results", "limit=1&limit=1e3"),  # the check read the first value, Litestar the last
+        ("/v1/job-results", "status=failed&status=succeeded"),
+        ("/v1/exports", "limit=2&limit=2"),
+        ("/v1/webhooks", "limit=1&limit=1.0"),
+    ],
+)
+async def test_a_repeated_parameter_is_refused(client: Client, path: str, query: str) -> None:
+    response = await client.get(f"{path}?{query}")
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["errors"]
+    assert error["name"] == query.split("=", 1)[0]
+    assert "once" in error["message"]
+
+
 async def test_good_parameters_still_pass(client: Client) -> None:
     response = await client.get(
         "/v1/job-results",

@@ -299,6 +299,23 @@ async def test_redirect_mode_answers_a_presigned_url_for_the_public_endpoint(
         assert not_modified.status_code == 304
 
 
+async def test_a_head_in_redirect_mode_is_redirected_to_a_url_that_answers_head(
+    seaweedfs: SeaweedFS, s3_database_url: str, token: str, tmp_path: Path, replica_a: Client
+) -> None:
+    stored = await put_job(replica_a, {"head": True})
+    record = (await replica_a.post(f"/v1/job-results/{stored['job_id']}/exports", json={"format": "json"})).json()
+    settings = s3_settings(
+        s3_database_url, tmp_path, seaweedfs.endpoint, export_worker=False, exports_download="redirect"
+    )
+    async for client in started(create_app(settings), token):
+        response = await client.head(record["content_url"], follow_redirects=False)
+        assert response.status_code == 302, response.text
+        async with httpx.AsyncClient() as plain:
+            followed = await plain.head(response.headers["location"])  # as curl -I -L does
+        assert followed.status_code == 200  # a URL signed for GET answered 403 to HEAD
+        assert int(followed.headers["content-length"]) == record["bytes"]
+
+
 async def test_a_large_export_streams_as_a_multipart_upload(replica_a: Client, raw_store: S3Store) -> None:
     # ~27 MB: several parts, so the multipart path (and its sha256) is exercised.
     made = [await put_job(replica_a, {"i": i, "blob": os.urandom(1_500_000).hex()}) for i in range(10)]

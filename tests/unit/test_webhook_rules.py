@@ -57,12 +57,18 @@ def test_the_default_retry_schedule_spans_about_a_day() -> None:
         ("172.16.5.4", False, True),
         ("192.168.1.1", False, True),
         ("fd00:ec2::254", False, True),  # AWS metadata over IPv6: unique-local
+        ("fec0::1", False, True),  # deprecated IPv6 site-local: still private where it is used
         ("100.100.100.200", False, True),  # Alibaba metadata: shared address space
         ("169.254.169.254", False, False),
         ("fe80::1", False, False),
         ("224.0.0.1", False, False),
         ("0.0.0.0", False, False),
         ("240.0.0.1", False, False),
+        # 6to4 (2002::/16) carries an IPv4 address; judged as that address, like IPv4-mapped ones
+        ("2002:a9fe:a9fe::", False, False),  # 169.254.169.254
+        ("2002:7f00:1::", False, True),  # 127.0.0.1
+        ("2002:a00:1::1", False, True),  # 10.0.0.1
+        ("2002:101:101::", True, True),  # 1.1.1.1
     ],
 )
 def test_address_rules(address: str, allowed_strict: bool, allowed_private: bool) -> None:
