@@ -32,8 +32,11 @@ _DIGITS = re.compile(r"0|[1-9][0-9]{0,17}")
 """A whole number as Litestar takes it: ASCII digits, no sign, no leading zero, no exponent."""
 
 
-def check_query(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+async def check_query(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """Litestar guard: the request's query parameters fit the handler's declarations.
+
+    A coroutine function although it awaits nothing: Litestar runs a synchronous guard in a worker
+    thread, a thread hop on every request.
 
     Raises:
         ValidationException: (400 ``invalid-request``) naming every invalid parameter.
