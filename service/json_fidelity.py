@@ -58,6 +58,20 @@ class _Pairs(list[tuple[str, object]]):
 _DUPLICATE_KEY = "duplicate object key; each key may appear once"
 
 
+def _as_text(raw: bytes | str) -> str:
+    """``raw`` as text; bytes must be UTF-8.
+
+    Raises:
+        MalformedJSON: the bytes are not UTF-8 (the message gives the offset of the first bad byte).
+    """
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedJSON(f"body is not valid UTF-8 (byte offset {exc.start})") from None
+    return raw
+
+
 def _reject_constant(name: str) -> object:
     raise MalformedJSON(f"{name} is not a JSON value (RFC 8259 allows no NaN or Infinity)")
 
@@ -95,13 +109,7 @@ def check_document(raw: bytes | str, root: str = "$", *, max_depth: int = MAX_DE
         MalformedJSON: not UTF-8, or not JSON.
         UnfaithfulJSON: well-formed, but breaks a rule listed in the module docstring.
     """
-    if isinstance(raw, bytes):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedJSON(f"body is not valid UTF-8 (byte offset {exc.start})") from None
-    else:
-        text = raw
+    text = _as_text(raw)
     try:
         value = _DECODER.decode(text)
     except RecursionError:
@@ -481,13 +489,7 @@ def check_document_streaming(raw: bytes | str, root: str = "$", *, max_depth: in
         MalformedJSON: not UTF-8, or not JSON.
         UnfaithfulJSON: well-formed, but breaks a rule listed in the module docstring.
     """
-    if isinstance(raw, bytes):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedJSON(f"body is not valid UTF-8 (byte offset {exc.start})") from None
-    else:
-        text = raw
+    text = _as_text(raw)
     _Scanner(text, root, max_depth).run()
     return text
 

@@ -22,6 +22,7 @@ from litestar.testing import AsyncTestClient
 from config.settings import Settings
 from service.app import create_app
 from tests.conftest import REALDATA, make_token
+from tests.support.exports import wait_done
 
 Client = AsyncTestClient[Litestar]
 csv.field_size_limit(2**31 - 1)  # cells can hold whole arrays (e.g. SAST findings); the default is 128 KiB
@@ -48,16 +49,6 @@ async def download(client: Client, record: dict[str, Any]) -> bytes:
     assert len(data) == record["bytes"]
     assert response.headers["content-disposition"].startswith("attachment;")
     return gzip.decompress(data) if record["compression"] == "gzip" else data
-
-
-async def wait_done(client: Client, export_id: str, limit_s: float = 30) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + limit_s
-    while True:
-        record: dict[str, Any] = (await client.get(f"/v1/exports/{export_id}")).json()
-        if record["state"] in ("succeeded", "failed"):
-            return record
-        assert asyncio.get_running_loop().time() < deadline, record
-        await asyncio.sleep(0.05)
 
 
 # --- single-job exports -------------------------------------------------------------------------

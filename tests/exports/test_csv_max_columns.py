@@ -6,7 +6,6 @@ The app runs in-process with a database of its own, its export worker on, and a 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
@@ -21,6 +20,7 @@ from litestar.testing import AsyncTestClient
 from config.settings import Settings
 from service.app import create_app
 from tests.conftest import connect, fresh_database, make_token
+from tests.support.exports import wait_done
 
 LIMIT = 10
 TOO_WIDE = "the CSV would have more than 10 result columns; export json or ndjson instead, or a narrower range"
@@ -61,15 +61,6 @@ async def _put(client: AsyncTestClient[Litestar], result: Any) -> dict[str, Any]
     return body
 
 
-async def _finished(client: AsyncTestClient[Litestar], export_id: str) -> dict[str, Any]:
-    for _ in range(400):
-        record: dict[str, Any] = (await client.get(f"/v1/exports/{export_id}")).json()
-        if record["state"] in {"succeeded", "failed"}:
-            return record
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"export {export_id} did not finish")
-
-
 async def test_single_job_csv_wider_than_the_cap_is_422_and_leaves_nothing(
     narrow: AsyncTestClient[Litestar], narrow_database_url: str, tmp_path: Path
 ) -> None:
@@ -104,10 +95,10 @@ async def test_range_csv_whose_union_passes_the_cap_fails_and_leaves_nothing(
     }
     queued = await narrow.post("/v1/exports", json={"format": "csv", **window})
     assert queued.status_code == 202, queued.text
-    record = await _finished(narrow, queued.json()["export_id"])
+    record = await wait_done(narrow, queued.json()["export_id"])
     assert (record["state"], record["error"]) == ("failed", TOO_WIDE)
     assert record.get("content_url") is None
     assert [p.name for p in tmp_path.iterdir()] == []
     # ndjson of the same range is not affected.
     again = await narrow.post("/v1/exports", json={"format": "ndjson", **window})
-    assert (await _finished(narrow, again.json()["export_id"]))["state"] == "succeeded"
+    assert (await wait_done(narrow, again.json()["export_id"]))["state"] == "succeeded"

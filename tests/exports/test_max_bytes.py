@@ -6,7 +6,6 @@ exports otherwise) and a 20,000-byte cap; the exported job result is ~50 KB.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
@@ -21,6 +20,7 @@ from litestar.testing import AsyncTestClient
 from config.settings import Settings
 from service.app import create_app
 from tests.conftest import connect, fresh_database, make_token
+from tests.support.exports import wait_done
 
 LIMIT = 20_000
 BIG = {"log": ["x" * 100 for _ in range(500)]}
@@ -68,15 +68,6 @@ def _window(created_at: str) -> dict[str, str]:
     }
 
 
-async def _finished(client: AsyncTestClient[Litestar], export_id: str) -> dict[str, Any]:
-    for _ in range(400):
-        record: dict[str, Any] = (await client.get(f"/v1/exports/{export_id}")).json()
-        if record["state"] in {"succeeded", "failed"}:
-            return record
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"export {export_id} did not finish")
-
-
 async def test_single_job_export_over_the_cap_is_refused_and_leaves_nothing(
     capped: AsyncTestClient[Litestar], capped_database_url: str, tmp_path: Path
 ) -> None:
@@ -99,7 +90,7 @@ async def test_range_export_over_the_cap_fails_and_leaves_nothing(
     big = await _put(capped, BIG)
     queued = await capped.post("/v1/exports", json={"format": "ndjson", **_window(big["created_at"])})
     assert queued.status_code == 202, queued.text
-    record = await _finished(capped, queued.json()["export_id"])
+    record = await wait_done(capped, queued.json()["export_id"])
     assert (record["state"], record["error"]) == ("failed", TOO_LARGE)
     assert record.get("content_url") is None
     assert list(tmp_path.iterdir()) == []

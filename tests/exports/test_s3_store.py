@@ -8,7 +8,6 @@ the session app's worker (local store) never claims these exports.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import hashlib
 import json
@@ -36,6 +35,7 @@ from repositories.exports import ExportParameters, ExportRepository
 from service.app import create_app
 from tests.conftest import connect, fresh_database, make_token
 from tests.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS, free_ports
+from tests.support.exports import wait_done
 
 Client = AsyncTestClient[Litestar]
 PREFIX = "exports/"
@@ -138,16 +138,6 @@ async def put_job(client: Client, result: object, status: str = "succeeded") -> 
     assert response.status_code in (200, 201), response.text
     body: dict[str, Any] = response.json()
     return body
-
-
-async def wait_done(client: Client, export_id: str, limit_s: float = 30) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + limit_s
-    while True:
-        record: dict[str, Any] = (await client.get(f"/v1/exports/{export_id}")).json()
-        if record["state"] in ("succeeded", "failed"):
-            return record
-        assert asyncio.get_running_loop().time() < deadline, record
-        await asyncio.sleep(0.05)
 
 
 async def content(client: Client, record: dict[str, Any]) -> bytes:

@@ -7,7 +7,6 @@ in-process with its export worker on a database of its own, as every test of an 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import uuid
@@ -25,6 +24,7 @@ from config.settings import Settings
 from exports.pipeline import STORAGE_FULL_MESSAGE
 from service.app import create_app
 from tests.conftest import connect, fresh_database, make_token
+from tests.support.exports import wait_done
 
 TMPFS_SIZE = "256k"
 BIG_RESULT = {"log": [f"line {i:07d} " + "x" * 90 for i in range(10_000)], "exit_code": 1}
@@ -96,19 +96,6 @@ async def _put(client: AsyncTestClient[Litestar], result: Any) -> dict[str, Any]
     return body
 
 
-async def _wait_finished(client: AsyncTestClient[Litestar], export_id: str, timeout_s: float = 20.0) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        response = await client.get(f"/v1/exports/{export_id}")
-        assert response.status_code == 200, response.text
-        record: dict[str, Any] = response.json()
-        if record["state"] in {"succeeded", "failed"}:
-            return record
-        assert loop.time() < deadline, f"the range export did not finish: {record}"
-        await asyncio.sleep(0.05)
-
-
 def _window(created_at: str) -> dict[str, str]:
     """A range covering exactly the result created at ``created_at`` (RFC 3339, six digits, Z)."""
     at = datetime.fromisoformat(created_at)
@@ -157,7 +144,7 @@ async def test_range_export_on_a_full_disk_fails_and_leaves_nothing(
 
     queued = await full_client.post("/v1/exports", json={"format": "ndjson", **_window(big["created_at"])})
     assert queued.status_code == 202, queued.text
-    record = await _wait_finished(full_client, queued.json()["export_id"])
+    record = await wait_done(full_client, queued.json()["export_id"])
 
     assert record["state"] == "failed", record
     assert record["error"] == STORAGE_FULL_MESSAGE
@@ -172,7 +159,7 @@ async def test_range_export_on_a_full_disk_fails_and_leaves_nothing(
     small = await _put(full_client, SMALL_RESULT)
     queued = await full_client.post("/v1/exports", json={"format": "ndjson", **_window(small["created_at"])})
     assert queued.status_code == 202, queued.text
-    record = await _wait_finished(full_client, queued.json()["export_id"])
+    record = await wait_done(full_client, queued.json()["export_id"])
     assert record["state"] == "succeeded", record
     assert record["rows_written"] == 1
     final = small_disk / f"{record['export_id']}.ndjson"
