@@ -104,6 +104,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             await exports.stop()
             await webhooks.stop()
+            if app.state.rate_limiter is not None:
+                await app.state.rate_limiter.close()
             await db.close()
 
     route_handlers: list[object] = [

@@ -1,8 +1,25 @@
 """Rate limits per client IP and per API key, shared by every worker and instance through Redis.
 
-Counting uses the ``limits`` library's moving window (one Redis script call per request) on
-``JOBRESULTS_REDIS_URL``, or on process memory when no Redis is configured (one worker only: the
-settings refuse several workers without a shared store, so a limit is never silently multiplied).
+Counting uses the ``limits`` library's moving window on ``JOBRESULTS_REDIS_URL``, or on process
+memory when no Redis is configured (one worker only: the settings refuse several workers without a
+shared store, so a limit is never silently multiplied).
+
+Token leases (Redis only). A limit large enough to spare them is not checked in Redis on every
+request: a worker takes a lease of ``B`` requests at once (one moving-window hit of cost ``B``) and
+spends it locally for at most a tenth of the window. ``B`` is a tenth of the limit divided by the
+number of live workers, which every worker counts in Redis (a heartbeat in a sorted set every few
+seconds). So across all workers and instances:
+
+* at most a tenth of the limit is ever held in unspent leases: a client at its limit gets at least
+  90% of it;
+* a leased request is counted in the window at most a tenth of the window (and at most 10 s) before
+  it is served: a client gets at most 110% of its limit in any window.
+
+Both hold while the number of workers is steady; when it changes, within the 10 s that leases live.
+
+A limit too small for a lease of 2 (``10/second`` on 2 workers) is counted exactly, one Redis call
+per request, as before. A refused lease falls back to an exact hit of 1, so a client near its limit
+is counted exactly too.
 
 The client IP is the TCP peer. ``X-Forwarded-For`` / ``Forwarded`` are honoured only when the peer is
 one of ``JOBRESULTS_TRUSTED_PROXIES``: the client is then the right-most address that is not a trusted
@@ -13,8 +30,11 @@ trusted-proxy matching.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import math
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +56,18 @@ REDIS_MAX_CONNECTIONS = 64
 """Redis connections per worker process for the rate limiter."""
 REDIS_POOL_WAIT_S = 2.0
 """Longest wait for a free Redis connection before the request gets a 503."""
+LEASE_SHARE = 0.1
+"""Share of a limit that unspent leases may hold, and share of its window a lease lives (see above)."""
+LEASE_MAX = 1000
+"""Largest lease in requests: a lease is one moving-window hit that pushes that many entries."""
+WORKERS_KEY = "jobresults:rate-limit:workers"
+"""Redis sorted set of live workers (member: a random worker id, score: last heartbeat, Unix s)."""
+WORKERS_HEARTBEAT_S = 5.0
+"""How often a worker renews its heartbeat and re-reads the live-worker count."""
+WORKERS_TTL_S = 15.0
+"""A worker without a heartbeat for this long is no longer counted."""
+LEASE_MAX_S = WORKERS_TTL_S - WORKERS_HEARTBEAT_S
+"""Longest life of a lease: it ends before its worker can drop out of the count."""
 log = structlog.get_logger("jobresults.rate_limit")
 _FORWARDED_FOR = re.compile(r'for="?\[?([^\]";,]+)\]?(?::\d+)?"?', re.IGNORECASE)
 
@@ -141,8 +173,19 @@ class Decision:
         return headers
 
 
+@dataclass
+class _Lease:
+    """Requests leased from the shared window and not yet spent by this worker."""
+
+    tokens: int
+    expires: float
+    """``time.monotonic()`` after which the rest is dropped."""
+    refused: bool = False
+    """A lease was refused: until ``expires``, this limit is counted exactly (the client is near it)."""
+
+
 class RateLimiter:
-    """Moving-window limits keyed by ``ip:<bucket>`` or ``key:<key_id>``."""
+    """Moving-window limits keyed by ``ip:<bucket>`` or ``key:<key_id>``, with token leases (see module)."""
 
     def __init__(self, storage_url: str, per_ip: str, per_key: str | None) -> None:
         # wrap_exceptions: Redis failures surface as limits.errors.StorageError, answered with 503.
@@ -159,14 +202,127 @@ class RateLimiter:
         self.strategy = MovingWindowRateLimiter(self.storage)
         self.per_ip: RateLimitItem = parse(per_ip)
         self.per_key: RateLimitItem | None = parse(per_key) if per_key else None
+        pool = options.get("connection_pool")
+        self._redis: redis.asyncio.Redis | None = (
+            redis.asyncio.Redis(connection_pool=pool) if isinstance(pool, redis.asyncio.ConnectionPool) else None
+        )
+        self._worker_id = os.urandom(8).hex()
+        self._workers = 0
+        """Live workers as last counted; 0 until the first heartbeat (no leases before it)."""
+        self._heartbeat_due = 0.0
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._leases: dict[str, _Lease] = {}
+        self._taking: dict[str, asyncio.Future[bool]] = {}
+
+    def lease_size(self, item: RateLimitItem) -> int:
+        """Requests one lease of ``item`` takes; 1 means no lease (counted exactly).
+
+        A tenth of the limit per live worker, at most :data:`LEASE_MAX`.
+        """
+        if self._workers <= 0:
+            return 1
+        return max(1, min(LEASE_MAX, int(item.amount * LEASE_SHARE / self._workers)))
+
+    def _beat(self) -> None:
+        """Renew this worker's heartbeat in the background when due (at most one in flight)."""
+        now = time.monotonic()
+        if self._redis is None or now < self._heartbeat_due or self._heartbeat is not None:
+            return
+        self._heartbeat_due = now + WORKERS_HEARTBEAT_S
+        self._heartbeat = asyncio.get_running_loop().create_task(self.heartbeat())
+
+    async def heartbeat(self) -> int:
+        """Renew this worker's heartbeat and count the live workers; the count (0: none known, no leases).
+
+        Called in the background every :data:`WORKERS_HEARTBEAT_S` while requests come. A Redis
+        failure is logged and turns leases off until the next heartbeat; it never fails a request.
+        """
+        if self._redis is None:
+            return 0
+        try:
+            wall = time.time()
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(WORKERS_KEY, {self._worker_id: wall})
+                pipe.zremrangebyscore(WORKERS_KEY, "-inf", wall - WORKERS_TTL_S)
+                pipe.zcard(WORKERS_KEY)
+                pipe.expire(WORKERS_KEY, int(WORKERS_TTL_S * 4))
+                counted = await pipe.execute()
+            self._workers = max(1, int(counted[2]))
+        except Exception as exc:  # noqa: BLE001 - no count means no leases, never a failed request
+            self._workers = 0
+            log.warning("rate_limit.heartbeat_failed", error=repr(exc))
+        finally:
+            self._heartbeat = None
+        return self._workers
+
+    async def close(self) -> None:
+        """Stop counting this worker (its heartbeat is removed; leases are dropped)."""
+        self._leases.clear()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.zrem(WORKERS_KEY, self._worker_id)
+
+    async def _leased(self, item: RateLimitItem, kind: str, identity: str) -> bool | None:
+        """Spend one leased request, taking a new lease when needed; None when no lease applies.
+
+        Returns True when a leased request was spent; None when the limit is counted exactly (too
+        small for a lease, or the lease was refused: the client is near its limit).
+        """
+        self._beat()
+        size = self.lease_size(item)
+        if size < 2:
+            return None
+        key = f"{kind}/{identity}/{item.amount}/{item.get_expiry()}"
+        while True:
+            lease = self._leases.get(key)
+            now = time.monotonic()
+            if lease is not None and now < lease.expires:
+                if lease.refused:
+                    return None
+                if lease.tokens > 0:
+                    lease.tokens -= 1
+                    return True
+            pending = self._taking.get(key)
+            if pending is not None:
+                if not await asyncio.shield(pending):
+                    return None
+                continue
+            future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self._taking[key] = future
+            try:
+                granted = await self.strategy.hit(item, "jobresults", kind, identity, cost=size)
+            except BaseException:
+                future.set_result(False)
+                raise
+            finally:
+                del self._taking[key]
+            life = min(item.get_expiry() * LEASE_SHARE, LEASE_MAX_S)
+            self._leases[key] = _Lease(
+                tokens=size if granted else 0, expires=time.monotonic() + life, refused=not granted
+            )
+            if len(self._leases) > 10_000:
+                self._drop_expired_leases()
+            future.set_result(granted)
+            if not granted:
+                return None
+
+    def _drop_expired_leases(self) -> None:
+        now = time.monotonic()
+        for key in [key for key, lease in self._leases.items() if now >= lease.expires]:
+            del self._leases[key]
 
     async def check(self, kind: str, identity: str, item: RateLimitItem) -> Decision:
         """Count one request of ``identity`` against ``item``; the decision says whether it may pass.
 
-        An allowed request costs one Redis call (the moving window's script); only a refused one also
-        reads the window (for ``Retry-After`` and ``RateLimit-*``).
+        An allowed request costs one Redis call (the moving window's script) or none (a leased
+        request); only a refused one also reads the window (for ``Retry-After`` and ``RateLimit-*``).
+
+        Raises:
+            ApiError: 503 when the Redis store cannot be reached.
         """
         try:
+            if await self._leased(item, kind, identity):
+                return Decision(allowed=True, limit=item.amount, remaining=-1, reset_s=0)
             allowed = await self.strategy.hit(item, "jobresults", kind, identity)
             if allowed:
                 return Decision(allowed=True, limit=item.amount, remaining=-1, reset_s=0)

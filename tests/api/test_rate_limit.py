@@ -13,11 +13,14 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import msgspec
 import pytest
+import redis.asyncio
+from limits import parse
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from config.settings import Settings
 from service.app import create_app
+from service.rate_limit import RateLimiter
 from tests.conftest import REDIS_URL, make_token
 from tests.support.servers import Servers
 
@@ -142,3 +145,76 @@ async def test_readyz_is_503_when_redis_is_unreachable(settings: Settings) -> No
         assert ready.status_code == 503
         assert "Redis" in ready.json()["detail"]
         assert (await test_client.get("/healthz")).status_code == 200
+
+
+# --- token leases: large limits are not checked in Redis on every request ---------------------------
+
+LEASE_REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/13"
+"""A Redis database of the lease tests' own: its live-worker count is theirs alone."""
+
+
+async def test_two_workers_leasing_keep_a_large_limit_within_ten_percent() -> None:
+    """Two limiters (two workers) share a 200/minute limit through leases of a tenth per worker."""
+    async with redis.asyncio.Redis.from_url(LEASE_REDIS_URL) as client:
+        await client.flushdb()
+    workers = [RateLimiter("async+" + LEASE_REDIS_URL, "10/second", None) for _ in range(2)]
+    calls = 0
+    for limiter in workers:
+        hit = limiter.strategy.hit
+
+        async def counted(*args: object, _hit: Callable[..., object] = hit, **kwargs: object) -> bool:
+            nonlocal calls
+            calls += 1
+            return await _hit(*args, **kwargs)  # type: ignore[misc]
+
+        limiter.strategy.hit = counted  # type: ignore[method-assign]
+    try:
+        for limiter in workers + workers:  # the second round sees both
+            await limiter.heartbeat()
+        assert [await limiter.heartbeat() for limiter in workers] == [2, 2]
+        limit = parse("200/minute")
+        identity = f"lease-{random.getrandbits(32)}"
+        assert workers[0].lease_size(limit) == 10
+        allowed = 0
+        for i in range(160):
+            allowed += (await workers[i % 2].check("key", identity, limit)).allowed
+        assert allowed == 160
+        assert calls == 16, calls  # one Redis hit per lease of 10, not one per request
+        for i in range(140):
+            allowed += (await workers[i % 2].check("key", identity, limit)).allowed
+        # Unspent leases hold at most a tenth of the limit; nothing is served beyond it in one window.
+        assert 180 <= allowed <= 200, allowed
+        # Near the limit each worker is refused one lease, then counts exactly: one hit per request.
+        assert calls <= 20 + 2 + 140, calls
+    finally:
+        for limiter in workers:
+            await limiter.close()
+
+
+async def test_small_limits_are_counted_exactly_one_hit_per_request() -> None:
+    async with redis.asyncio.Redis.from_url(LEASE_REDIS_URL) as client:
+        await client.flushdb()
+    workers = [RateLimiter("async+" + LEASE_REDIS_URL, "10/second", None) for _ in range(2)]
+    try:
+        for limiter in workers + workers:
+            await limiter.heartbeat()
+        assert workers[0].lease_size(workers[0].per_ip) == 1  # 10 * 0.1 / 2 workers: no lease
+        identity = f"exact-{random.getrandbits(32)}"
+        decisions = [await workers[i % 2].check("ip", identity, workers[0].per_ip) for i in range(30)]
+        assert [d.allowed for d in decisions].count(True) == 10
+    finally:
+        for limiter in workers:
+            await limiter.close()
+
+
+def test_four_workers_lease_a_keys_large_limit_and_still_hold_it(servers: Servers, database_url: str) -> None:
+    server = servers.start(
+        database_url, workers=4, redis_url=LEASE_REDIS_URL, pool_min_size=1, pool_max_size=2, ready_path="/readyz"
+    )
+    token = make_token(database_url, rate_limit="600/minute")
+    headers = {"Authorization": f"Bearer {token}"}
+    statuses, seconds = burst(server.base_url, 800, lambda i: headers)
+    assert seconds < 50, seconds  # one window: the counts below are for one minute
+    # At most a tenth of the limit waits in unspent leases across all workers; none beyond it is served.
+    assert 540 <= statuses.count(200) <= 600, (statuses.count(200), seconds)
+    assert statuses.count(200) + statuses.count(429) == 800
