@@ -210,7 +210,7 @@ class RateLimiter:
         self._workers = 0
         """Live workers as last counted; 0 until the first heartbeat (no leases before it)."""
         self._heartbeat_due = 0.0
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[int] | None = None
         self._leases: dict[str, _Lease] = {}
         self._taking: dict[str, asyncio.Future[bool]] = {}
 

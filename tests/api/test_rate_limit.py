@@ -8,7 +8,8 @@ import math
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import msgspec
@@ -162,10 +163,10 @@ async def test_two_workers_leasing_keep_a_large_limit_within_ten_percent() -> No
     for limiter in workers:
         hit = limiter.strategy.hit
 
-        async def counted(*args: object, _hit: Callable[..., object] = hit, **kwargs: object) -> bool:
+        async def counted(*args: Any, _hit: Callable[..., Awaitable[bool]] = hit, **kwargs: Any) -> bool:
             nonlocal calls
             calls += 1
-            return await _hit(*args, **kwargs)  # type: ignore[misc]
+            return await _hit(*args, **kwargs)
 
         limiter.strategy.hit = counted  # type: ignore[method-assign]
     try:
