@@ -133,6 +133,8 @@ async def measure(
     if profiler:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(profile)
+        if os.environ.get("APP_COST_DUMP"):
+            profiler.dump_stats(os.environ["APP_COST_DUMP"])
         print(out.getvalue(), file=sys.stderr)
     return cpu / requests * 1e6
 

@@ -171,6 +171,15 @@ def _rolled_back(exc: BaseException) -> bool:
     return error_code(exc) == ER_LOCK_DEADLOCK
 
 
+class _Doubts:
+    """A retried unit's attempt whose COMMIT answer was lost, until its token is looked up."""
+
+    __slots__ = ("previous",)
+
+    def __init__(self) -> None:
+        self.previous: _Attempt | None = None
+
+
 class _Attempt:
     """One run of a unit: its commit token, its result once ``work`` returned, and whether its COMMIT is in doubt."""
 
@@ -358,42 +367,69 @@ class Database:
     async def _run_with_retries(
         self, work: Callable[[Connection], Awaitable[T]], begin: tuple[str, ...] | None, verify: bool
     ) -> T:
-        """Attempts of ``work`` under stamina; after a lost COMMIT, first find out whether it landed."""
-        doubt: _Attempt | None = None  # the previous attempt, while its COMMIT's outcome is unknown
+        """Attempts of ``work`` under stamina; after a lost COMMIT, first find out whether it landed.
+
+        The first attempt runs before stamina is entered, which saves building its retry state on
+        every unit that succeeds at once (nearly all). If it fails with a transient error, that
+        error is raised again inside ``stamina.retry_context`` as its first attempt, so stamina
+        counts it, runs the retry hooks (log line, metric) and waits exactly as if it had run there;
+        its 2 s budget starts from that first failure.
+        """
+        doubts = _Doubts()
         named = RETRYING_UNIT.set(work)  # the retry log line names the unit
         try:
+            try:
+                return await self._attempt(work, begin, verify, doubts)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                first: Exception | None = exc
             async for retrying in stamina.retry_context(
                 on=is_transient, attempts=RETRY_ATTEMPTS, timeout=RETRY_TIMEOUT_S, wait_initial=0.05
             ):
                 with retrying:
-                    if doubt is not None:
-                        if await self._landed(doubt):
-                            return cast(T, doubt.result)
-                        doubt = None
-                    attempt = _Attempt(commit_token() if verify else None)
-                    try:
-                        return await self._run_once(work, begin, attempt)
-                    except Exception as exc:
-                        if not attempt.in_doubt:
-                            raise
-                        if not verify or isinstance(exc, TimeoutError):
-                            raise CommitOutcomeUnknown(_LOST_COMMIT) from exc
-                        doubt = attempt
-                        if is_transient(exc):
-                            raise  # the next attempt looks the token up first
-                        failure = exc
-                    # Not transient, so no next attempt: look the token up now.
-                    if await self._landed(doubt):
-                        return cast(T, doubt.result)
-                    doubt = None
-                    raise failure  # it did not commit: the error stands
+                    if first is not None:
+                        failure, first = first, None
+                        raise failure
+                    return await self._attempt(work, begin, verify, doubts)
         except Exception as exc:
-            if doubt is not None:  # retries ran out, or the lookup failed for good
+            if doubts.previous is not None:  # retries ran out, or the lookup failed for good
                 raise CommitOutcomeUnknown(_LOST_COMMIT) from exc
             raise
         finally:
             RETRYING_UNIT.reset(named)
         raise AssertionError("stamina.retry_context ended without an outcome")  # pragma: no cover
+
+    async def _attempt(
+        self, work: Callable[[Connection], Awaitable[T]], begin: tuple[str, ...] | None, verify: bool, doubts: _Doubts
+    ) -> T:
+        """One attempt of a retried unit; ``doubts.previous`` carries an attempt whose COMMIT was lost.
+
+        Raises:
+            Exception: a transient error (the caller retries; a lost COMMIT is looked up first on the
+                next attempt), or any other error of ``work`` (final), or ``CommitOutcomeUnknown``.
+        """
+        if doubts.previous is not None:
+            if await self._landed(doubts.previous):
+                return cast(T, doubts.previous.result)
+            doubts.previous = None
+        attempt = _Attempt(commit_token() if verify else None)
+        try:
+            return await self._run_once(work, begin, attempt)
+        except Exception as exc:
+            if not attempt.in_doubt:
+                raise
+            if not verify or isinstance(exc, TimeoutError):
+                raise CommitOutcomeUnknown(_LOST_COMMIT) from exc
+            doubts.previous = attempt
+            if is_transient(exc):
+                raise  # the next attempt looks the token up first
+            failure = exc
+        # Not transient, so no next attempt: look the token up now.
+        if await self._landed(attempt):
+            return cast(T, attempt.result)
+        doubts.previous = None
+        raise failure  # it did not commit: the error stands
 
     async def _run_verified(
         self, work: Callable[[Connection], Awaitable[T]], begin: tuple[str, ...] | None, verify: bool

@@ -6,13 +6,16 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import msgspec
 import pymysql
 import structlog
 from litestar import Litestar
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.handlers.base import BaseRouteHandler
 from litestar.static_files import create_static_files_router
 
 from config.settings import Settings
@@ -53,6 +56,15 @@ def _limits_storage(redis_url: str | None) -> str:
     if redis_url is None:
         return "async+memory://"
     return "async+" + redis_url
+
+
+async def _guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """The app-wide guard: :func:`authorize`, then :func:`check_query`.
+
+    One guard rather than two because Litestar copies the route handler for every guard it calls.
+    """
+    await authorize(connection, handler)
+    await check_query(connection, handler)
 
 
 def _provide_exports(state: State) -> ExportService:
@@ -133,7 +145,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "exports": Provide(_provide_exports, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
-        guards=[authorize, check_query],
+        guards=[_guard],
         openapi_config=openapi_config(_version()) if settings.docs_enabled else None,
         plugins=[RawJSONSchemaPlugin()],
         request_max_body_size=settings.max_body_bytes,
