@@ -26,7 +26,7 @@ from litestar.handlers.base import BaseRouteHandler
 from repositories.api_keys import ApiKey, ApiKeyNotFound, ApiKeyRepository
 from repositories.database import Database
 from service.problems import ApiError
-from service.rate_limit import RateLimiter, bucket_of, client_ip
+from service.rate_limit import RateLimiter, bucket_of, client_ip, peer_address
 
 SCOPES: tuple[str, ...] = (
     "results:read",
@@ -210,8 +210,12 @@ def request_ip(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     state = scope.setdefault("state", {})
     if "client_ip" not in state:
         client = scope.get("client")
-        state["client_ip"] = client_ip(
-            client[0] if client else None, connection.headers, connection.app.state.trusted_proxies
-        )
+        trusted = connection.app.state.trusted_proxies
+        if client:
+            address, via_proxy = peer_address(client[0], trusted)
+            if not via_proxy:
+                state["client_ip"] = address
+                return address
+        state["client_ip"] = client_ip(client[0] if client else None, connection.headers, trusted)
     ip: str = state["client_ip"]
     return ip
