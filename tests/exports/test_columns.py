@@ -121,7 +121,7 @@ def test_limits_of_the_list() -> None:
 
 
 # Keys as JSON allows them, weighted towards the characters the notation escapes.
-ALPHABET = st.sampled_from(["\\", ".", "l", "a", "b", "s", "e", "\u00e9", " "]) | st.characters(exclude_categories=["Cs"])
+ALPHABET = st.sampled_from(["\\", ".", "l", "a", "b", "e", "\u00e9", " "]) | st.characters(exclude_categories=["Cs"])
 KEYS = st.text(alphabet=ALPHABET, max_size=8)
 
 
