@@ -71,14 +71,17 @@ def checked_columns(columns: list[str] | None) -> ColumnSelection | None:
     """``columns`` of an export request, parsed; None when not given.
 
     Raises:
-        ApiError: 400 ``invalid-column`` naming the first invalid entry and the rule it breaks.
+        ApiError: 400 ``invalid-column`` naming the first invalid entry and the rule it breaks (also
+            as the one entry of ``errors``, named ``columns``).
     """
     if columns is None:
         return None
     try:
         return parse_columns(columns)
     except InvalidColumn as exc:
-        raise ApiError(400, str(exc), slug="invalid-column", column=exc.column) from None
+        detail = str(exc)
+        errors = [{"name": "columns", "source": "body", "message": detail}]
+        raise ApiError(400, detail, slug="invalid-column", errors=errors) from None
 
 
 class JobExportRequest(msgspec.Struct, forbid_unknown_fields=True):
