@@ -45,6 +45,11 @@ that order.
     never changed (``-5`` the number stays ``-5``; ``"-5"`` the string becomes ``'-5``). This is
     lossy: the strings ``=1`` and ``'=1`` both come out as ``'=1``.
 
+Chosen columns (``columns`` of an export, :mod:`exports.columns`): :class:`ChosenCsvWriter` writes
+the three fixed columns and exactly the chosen ones, with no discovery pass; :class:`ProjectedWriter`
+writes json or ndjson whose ``result`` holds only the chosen paths (:func:`project_result`) and, when
+label columns are chosen, a ``labels`` member.
+
 Decisions on what the rules leave open:
 
 * ``single=True`` writers take exactly one row over the whole stream; a second row, or none by
