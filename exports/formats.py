@@ -45,6 +45,11 @@ that order.
     never changed (``-5`` the number stays ``-5``; ``"-5"`` the string becomes ``'-5``). This is
     lossy: the strings ``=1`` and ``'=1`` both come out as ``'=1``.
 
+Chosen columns (``columns`` of an export, :mod:`exports.columns`): :class:`ChosenCsvWriter` writes
+the three fixed columns and exactly the chosen ones, with no discovery pass; :class:`ProjectedWriter`
+writes json or ndjson whose ``result`` holds only the chosen paths (:func:`project_result`) and, when
+label columns are chosen, a ``labels`` member.
+
 Decisions on what the rules leave open:
 
 * ``single=True`` writers take exactly one row over the whole stream; a second row, or none by
@@ -68,6 +73,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import msgspec
+
+from exports.columns import ColumnSelection, PathNode, raw_members
 
 Format = Literal["json", "ndjson", "csv"]
 FORMATS: tuple[Format, ...] = ("json", "ndjson", "csv")
@@ -101,12 +108,14 @@ class ExportRow(msgspec.Struct, frozen=True):
         created_at: RFC 3339 UTC, already formatted, e.g. ``2026-11-29T14:05:04.651170Z``.
         result: the stored JSON text as the database returned it (any JSON value; MariaDB may
             return it pretty-printed over several lines).
+        labels: the job's labels, key -> value (empty when it has none).
     """
 
     job_id: str
     status: str
     created_at: str
     result: bytes
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class FormatWriter(Protocol):
@@ -448,6 +457,7 @@ def make_writer(
     single: bool,
     csv_columns: Sequence[str] | None = None,
     max_columns: int = DEFAULT_MAX_COLUMNS,
+    columns: ColumnSelection | None = None,
 ) -> FormatWriter:
     """A fresh writer for one export.
 
@@ -459,10 +469,17 @@ def make_writer(
             other formats.
         max_columns: CSV only: the most result columns a single-job export may have (a range's
             columns are bounded by :class:`CsvColumns`).
+        columns: the columns the client chose (:func:`exports.columns.parse_columns`); then
+            ``csv_columns`` and ``max_columns`` are not used, and no column discovery is needed.
 
     Raises:
-        ValueError: unknown format, or a CSV range export without ``csv_columns``.
+        ValueError: unknown format, or a CSV range export without ``csv_columns`` or ``columns``.
     """
+    if columns is not None:
+        if fmt == "csv":
+            return ChosenCsvWriter(single=single, columns=columns)
+        if fmt in ("json", "ndjson"):
+            return ProjectedWriter(single=single, columns=columns, lines=fmt == "ndjson")
     if fmt == "json":
         return JsonWriter(single=single)
     if fmt == "ndjson":
@@ -470,3 +487,229 @@ def make_writer(
     if fmt == "csv":
         return CsvWriter(single=single, columns=csv_columns, max_columns=max_columns)
     raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+# --- chosen columns ------------------------------------------------------------------------------
+
+
+class _Projected(msgspec.Struct, gc=False):
+    """Wire form of one job with chosen columns and no label column."""
+
+    job_id: str
+    status: str
+    created_at: str
+    result: msgspec.Raw
+
+
+class _ProjectedLabelled(msgspec.Struct, gc=False):
+    """Wire form of one job with chosen columns, label columns among them."""
+
+    job_id: str
+    status: str
+    created_at: str
+    labels: dict[str, str]
+    result: msgspec.Raw
+
+
+def _project(members: dict[str, msgspec.Raw], tree: dict[str, PathNode]) -> dict[str, Any]:
+    """The chosen part of an object, in document order: chosen values as their stored text (``Raw``)."""
+    out: dict[str, Any] = {}
+    for key, value in members.items():
+        node = tree.get(key)
+        if node is None:
+            continue
+        if node.chosen:
+            out[key] = value
+            continue
+        inner = raw_members(value)
+        if inner is not None:
+            picked = _project(inner, node.children)
+            if picked:
+                out[key] = picked
+    return out
+
+
+def project_result(raw: bytes, columns: ColumnSelection) -> bytes:
+    """The JSON text of ``raw`` reduced to the chosen result paths (``{}`` if none is present).
+
+    Same shape as the document: each chosen value sits at its path inside the objects leading to it,
+    with its stored text unchanged (numbers digit for digit, strings as escaped when stored). Objects
+    keep the document's member order; their keys are written by msgspec (a key's escapes may change,
+    its text does not). A result that is not an object has no paths: ``{}``.
+
+    Raises:
+        msgspec.DecodeError: ``raw`` is not JSON.
+    """
+    if not columns.has_paths:
+        return b"{}"
+    members = raw_members(raw)
+    if members is None:
+        return b"{}"
+    return _ENCODE(_project(members, columns.tree))
+
+
+_ENCODE = msgspec.json.Encoder().encode
+
+
+class ProjectedWriter:
+    """``json`` or ``ndjson`` with chosen columns: ``result`` holds only the chosen paths.
+
+    The files are laid out as :class:`JsonWriter` (``lines=False``) and :class:`NdjsonWriter`
+    (``lines=True``) lay them out; ``result`` is :func:`project_result`. When label columns are
+    chosen, a ``labels`` member (after ``created_at``) holds those of them the job has; without label
+    columns there is no ``labels`` member.
+    """
+
+    def __init__(self, *, single: bool, columns: ColumnSelection, lines: bool) -> None:
+        self._single = single
+        self._lines = lines
+        self._columns = columns
+        self._guard = _SingleGuard(single)
+        self._written = False
+        self.media_type = NdjsonWriter.media_type if lines else JsonWriter.media_type
+        self.extension = NdjsonWriter.extension if lines else JsonWriter.extension
+
+    def begin(self) -> bytes:
+        """``[`` for a json range export, else nothing."""
+        return b"[" if not (self._single or self._lines) else b""
+
+    def _item(self, row: ExportRow) -> _Projected | _ProjectedLabelled:
+        result = project_result(row.result, self._columns)
+        if self._lines:
+            result = msgspec.json.format(result, indent=-1)
+        if not self._columns.label_keys:
+            return _Projected(row.job_id, row.status, row.created_at, msgspec.Raw(result))
+        labels = {key: row.labels[key] for key in self._columns.label_keys if key in row.labels}
+        return _ProjectedLabelled(row.job_id, row.status, row.created_at, labels, msgspec.Raw(result))
+
+    def encode(self, rows: Sequence[ExportRow]) -> bytes:
+        """The chunk's objects (json: with the separating ``,``; ndjson: one line each).
+
+        Raises:
+            ValueError: a single-job export got more than one row.
+            msgspec.DecodeError: a stored result is not JSON.
+        """
+        if not rows:
+            return b""
+        self._guard.take(len(rows))
+        items = [self._item(row) for row in rows]
+        if self._lines:
+            return _ENCODER.encode_lines(items)
+        if self._single:
+            return _ENCODE(items[0])
+        array = _ENCODE(items)
+        if self._written:
+            return b"," + array[1:-1]
+        self._written = True
+        return array[1:-1]
+
+    def end(self) -> bytes:
+        r"""json: ``]\n`` for a range, ``\n`` for a single job; ndjson: nothing.
+
+        Raises:
+            ValueError: a single-job export got no row.
+        """
+        self._guard.finish()
+        if self._lines:
+            return b""
+        return b"\n" if self._single else b"]\n"
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def _chosen_cell(raw: msgspec.Raw | bytes, decode: Callable[[Any], Any]) -> str:
+    """Cell text of a chosen value: as in the flattened CSV, and a non-empty object as compact JSON."""
+    value = decode(raw)
+    if type(value) is dict and value:
+        return _ENCODE(value).decode("utf-8")
+    return _cell(value, _ENCODE)
+
+
+def _chosen_cells(
+    members: dict[str, msgspec.Raw],
+    tree: dict[str, PathNode],
+    prefix: tuple[str, ...],
+    out: dict[tuple[str, ...], str],
+    decode: Callable[[Any], Any],
+) -> None:
+    for key, node in tree.items():
+        value = members.get(key)
+        if value is None:
+            continue
+        path = (*prefix, key)
+        if node.chosen:
+            out[path] = _chosen_cell(value, decode)
+        if node.children:
+            inner = raw_members(value)
+            if inner is not None:
+                _chosen_cells(inner, node.children, path, out, decode)
+
+
+class ChosenCsvWriter:
+    """``csv`` with chosen columns: the header is the three fixed columns, then exactly ``columns``.
+
+    No discovery pass: each row's cells are looked up by path. A cell follows the rules of the
+    flattened CSV (module docstring): a string neutralised, a number as stored, ``null`` empty, an
+    array or empty object as compact JSON; a chosen path that holds a non-empty object (which the
+    flattened CSV spreads over its leaves) is its compact JSON text too, re-encoded like an array. The
+    path ``result`` also names the whole result when that is not a non-empty object, as the flattened
+    CSV's ``result`` column does. A path the row lacks, or a label it lacks, is an empty cell. A label
+    cell is the label's value, neutralised like any text cell.
+    """
+
+    media_type = "text/csv; charset=utf-8"
+    extension = "csv"
+
+    def __init__(self, *, single: bool, columns: ColumnSelection) -> None:
+        self._guard = _SingleGuard(single)
+        self._columns = columns
+        self._decode = _decoder().decode
+        self._root = (ROOT_COLUMN,)
+        self._root_chosen = (ROOT_COLUMN,) in columns.paths
+
+    def begin(self) -> bytes:
+        """The header line."""
+        return CsvWriter._lines([[*FIXED_COLUMNS, *map(_neutralise, self._columns.columns)]])
+
+    def _cells(self, raw: bytes) -> dict[tuple[str, ...], str]:
+        out: dict[tuple[str, ...], str] = {}
+        members = raw_members(raw)
+        if members:
+            _chosen_cells(members, self._columns.tree, (), out, self._decode)
+        elif self._root_chosen:
+            out[self._root] = _chosen_cell(raw, self._decode)
+        return out
+
+    def encode(self, rows: Sequence[ExportRow]) -> bytes:
+        """One CSV record per row.
+
+        Raises:
+            ValueError: a single-job export got more than one row.
+            msgspec.DecodeError: a stored result is not JSON.
+        """
+        if not rows:
+            return b""
+        self._guard.take(len(rows))
+        paths, labels = self._columns.paths, self._columns.labels
+        read_result = self._columns.has_paths
+        records: list[list[str]] = []
+        for row in rows:
+            cells = self._cells(row.result) if read_result else {}
+            record = [_neutralise(row.job_id), _neutralise(row.status), row.created_at]
+            for path, label in zip(paths, labels, strict=True):
+                if path is None:
+                    record.append(_neutralise(row.labels.get(label, "")) if label is not None else "")
+                else:
+                    record.append(cells.get(path, ""))
+            records.append(record)
+        return CsvWriter._lines(records)
+
+    def end(self) -> bytes:
+        """Nothing.
+
+        Raises:
+            ValueError: a single-job export got no row.
+        """
+        self._guard.finish()
+        return b""

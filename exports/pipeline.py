@@ -29,6 +29,7 @@ import pymysql
 import structlog
 
 from config.settings import Settings
+from exports.columns import ColumnSelection, parse_columns
 from exports.files import StorageFull, temp_files
 from exports.formats import CsvColumns, CsvTooWide, ExportRow, FormatWriter, make_writer
 from exports.store import ExportStore, ExportWriter, StoreError, download_name, open_store
@@ -133,13 +134,16 @@ def _collect_columns(columns: CsvColumns, chunk: Sequence[tuple[Any, ...]]) -> N
     columns.add([_export_row(*row) for row in chunk])
 
 
-def _encode_single(fmt: str, row: ExportRow, max_columns: int) -> tuple[str, bytes]:
+def _encode_single(
+    fmt: str, row: ExportRow, max_columns: int, columns: ColumnSelection | None = None
+) -> tuple[str, bytes]:
     """The whole file of a single-job export (blocking): ``(extension, bytes)``.
 
     Raises:
-        CsvTooWide: a CSV of the result would have more than ``max_columns`` result columns.
+        CsvTooWide: a CSV of the result would have more than ``max_columns`` result columns (only
+            when ``columns`` is None).
     """
-    writer = make_writer(fmt, single=True, max_columns=max_columns)  # type: ignore[arg-type]
+    writer = make_writer(fmt, single=True, max_columns=max_columns, columns=columns)  # type: ignore[arg-type]
     return writer.extension, writer.begin() + writer.encode([row]) + writer.end()
 
 
@@ -179,8 +183,18 @@ class ExportService:
 
     # --- single-job exports ------------------------------------------------------------------
 
-    async def export_job(self, job_id: str, fmt: str, compression: str, requested_by: str | None) -> Export:
+    async def export_job(
+        self,
+        job_id: str,
+        fmt: str,
+        compression: str,
+        requested_by: str | None,
+        columns: ColumnSelection | None = None,
+    ) -> Export:
         """Export one job's result synchronously; returns the committed export record.
+
+        ``columns``: the chosen columns (:func:`exports.columns.parse_columns`), recorded in the
+        export's parameters; None for all of them.
 
         Raises:
             JobResultNotFound: no such job.
@@ -198,7 +212,7 @@ class ExportService:
             stored = await JobResultRepository(conn).get(job_id)
             export_id = new_export_id()
             extension, data = await asyncio.to_thread(
-                _encode_single, fmt, _row_of(stored), self.settings.csv_max_columns
+                _encode_single, fmt, _row_of(stored), self.settings.csv_max_columns, columns
             )
             file = await self.store.open_writer(export_id, 1, extension, compression, self.owner)
             size, sha256 = await _write_all(file, data, self.settings.export_max_bytes)
@@ -208,7 +222,7 @@ class ExportService:
                 kind="job",
                 format=fmt,
                 compression=compression,
-                parameters=ExportParameters(job_id=job_id),
+                parameters=ExportParameters(job_id=job_id, columns=columns.columns if columns else None),
                 state="succeeded",
                 requested_by=requested_by,
                 rows_written=1,
@@ -421,9 +435,12 @@ class ExportService:
                 await cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
             stream = JobResultStream(conn)
             columns: list[str] | None = None
+            # Chosen columns were checked when the export was requested; parsed again here.
+            chosen = parse_columns(params.columns) if params.columns is not None else None
             renew_at = asyncio.get_running_loop().time() + self._renew_every
-            if export.format == "csv":
-                # Pass 1 (same snapshot): the union of the result columns, for the header row.
+            if export.format == "csv" and chosen is None:
+                # Pass 1 (same snapshot): the union of the result columns, for the header row. Chosen
+                # columns are the header already, so the rows are read once.
                 collector = CsvColumns(self.settings.csv_max_columns)
                 async for chunk in stream.chunks(
                     params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
@@ -431,7 +448,12 @@ class ExportService:
                     await asyncio.to_thread(_collect_columns, collector, chunk)
                     renew_at = await self._renew_if_due(export, 0, renew_at)
                 columns = collector.columns()
-            writer = make_writer(export.format, single=False, csv_columns=columns)  # type: ignore[arg-type]
+            writer = make_writer(
+                export.format,  # type: ignore[arg-type]
+                single=False,
+                csv_columns=columns,
+                columns=chosen,
+            )
             file = await self.store.open_writer(
                 export.export_id, max(export.attempts, 1), writer.extension, export.compression, self.owner
             )

@@ -41,12 +41,16 @@ class TooManyPendingExports(Exception):
 
 
 class ExportParameters(msgspec.Struct, omit_defaults=True, frozen=True):
-    """What an export covers: one ``job_id``, or ``[created_from, created_to)`` (naive UTC) and a status."""
+    """What an export covers: one ``job_id``, or ``[created_from, created_to)`` (naive UTC) and a status.
+
+    ``columns``: the columns the client chose, as given (see :mod:`exports.columns`); None for all.
+    """
 
     job_id: str | None = None
     created_from: datetime | None = None
     created_to: datetime | None = None
     status: str | None = None
+    columns: tuple[str, ...] | None = None
 
 
 class Export(msgspec.Struct, frozen=True):

@@ -159,6 +159,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
+    from exports.columns import InvalidColumn, parse_columns, split_cli_list
     from exports.files import StorageFull
     from exports.formats import CsvTooWide
     from exports.pipeline import ExportTooLarge
@@ -171,6 +172,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging("warning")
+    columns = None
+    if args.columns is not None:
+        try:
+            columns = parse_columns([entry for text in args.columns for entry in split_cli_list(text)])
+        except InvalidColumn as exc:
+            print(f"jobresults: --columns: {exc}", file=sys.stderr)
+            return 2
     parameters = None
     if args.job is not None:
         if not is_valid_job_id(args.job):
@@ -182,6 +190,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 created_from=parse_timestamp(args.created_from, "--from"),
                 created_to=parse_timestamp(args.created_to, "--to"),
                 status=args.status,
+                columns=columns.columns if columns is not None else None,
             )
         except InvalidParameter as exc:
             print(f"jobresults: {exc}", file=sys.stderr)
@@ -195,6 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 out=Path(args.out),
                 job_id=args.job,
                 parameters=parameters,
+                columns=columns,
             )
         )
     except JobResultNotFound:
@@ -279,6 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--from", dest="created_from", help="range start, RFC 3339 (inclusive)")
     exporter.add_argument("--to", dest="created_to", help="range end, RFC 3339 (exclusive)")
     exporter.add_argument("--status", choices=["succeeded", "failed", "cancelled"])
+    exporter.add_argument(
+        "--columns",
+        action="append",
+        metavar="PATH,PATH,...",
+        help=(
+            "only these columns, in this order, as in the API's columns (e.g. summary.failed,metrics.duration_ms "
+            "or \\labels.branch); comma-separated, write a comma inside a key as \\, ; may be repeated"
+        ),
+    )
     exporter.add_argument("--out", required=True, help="file to write")
     exporter.set_defaults(func=cmd_export)
     keys = sub.add_parser("keys", help="manage API keys")

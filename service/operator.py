@@ -15,6 +15,7 @@ import msgspec
 from tqdm import tqdm
 
 from config.settings import Settings
+from exports.columns import ColumnSelection
 from exports.pipeline import ExportService
 from repositories.api_keys import ApiKey, ApiKeyRepository
 from repositories.database import Connection, Database
@@ -98,8 +99,11 @@ async def export_to_file(
     out: Path,
     job_id: str | None = None,
     parameters: ExportParameters | None = None,
+    columns: ColumnSelection | None = None,
 ) -> Export:
     """Run an export through the API's pipeline (recorded in ``exports``) and copy its file to ``out``.
+
+    ``columns`` chooses the columns of a single-job export; a range export's are in ``parameters``.
 
     Shows a progress bar (rows, rate, ETA) on stderr for range exports.
 
@@ -112,7 +116,7 @@ async def export_to_file(
         service = ExportService(db, settings)
         requested_by = f"cli:{_user()}"
         if job_id is not None:
-            export = await service.export_job(job_id, fmt, compression, requested_by)
+            export = await service.export_job(job_id, fmt, compression, requested_by, columns=columns)
         else:
             assert parameters is not None
             total = await service.count_rows(parameters)

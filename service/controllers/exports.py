@@ -18,6 +18,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.response import Stream
 
+from exports.columns import MAX_COLUMNS, ColumnSelection, InvalidColumn, parse_columns
 from exports.files import StorageFull
 from exports.formats import CsvTooWide
 from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService, ExportTooLarge
@@ -49,11 +50,46 @@ PENDING_RETRY_AFTER_S = 5
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
+Columns = Annotated[
+    list[str],
+    msgspec.Meta(
+        min_length=1,
+        max_length=MAX_COLUMNS,
+        description=(
+            "Only these columns, in this order: result paths in the CSV header notation (keys joined by `.`; "
+            "inside a key `.` is written `\\.` and `\\` is written `\\\\`), or `\\labels.<key>` for a label. "
+            "Each at most 1,024 characters and 64 keys, no empty key, no entry twice, 100,000 characters in "
+            "all. csv: the header is `job_id,status,created_at` and these; json/ndjson: `result` holds just "
+            "these paths. Leave out for every column."
+        ),
+        examples=[["summary.failed", "metrics.duration_ms"]],
+    ),
+]
+
+
+def checked_columns(columns: list[str] | None) -> ColumnSelection | None:
+    """``columns`` of an export request, parsed; None when not given.
+
+    Raises:
+        ApiError: 400 ``invalid-column`` naming the first invalid entry and the rule it breaks (also
+            as the one entry of ``errors``, named ``columns``).
+    """
+    if columns is None:
+        return None
+    try:
+        return parse_columns(columns)
+    except InvalidColumn as exc:
+        detail = str(exc)
+        errors = [{"name": "columns", "source": "body", "message": detail}]
+        raise ApiError(400, detail, slug="invalid-column", errors=errors) from None
+
+
 class JobExportRequest(msgspec.Struct, forbid_unknown_fields=True):
     """Body of ``POST /v1/job-results/{job_id}/exports``."""
 
     format: Format
     compression: Compression = "none"
+    columns: Columns | None = None
 
 
 class RangeExportRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -64,6 +100,7 @@ class RangeExportRequest(msgspec.Struct, forbid_unknown_fields=True):
     created_to: str
     compression: Compression = "none"
     status: Literal["succeeded", "failed", "cancelled"] | None = None
+    columns: Columns | None = None
 
 
 class ExportRecord(msgspec.Struct, omit_defaults=True):
@@ -80,6 +117,7 @@ class ExportRecord(msgspec.Struct, omit_defaults=True):
     created_from: str | None = None
     created_to: str | None = None
     status: str | None = None
+    columns: list[str] | None = None
     bytes: int | None = None
     sha256: str | None = None
     error: str | None = None
@@ -104,6 +142,7 @@ class ExportRecord(msgspec.Struct, omit_defaults=True):
             created_from=format_timestamp(params.created_from) if params.created_from else None,
             created_to=format_timestamp(params.created_to) if params.created_to else None,
             status=params.status,
+            columns=list(params.columns) if params.columns is not None else None,
             bytes=export.bytes,
             sha256=export.sha256,
             error=export.error,
@@ -199,8 +238,11 @@ class JobExportController(Controller):
     ) -> Response[ExportRecord]:
         """Write the job's result as ``format`` and return the export record."""
         checked_job_id(job_id)
+        columns = checked_columns(data.columns)
         try:
-            export = await exports.export_job(job_id, data.format, data.compression, requested_by(request))
+            export = await exports.export_job(
+                job_id, data.format, data.compression, requested_by(request), columns=columns
+            )
         except StorageFull:
             raise _storage_full() from None
         except StoreError as exc:
@@ -245,7 +287,13 @@ class ExportController(Controller):
         upper = parse_timestamp(data.created_to, "created_to")
         if lower is not None and upper is not None and lower >= upper:
             raise ApiError(400, "created_from must be earlier than created_to", slug="invalid-request")
-        parameters = ExportParameters(created_from=lower, created_to=upper, status=data.status)
+        columns = checked_columns(data.columns)
+        parameters = ExportParameters(
+            created_from=lower,
+            created_to=upper,
+            status=data.status,
+            columns=columns.columns if columns is not None else None,
+        )
         try:
             export = await exports.enqueue_range(parameters, data.format, data.compression, requested_by(request))
         except TooManyPendingExports as exc:

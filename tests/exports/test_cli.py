@@ -112,3 +112,55 @@ def test_import_refuses_two_files_with_one_job_id(database_url: str, tmp_path: P
     assert done.returncode == 1
     assert "1 imported, 1 refused" in done.stdout
     assert "also comes from" in done.stderr
+
+
+def test_export_with_columns(database_url: str, tmp_path: Path, job_id: str) -> None:
+    folder = tmp_path / "cols"
+    folder.mkdir()
+    (folder / f"{job_id}-x.json").write_text('{"m": {"ms": 5, "n": 1}, "a,b": 18446744073709551615, "k.j": "=1"}')
+    assert run(database_url, tmp_path / "exports", "import", str(folder)).returncode == 0
+    out = tmp_path / "cols.csv"
+    ranged = run(
+        database_url,
+        tmp_path / "exports",
+        "export",
+        "--format",
+        "csv",
+        "--from",
+        "2000-01-01T00:00:00Z",
+        "--to",
+        "2100-01-01T00:00:00Z",
+        "--columns",
+        "k\\.j,a\\,b",
+        "--columns",
+        "m.ms,\\labels.branch",
+        "--out",
+        str(out),
+    )
+    assert ranged.returncode == 0, ranged.stderr
+    rows = list(csv.reader(io.StringIO(out.read_text(encoding="utf-8"), newline="")))
+    assert rows[0] == ["job_id", "status", "created_at", "k\\.j", "a,b", "m.ms", "\\labels.branch"]
+    assert [r[3:] for r in rows[1:] if r[0] == f"{job_id}-x"] == [["'=1", "18446744073709551615", "5", ""]]
+
+    single = tmp_path / "one.ndjson"
+    done = run(
+        database_url,
+        tmp_path / "exports",
+        "export",
+        "--format",
+        "ndjson",
+        "--job",
+        f"{job_id}-x",
+        "--columns",
+        "m.n,a\\,b",
+        "--out",
+        str(single),
+    )
+    assert done.returncode == 0, done.stderr
+    assert b'"result":{"m":{"n":1},"a,b":18446744073709551615}}\n' in single.read_bytes()
+
+    bad = run(
+        database_url, tmp_path, "export", "--format", "csv", "--job", f"{job_id}-x", "--columns", "a..b", "--out", "z"
+    )
+    assert bad.returncode == 2
+    assert "--columns: column 'a..b': has an empty key" in bad.stderr
