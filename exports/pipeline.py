@@ -1,8 +1,9 @@
 """The export pipeline: single-job exports in one transaction, and durable range exports.
 
-Single-job export: one ``START TRANSACTION WITH CONSISTENT SNAPSHOT`` reads the job and records the
-export; the file is durable under its final name before the COMMIT and removed only once its record
-is known not to exist (a COMMIT whose answer was lost is looked up first, see :mod:`repositories.database`).
+Single-job export: one transaction share-locks and reads the job and records the export (the lock
+orders it against a DELETE of the job, which deletes the job's exports in its own transaction); the
+file is durable under its final name before the COMMIT and removed only once its record is known not
+to exist (a COMMIT whose answer was lost is looked up first, see :mod:`repositories.database`).
 The unit is retried from BEGIN on transient errors (see :mod:`repositories.database`).
 
 Range export: a row in ``exports`` (state ``queued``) that the background worker of some service
