@@ -321,6 +321,7 @@ class ExportService:
 
         Raises:
             StorageFull: the disk is full (the export is recorded as failed).
+            ExportCancelled: it was cancelled through the API while it ran (no file is left).
         """
         now = utcnow()
         export = await self.db.run(
@@ -347,6 +348,8 @@ class ExportService:
         except (StoreError, ExportTooLarge, CsvTooWide) as exc:
             await self._settle(export, "fail", str(exc))
             raise
+        except ExportCancelled:
+            raise  # cancelled through the API meanwhile: nothing to settle, no file left
         except BaseException:
             await asyncio.shield(self._settle(export, "fail", INTERNAL_ERROR_MESSAGE))
             raise
