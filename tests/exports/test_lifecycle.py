@@ -7,6 +7,7 @@ purge at a far ``now`` would otherwise touch the other tests' exports).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -318,3 +319,30 @@ async def _purge_scenario(
     later = purge_at  # due at exactly its purge_at; ``kept`` finished later, so it is not due yet
     assert (await purge.purge_batch(db, later, 100, dry_run=False)).rows == 1
     assert set(_rows(url)) == {kept["export_id"]}
+
+
+async def test_an_export_racing_the_delete_of_its_job_waits_for_it_and_finds_no_job(
+    client: Client, database_url: str, job_id: str
+) -> None:
+    """The job's DELETE has removed the row but not committed yet when the export starts.
+
+    Read without a lock (a snapshot), the export would still see the job, record an export after the
+    DELETE's cascade had looked for them, and outlive the job. It share-locks the row instead: it waits
+    for the DELETE and then finds no job (404), so nothing of the job is left.
+    """
+    await put_job(client, job_id)
+    deleting = connect(database_url)
+    try:
+        with deleting.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("DELETE FROM job_results WHERE job_id = %s", (job_id,))
+        committer = threading.Timer(0.3, deleting.commit)  # while the export waits for the row lock
+        committer.start()
+        response = await client.post(f"/v1/job-results/{job_id}/exports", json={"format": "json"})
+        committer.join()
+    finally:
+        deleting.close()
+    assert response.status_code == 404, response.text
+    with connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT COUNT(*) FROM exports WHERE job_id = %s", (job_id,))
+        assert cur.fetchone() == (0,)
