@@ -118,6 +118,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     exports_max_pending_per_key: Positive = 10
     """``JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY``: range exports one API key (or, without auth, one client
     address) may have queued or running at once; one more is refused with 429 and ``Retry-After``."""
+    export_retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 30
+    """``JOBRESULTS_EXPORT_RETENTION_DAYS``: days a finished export is kept, counted from when it finished
+    (succeeded, failed or cancelled); afterwards its content is 410 Gone and the purge removes its file and
+    record (1..3650)."""
     export_worker: bool = True
     """``JOBRESULTS_EXPORT_WORKER``: run range exports in this process's background worker."""
     auth_enabled: bool = True

@@ -1,8 +1,9 @@
 """The export pipeline: single-job exports in one transaction, and durable range exports.
 
-Single-job export: one ``START TRANSACTION WITH CONSISTENT SNAPSHOT`` reads the job and records the
-export; the file is durable under its final name before the COMMIT and removed only once its record
-is known not to exist (a COMMIT whose answer was lost is looked up first, see :mod:`repositories.database`).
+Single-job export: one transaction share-locks and reads the job and records the export (the lock
+orders it against a DELETE of the job, which deletes the job's exports in its own transaction); the
+file is durable under its final name before the COMMIT and removed only once its record is known not
+to exist (a COMMIT whose answer was lost is looked up first, see :mod:`repositories.database`).
 The unit is retried from BEGIN on transient errors (see :mod:`repositories.database`).
 
 Range export: a row in ``exports`` (state ``queued``) that the background worker of some service
@@ -33,9 +34,17 @@ from exports.columns import ColumnSelection, parse_columns
 from exports.files import StorageFull, temp_files
 from exports.formats import CsvColumns, CsvTooWide, ExportRow, FormatWriter, make_writer
 from exports.store import ExportStore, ExportWriter, StoreError, download_name, open_store
-from observability.metrics import EXPORT_BYTES, EXPORT_DURATION, EXPORT_ROWS, EXPORTS
+from observability.metrics import EXPORT_BYTES, EXPORT_DELETIONS, EXPORT_DURATION, EXPORT_ROWS, EXPORTS
 from repositories.database import CommitOutcomeUnknown, Connection, Database, DatabaseUnavailable
-from repositories.exports import Export, ExportParameters, ExportRepository
+from repositories.exports import (
+    FINISHED_STATES,
+    PENDING_STATES,
+    Export,
+    ExportNotFound,
+    ExportParameters,
+    ExportRepository,
+    lock_job_shared,
+)
 from repositories.job_results import (
     JobResultNotFound,
     JobResultRepository,
@@ -56,6 +65,14 @@ STORE_SWEEP_EVERY_S = 300.0
 
 class LeaseLost(Exception):
     """Another worker took over this range export (our lease expired)."""
+
+
+class ExportCancelled(LeaseLost):
+    """The range export was cancelled (``DELETE`` or ``POST .../cancel``) while this worker ran it."""
+
+
+class ExportNotCancellable(Exception):
+    """``POST .../cancel`` of an export that already finished; ``str()`` is its state as clients see it."""
 
 
 class ExportTooLarge(Exception):
@@ -176,6 +193,7 @@ class ExportService:
         self.store = store if store is not None else open_store(settings)
         self.owner = new_owner()
         self.lease = timedelta(seconds=settings.export_lease_s)
+        self.retention = timedelta(days=settings.export_retention_days)
         # Renewing also records progress (rows_written), so renew at least every second.
         self._renew_every = min(settings.export_lease_s / 3, 1.0)
         self._wake = asyncio.Event()
@@ -209,6 +227,10 @@ class ExportService:
 
         async def unit(conn: Connection) -> Export:
             begun = utcnow()
+            # A locking read first: a concurrent DELETE of the job (which marks the job's exports deleted
+            # in its own unit) waits for this unit, or this unit waits for it and finds no job. The read
+            # view of the plain read below starts after the lock, so it sees the locked row.
+            await lock_job_shared(conn, job_id)
             stored = await JobResultRepository(conn).get(job_id)
             export_id = new_export_id()
             extension, data = await asyncio.to_thread(
@@ -232,14 +254,13 @@ class ExportService:
                 object_key=self._object_key(file),
                 created_at=begun,
                 started_at=begun,
-                finished_at=utcnow(),
+                finished_at=(finished := utcnow()),
                 attempts=1,
+                expires_at=finished + self.retention,
             )
 
         try:
-            export = await self.db.run(
-                emitting(unit, lambda done: export_event(done, state="succeeded")), snapshot=True
-            )
+            export = await self.db.run(emitting(unit, lambda done: export_event(done, state="succeeded")))
         except BaseException as exc:
             # A file goes only when its record is known not to exist: a retried attempt's always (it
             # was rolled back, or its lost COMMIT was found not to have landed), the last one's unless
@@ -314,6 +335,7 @@ class ExportService:
 
         Raises:
             StorageFull: the disk is full (the export is recorded as failed).
+            ExportCancelled: it was cancelled through the API while it ran (no file is left).
         """
         now = utcnow()
         export = await self.db.run(
@@ -340,6 +362,8 @@ class ExportService:
         except (StoreError, ExportTooLarge, CsvTooWide) as exc:
             await self._settle(export, "fail", str(exc))
             raise
+        except ExportCancelled:
+            raise  # cancelled through the API meanwhile: nothing to settle, no file left
         except BaseException:
             await asyncio.shield(self._settle(export, "fail", INTERNAL_ERROR_MESSAGE))
             raise
@@ -357,6 +381,8 @@ class ExportService:
         started = time.perf_counter()
         try:
             rows, size = await self.write_range(export)
+        except ExportCancelled:
+            log.info("export.cancelled", export_id=export.export_id, kind="range")
         except LeaseLost:
             log.warning("export.lease_lost", export_id=export.export_id)
         except StorageFull:
@@ -398,7 +424,9 @@ class ExportService:
         async def unit(conn: Connection) -> bool:
             repo = ExportRepository(conn)
             return await (
-                repo.fail(export, self.owner, error) if action == "fail" else repo.requeue(export, self.owner)
+                repo.fail(export, self.owner, error, retention=self.retention)
+                if action == "fail"
+                else repo.requeue(export, self.owner)
             )
 
         try:
@@ -488,6 +516,9 @@ class ExportService:
             lambda conn: ExportRepository(conn).renew(export, self.owner, self.lease, rows_written), transaction=False
         )
         if not renewed:
+            current = await self.db.run(lambda conn: ExportRepository(conn).get(export.export_id), transaction=False)
+            if current.state in ("cancelled", "deleted"):
+                raise ExportCancelled(export.export_id)
             raise LeaseLost(export.export_id)
         return now + self._renew_every
 
@@ -505,6 +536,8 @@ class ExportService:
         async def unit(conn: Connection) -> None:
             repo = ExportRepository(conn)
             if not await repo.lock_owned(export, self.owner):
+                if (await repo.get(export.export_id)).state in ("cancelled", "deleted"):
+                    raise ExportCancelled(export.export_id)  # the cancel won the race: nothing is renamed
                 raise LeaseLost(export.export_id)
             committed.append(await file.commit())
             size, sha256 = committed[0]
@@ -518,6 +551,7 @@ class ExportService:
                 sha256=sha256,
                 file_name=download_name(export.export_id, extension, export.compression),
                 object_key=self._object_key(file),
+                retention=self.retention,
             )
             if not recorded:
                 raise LeaseLost(export.export_id)
@@ -541,6 +575,81 @@ class ExportService:
                         await file.discard()
             raise
         return committed[0][0]
+
+    # --- deletion and cancellation ------------------------------------------------------------
+
+    async def delete_export(self, export_id: str, visible_to: str | None, *, cancel_only: bool = False) -> Export:
+        """``DELETE /v1/exports/{id}``: cancel a queued or running export, delete a finished one.
+
+        In one unit under the export's row lock: queued/running -> ``cancelled`` (a worker running it
+        stops at its next lease renewal, within about a second, and leaves no file; the conditional
+        ``UPDATE`` that would mark it succeeded changes no row); succeeded (expired too) or failed ->
+        ``deleted``; cancelled or deleted stay as they are (idempotent). The file of a deleted export is
+        removed after the COMMIT; if that fails or the process dies first, the purge removes it.
+        With ``cancel_only`` (``POST .../cancel``) a succeeded, failed or deleted export is refused.
+        ``visible_to``: with visibility ``own``, the only requester whose exports may be touched.
+
+        Returns the record as committed.
+
+        Raises:
+            ExportNotFound: no such export, or another requester's (visibility ``own``).
+            ExportNotCancellable: ``cancel_only`` and the export already finished; ``str()`` names its state.
+            DatabaseUnavailable: retries ran out.
+        """
+        changes: list[str] = []
+
+        async def unit(conn: Connection) -> Export:
+            changes.clear()
+            repo = ExportRepository(conn)
+            export = await repo.lock(export_id)
+            if visible_to is not None and export.requested_by != visible_to:
+                raise ExportNotFound(export_id)
+            if export.state in PENDING_STATES:
+                await repo.cancel(export, retention=self.retention)
+                changes.append("cancelled")
+            elif cancel_only:
+                if export.state != "cancelled":
+                    raise ExportNotCancellable(export.visible_state(utcnow()))
+            elif export.state in FINISHED_STATES:
+                await repo.mark_deleted(export, retention=self.retention)
+                changes.append("deleted")
+                return export
+            return await repo.get(export_id) if changes else export
+
+        before = await self.db.run(unit)
+        if changes == ["cancelled"]:
+            EXPORTS.labels(before.kind, before.format, "cancelled").inc()
+            log.info("export.cancel_requested", export_id=export_id)
+            return before
+        if changes == ["deleted"]:
+            EXPORT_DELETIONS.labels(before.kind, "request").inc()
+            log.info("export.deleted", export_id=export_id)
+            await self.remove_deleted_files([before])
+            return await self.db.run(lambda conn: ExportRepository(conn).get(export_id), transaction=False)
+        return before
+
+    async def job_exports_deleted(self, exports: Sequence[Export]) -> None:
+        """After a job's DELETE committed: count its cascaded exports and remove their files."""
+        for export in exports:
+            EXPORT_DELETIONS.labels(export.kind, "job_deleted").inc()
+        log.info("export.deleted_with_job", count=len(exports))
+        await self.remove_deleted_files(exports)
+
+    async def remove_deleted_files(self, exports: Sequence[Export]) -> None:
+        """Remove the files of exports just marked ``deleted`` (after their COMMIT) and record it.
+
+        A failure is logged and left to the purge (the record's ``purge_at`` is still due).
+        """
+        for export in exports:
+            try:
+                if export.stored_key:
+                    await self.store.remove(export.stored_key)
+                await self._record_file_removed(export)
+            except (StoreError, DatabaseUnavailable, CommitOutcomeUnknown) as exc:
+                log.warning("export.file_removal_deferred", export_id=export.export_id, error=type(exc).__name__)
+
+    async def _record_file_removed(self, export: Export) -> None:
+        await self.db.run(lambda conn: ExportRepository(conn).file_removed(export), transaction=False)
 
     # --- housekeeping and the worker loop -----------------------------------------------------
 

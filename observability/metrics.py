@@ -75,7 +75,14 @@ DB_RETRIES = Counter(
 )
 RATE_LIMITED = Counter("jobresults_rate_limited_requests_total", "Requests refused with 429.", ["scope"])
 EXPORTS = Counter(
-    "jobresults_exports_total", "Exports finished, by kind, format and state.", ["kind", "format", "state"]
+    "jobresults_exports_total",
+    "Exports finished, by kind, format and state (succeeded, failed, cancelled).",
+    ["kind", "format", "state"],
+)
+EXPORT_DELETIONS = Counter(
+    "jobresults_export_deletions_total",
+    "Exports deleted, by kind and cause: request (DELETE /v1/exports/{id}) or job_deleted (the cascade).",
+    ["kind", "cause"],
 )
 EXPORT_ROWS = Counter("jobresults_export_rows_total", "Rows written to export files.", ["format"])
 EXPORT_BYTES = Counter("jobresults_export_bytes_total", "Bytes of export files written.", ["format"])

@@ -18,9 +18,14 @@ from typing import Any, Literal
 import msgspec
 
 from repositories.database import Connection
-from repositories.job_results import utcnow
+from repositories.job_results import JobResultNotFound, utcnow
 
-ExportState = Literal["queued", "running", "succeeded", "failed"]
+ExportState = Literal["queued", "running", "succeeded", "failed", "cancelled", "deleted"]
+"""States as stored. ``expired`` is not stored: a succeeded export past ``expires_at`` reads as expired."""
+PENDING_STATES = ("queued", "running")
+"""States a DELETE (or ``/cancel``) cancels."""
+FINISHED_STATES = ("succeeded", "failed")
+"""States a DELETE deletes (file and all)."""
 ExportKind = Literal["job", "range"]
 
 
@@ -77,20 +82,39 @@ class Export(msgspec.Struct, frozen=True):
     finished_at: datetime | None
     object_key: str | None = None
     """The object in the ``s3`` store (``<prefix><export_id>/<attempt>.<ext>``); None for local files."""
+    expires_at: datetime | None = None
+    """When a finished export expires (naive UTC); None while it is queued or running."""
+    purge_at: datetime | None = None
+    """When the purge next has work on it (see migration 0010); None: nothing to do."""
+
+    def visible_state(self, now: datetime) -> str:
+        """The state clients see at ``now`` (naive UTC): ``expired`` for a succeeded export past ``expires_at``.
+
+        Computed at read time, so expiry is enforced before the purge has removed anything.
+        """
+        if self.state == "succeeded" and self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return self.state
+
+    @property
+    def stored_key(self) -> str | None:
+        """The store key of its file or object (``object_key`` in ``s3``, ``file_name`` locally), if any."""
+        return self.object_key or self.file_name
 
 
 _COLUMNS = (
     "id, export_id, kind, format, compression, parameters, state, rows_written, bytes, sha256, file_name, "
-    "error, requested_by, attempts, lease_owner, lease_until, created_at, started_at, finished_at, object_key"
+    "error, requested_by, attempts, lease_owner, lease_until, created_at, started_at, finished_at, object_key, "
+    "expires_at, purge_at"
 )
 _PARAMS_DECODER = msgspec.json.Decoder(ExportParameters)
 _ENCODER = msgspec.json.Encoder()
 
 SQL_INSERT = (
-    f"INSERT INTO exports ({_COLUMNS}) VALUES (NULL, %(export_id)s, %(kind)s, %(format)s, %(compression)s, "  # noqa: S608
+    f"INSERT INTO exports ({_COLUMNS}, job_id) VALUES (NULL, %(export_id)s, %(kind)s, %(format)s, %(compression)s, "  # noqa: S608
     "%(parameters)s, %(state)s, %(rows_written)s, %(bytes)s, %(sha256)s, %(file_name)s, NULL, %(requested_by)s, "
     "%(attempts)s, %(lease_owner)s, %(lease_until)s, %(created_at)s, %(started_at)s, %(finished_at)s, "
-    "%(object_key)s)"
+    "%(object_key)s, %(expires_at)s, %(expires_at)s, %(job_id)s)"
 )
 SQL_GET = f"SELECT {_COLUMNS} FROM exports WHERE export_id = %(export_id)s"  # noqa: S608
 CLAIM_CANDIDATES = 8
@@ -122,18 +146,36 @@ SQL_LOCK_OWNED = "SELECT id FROM exports WHERE id = %(id)s AND state = 'running'
 SQL_SUCCEED = (
     "UPDATE exports SET state = 'succeeded', rows_written = %(rows_written)s, bytes = %(bytes)s, "
     "sha256 = %(sha256)s, file_name = %(file_name)s, object_key = %(object_key)s, error = NULL, "
-    "lease_owner = NULL, lease_until = NULL, "
+    "lease_owner = NULL, lease_until = NULL, expires_at = %(expires_at)s, purge_at = %(expires_at)s, "
     "finished_at = %(now)s WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s "
     "AND attempts = %(attempts)s"
 )
 SQL_FAIL = (
     "UPDATE exports SET state = 'failed', error = %(error)s, lease_owner = NULL, lease_until = NULL, "
-    "finished_at = %(now)s WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s"
+    "expires_at = %(expires_at)s, purge_at = %(expires_at)s, finished_at = %(now)s "
+    "WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s"
 )
 SQL_REQUEUE = (
     "UPDATE exports SET state = 'queued', lease_owner = NULL, lease_until = NULL, rows_written = 0 "
     "WHERE id = %(id)s AND state = 'running' AND lease_owner = %(owner)s"
 )
+
+
+SQL_LOCK_JOB_SHARED = "SELECT id FROM job_results WHERE job_id = %(job_id)s LOCK IN SHARE MODE"
+
+
+async def lock_job_shared(conn: Connection, job_id: str) -> None:
+    """Share-lock the job's row (a single-job export against a concurrent DELETE of the job).
+
+    ``LOCK IN SHARE MODE`` rather than ``FOR SHARE``: MariaDB has only the former.
+
+    Raises:
+        JobResultNotFound: no such job (now: a locking read sees the latest committed row).
+    """
+    async with conn.cursor() as cur:
+        await cur.execute(SQL_LOCK_JOB_SHARED, {"job_id": job_id})
+        if await cur.fetchone() is None:
+            raise JobResultNotFound(job_id)
 
 
 def _export(row: tuple[Any, ...]) -> Export:
@@ -158,6 +200,8 @@ def _export(row: tuple[Any, ...]) -> Export:
         started_at=row[17],
         finished_at=row[18],
         object_key=row[19],
+        expires_at=row[20],
+        purge_at=row[21],
     )
 
 
@@ -188,10 +232,12 @@ class ExportRepository:
         lease_until: datetime | None = None,
         created_at: datetime | None = None,
         object_key: str | None = None,
+        expires_at: datetime | None = None,
     ) -> Export:
         """Record an export and return it as stored (``lease_*`` to record it already claimed).
 
-        ``created_at`` defaults to now (naive UTC).
+        ``created_at`` defaults to now (naive UTC). A finished export (single-job exports are inserted
+        succeeded) needs its ``expires_at``; the purge takes it up then (``purge_at``).
 
         The record is built from the inserted values and the new ``AUTO_INCREMENT`` id rather than read
         back: every column is stored as given (``DATETIME(6)`` keeps the microseconds, strict SQL mode
@@ -218,6 +264,8 @@ class ExportRepository:
             "lease_owner": lease_owner,
             "lease_until": lease_until,
             "object_key": object_key,
+            "expires_at": expires_at,
+            "job_id": parameters.job_id,
         }
         async with self.conn.cursor() as cur:
             await cur.execute(SQL_INSERT, params)
@@ -243,6 +291,8 @@ class ExportRepository:
             started_at=started_at,
             finished_at=finished_at,
             object_key=object_key,
+            expires_at=expires_at,
+            purge_at=expires_at,
         )
 
     async def get(self, export_id: str) -> Export:
@@ -263,14 +313,21 @@ class ExportRepository:
     ) -> list[Export]:
         """Exports newest first (keyset on ``id``), at most ``limit``.
 
-        Only those with ``id < before_id`` and requested by ``requested_by``, when given.
+        Only those with ``id < before_id``, requested by ``requested_by`` and in ``state`` (as clients
+        see it: ``expired`` is a succeeded export past ``expires_at``, ``succeeded`` one before it), when given.
         """
         where: list[str] = []
         params: dict[str, object] = {"limit": limit}
         if requested_by is not None:
             where.append("requested_by = %(requested_by)s")
             params["requested_by"] = requested_by
-        if state is not None:
+        if state == "expired":
+            where.append("state = 'succeeded' AND expires_at <= %(now)s")
+            params["now"] = utcnow()
+        elif state == "succeeded":
+            where.append("state = 'succeeded' AND (expires_at IS NULL OR expires_at > %(now)s)")
+            params["now"] = utcnow()
+        elif state is not None:
             where.append("state = %(state)s")
             params["state"] = state
         if before_id is not None:
@@ -370,9 +427,14 @@ class ExportRepository:
         size: int,
         sha256: str,
         file_name: str,
+        retention: timedelta,
         object_key: str | None = None,
     ) -> bool:
-        """Mark the export succeeded and record its file or object; False if ``owner`` lost its lease."""
+        """Mark the export succeeded and record its file or object; False if ``owner`` lost its lease.
+
+        It expires ``retention`` from now (the finish), and a cancelled export is never marked.
+        """
+        now = utcnow()
         params = {
             "id": export.id,
             "owner": owner,
@@ -382,15 +444,17 @@ class ExportRepository:
             "file_name": file_name,
             "object_key": object_key,
             "attempts": export.attempts,
-            "now": utcnow(),
+            "now": now,
+            "expires_at": now + retention,
         }
         async with self.conn.cursor() as cur:
             changed = await cur.execute(SQL_SUCCEED, params)
         return bool(changed)
 
-    async def fail(self, export: Export, owner: str, error: str) -> bool:
-        """Mark the export failed with a message safe to show clients."""
-        params = {"id": export.id, "owner": owner, "error": error[:255], "now": utcnow()}
+    async def fail(self, export: Export, owner: str, error: str, *, retention: timedelta) -> bool:
+        """Mark the export failed with a message safe to show clients; its record expires ``retention`` from now."""
+        now = utcnow()
+        params = {"id": export.id, "owner": owner, "error": error[:255], "now": now, "expires_at": now + retention}
         async with self.conn.cursor() as cur:
             changed = await cur.execute(SQL_FAIL, params)
         return bool(changed)
@@ -425,3 +489,100 @@ class ExportRepository:
             await cur.execute(sql, params)
             rows = await cur.fetchall()
         return {row[0]: (row[1], int(row[2]), row[3]) for row in rows}
+
+    # --- lifecycle: cancellation, deletion, the cascade from a deleted job, the purge -----------
+
+    async def lock(self, export_id: str) -> Export:
+        """The export with this public id, row-locked (``FOR UPDATE``, inside a transaction).
+
+        Raises:
+            ExportNotFound: no such export.
+        """
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_GET + " FOR UPDATE", {"export_id": export_id})
+            row = await cur.fetchone()
+        if row is None:
+            raise ExportNotFound(export_id)
+        return _export(row)
+
+    async def cancel(self, export: Export, *, retention: timedelta) -> bool:
+        """Mark a queued or running export ``cancelled``; False if it is neither any more.
+
+        Its lease is dropped, so the worker's next renewal, and the conditional ``UPDATE`` that would mark
+        it succeeded, change no row. The record expires ``retention`` from now.
+        """
+        now = utcnow()
+        async with self.conn.cursor() as cur:
+            changed = await cur.execute(SQL_CANCEL, {"id": export.id, "now": now, "expires_at": now + retention})
+        return bool(changed)
+
+    async def mark_deleted(self, export: Export, *, retention: timedelta) -> bool:
+        """Mark a succeeded or failed export ``deleted``, its file due for removal now; False otherwise.
+
+        The record stays (state ``deleted``) until its ``expires_at`` (set now + ``retention`` if it had none).
+        """
+        now = utcnow()
+        params = {"id": export.id, "now": now, "expires_at": now + retention}
+        async with self.conn.cursor() as cur:
+            changed = await cur.execute(SQL_MARK_DELETED, params)
+        return bool(changed)
+
+    async def delete_job_exports(self, job_id: str, *, retention: timedelta) -> Sequence[Export]:
+        """Mark every succeeded single-job export of ``job_id`` ``deleted`` (the cascade of a job's DELETE).
+
+        Returns them as they were (their files are to be removed after the COMMIT; the purge removes
+        what that misses). Run it in the unit that deletes the job.
+        """
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_JOB_EXPORTS, {"job_id": job_id})
+            found = [_export(row) for row in await cur.fetchall()]
+            if found:
+                now = utcnow()
+                for export in found:
+                    await cur.execute(SQL_MARK_DELETED, {"id": export.id, "now": now, "expires_at": now + retention})
+        return found
+
+    async def file_removed(self, export: Export) -> None:
+        """Record that a deleted export's file is gone: the purge next looks at it at its ``expires_at``."""
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_FILE_REMOVED, {"id": export.id})
+
+    async def due_for_purge(self, now: datetime, limit: int) -> Sequence[Export]:
+        """Up to ``limit`` exports whose ``purge_at`` is not after ``now``, oldest first (index ``purge_at``)."""
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_DUE, {"now": now, "limit": limit})
+            rows = await cur.fetchall()
+        return [_export(row) for row in rows]
+
+    async def oldest_due(self, now: datetime) -> datetime | None:
+        """The earliest ``purge_at`` not after ``now`` (the purge lag's start), or None if nothing is due."""
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_OLDEST_DUE, {"now": now})
+            row = await cur.fetchone()
+        return row[0] if row else None
+
+    async def purge_record(self, export: Export) -> bool:
+        """Delete the record if its ``purge_at`` is still the one read (nobody changed it meanwhile)."""
+        async with self.conn.cursor() as cur:
+            changed = await cur.execute(SQL_PURGE_RECORD, {"id": export.id, "seen": export.purge_at})
+        return bool(changed)
+
+
+SQL_CANCEL = (
+    "UPDATE exports SET state = 'cancelled', lease_owner = NULL, lease_until = NULL, finished_at = %(now)s, "
+    "expires_at = %(expires_at)s, purge_at = %(expires_at)s WHERE id = %(id)s AND state IN ('queued', 'running')"
+)
+SQL_MARK_DELETED = (
+    "UPDATE exports SET state = 'deleted', expires_at = COALESCE(expires_at, %(expires_at)s), purge_at = %(now)s "
+    "WHERE id = %(id)s AND state IN ('succeeded', 'failed')"
+)
+SQL_JOB_EXPORTS = (
+    f"SELECT {_COLUMNS} FROM exports WHERE job_id = %(job_id)s AND kind = 'job' AND state = 'succeeded' FOR UPDATE"  # noqa: S608
+)
+SQL_FILE_REMOVED = (
+    "UPDATE exports SET file_name = NULL, object_key = NULL, purge_at = expires_at "
+    "WHERE id = %(id)s AND state = 'deleted'"
+)
+SQL_DUE = f"SELECT {_COLUMNS} FROM exports WHERE purge_at <= %(now)s ORDER BY purge_at LIMIT %(limit)s"  # noqa: S608
+SQL_OLDEST_DUE = "SELECT MIN(purge_at) FROM exports WHERE purge_at <= %(now)s"
+SQL_PURGE_RECORD = "DELETE FROM exports WHERE id = %(id)s AND purge_at <=> %(seen)s"

@@ -21,7 +21,12 @@ from repositories.database import Connection
 from repositories.job_results import utcnow
 
 EventType = Literal[
-    "export.succeeded", "export.failed", "job_result.created", "job_result.replaced", "job_result.deleted"
+    "export.succeeded",
+    "export.failed",
+    "export.expired",
+    "job_result.created",
+    "job_result.replaced",
+    "job_result.deleted",
 ]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 """Event types a webhook may subscribe to."""

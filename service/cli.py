@@ -162,7 +162,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from exports.columns import InvalidColumn, parse_columns, split_cli_list
     from exports.files import StorageFull
     from exports.formats import CsvTooWide
-    from exports.pipeline import ExportTooLarge
+    from exports.pipeline import ExportCancelled, ExportTooLarge
     from exports.store import StoreError
     from observability.logging import configure_logging
     from repositories.exports import ExportParameters
@@ -212,6 +212,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 1
     except StorageFull:
         print("jobresults: not enough storage for the export file", file=sys.stderr)
+        return 1
+    except ExportCancelled:
+        print("jobresults: the export was cancelled (DELETE /v1/exports/{id}); no file was written", file=sys.stderr)
         return 1
     except (StoreError, ExportTooLarge, CsvTooWide) as exc:
         print(f"jobresults: {exc}", file=sys.stderr)

@@ -93,3 +93,18 @@ def export_event(
         return ("export.succeeded", data)
     data["error"] = error
     return ("export.failed", data)
+
+
+def export_expired(export: Export) -> Event:
+    """``export.expired``: the purge removed an expired export's file and record (``export_url`` is gone)."""
+    data: dict[str, Any] = {
+        "export_id": export.export_id,
+        "kind": export.kind,
+        "format": export.format,
+        "compression": export.compression,
+        "state": "expired",
+        "expires_at": format_timestamp(export.expires_at) if export.expires_at else None,
+    }
+    if export.parameters.job_id is not None:
+        data["job_id"] = export.parameters.job_id
+    return ("export.expired", data)

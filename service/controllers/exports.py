@@ -6,11 +6,12 @@ import base64
 import binascii
 import re
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated, Any, Literal, cast
 
 import msgspec
 import structlog
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.handlers.base import BaseRouteHandler
@@ -21,10 +22,11 @@ from litestar.response import Stream
 from exports.columns import MAX_COLUMNS, ColumnSelection, InvalidColumn, parse_columns
 from exports.files import StorageFull
 from exports.formats import CsvTooWide
-from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService, ExportTooLarge
+from exports.pipeline import STORAGE_FULL_MESSAGE, ExportNotCancellable, ExportService, ExportTooLarge
 from exports.store import ExportStore, ObjectMissing, StoreError
 from repositories.database import Database
 from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository, TooManyPendingExports
+from repositories.job_results import utcnow
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
 from service.json_fidelity import check_document
 from service.methods import is_head
@@ -36,7 +38,7 @@ log = structlog.get_logger("jobresults.exports")
 
 Format = Literal["json", "ndjson", "csv"]
 Compression = Literal["none", "gzip"]
-ExportState = Literal["queued", "running", "succeeded", "failed"]
+ExportState = Literal["queued", "running", "succeeded", "failed", "cancelled", "deleted", "expired"]
 EXPORT_ID = re.compile(r"[0-9a-f]{32}")
 MEDIA_TYPES = {
     "json": "application/json",
@@ -47,6 +49,8 @@ EXPORT_WRITE_SCOPES = ("exports:write", "results:read")
 """Creating an export needs both: an export hands out job results, so it needs the right to read them."""
 PENDING_RETRY_AFTER_S = 5
 """``Retry-After`` of a range export refused because its key has too many queued or running."""
+GONE_STATES = ("expired", "deleted")
+"""States whose content is 410 Gone: it existed and is no longer served."""
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
@@ -124,18 +128,22 @@ class ExportRecord(msgspec.Struct, omit_defaults=True):
     requested_by: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    expires_at: str | None = None
+    """When the export expires (its content is then 410 Gone): ``JOBRESULTS_EXPORT_RETENTION_DAYS`` after it
+    finished; absent while it is queued or running."""
     content_url: str | None = None
 
     @classmethod
-    def build(cls, export: Export) -> ExportRecord:
-        """From a stored export."""
+    def build(cls, export: Export, now: datetime | None = None) -> ExportRecord:
+        """From a stored export; ``state`` as of ``now`` (naive UTC, default now): see :meth:`Export.visible_state`."""
         params = export.parameters
+        state = export.visible_state(now or utcnow())
         return cls(
             export_id=export.export_id,
             kind=export.kind,  # type: ignore[arg-type]
             format=export.format,  # type: ignore[arg-type]
             compression=export.compression,  # type: ignore[arg-type]
-            state=export.state,  # type: ignore[arg-type]
+            state=state,  # type: ignore[arg-type]
             rows_written=export.rows_written,
             created_at=format_timestamp(export.created_at),
             job_id=params.job_id,
@@ -149,7 +157,8 @@ class ExportRecord(msgspec.Struct, omit_defaults=True):
             requested_by=export.requested_by,
             started_at=format_timestamp(export.started_at) if export.started_at else None,
             finished_at=format_timestamp(export.finished_at) if export.finished_at else None,
-            content_url=f"/v1/exports/{export.export_id}/content" if export.state == "succeeded" else None,
+            expires_at=format_timestamp(export.expires_at) if export.expires_at else None,
+            content_url=f"/v1/exports/{export.export_id}/content" if state == "succeeded" else None,
         )
 
 
@@ -209,6 +218,24 @@ async def _get_export(db: Database, export_id: str, request: Request[Any, Any, A
     if owner is not None and export.requested_by != owner:
         raise not_found
     return export
+
+
+async def _delete_or_cancel(
+    request: Request[Any, Any, Any], exports: ExportService, export_id: str, *, cancel_only: bool
+) -> Export:
+    not_found = ApiError(404, f"no export with id {export_id!r}", slug="export-not-found")
+    if not EXPORT_ID.fullmatch(export_id):
+        raise not_found
+    try:
+        return await exports.delete_export(export_id, _visible_to(request), cancel_only=cancel_only)
+    except ExportNotFound:
+        raise not_found from None
+    except ExportNotCancellable as exc:
+        raise ApiError(
+            409,
+            f"the export is {exc}; only a queued or running export can be cancelled (DELETE deletes a finished one)",
+            slug="export-finished",
+        ) from None
 
 
 class JobExportController(Controller):
@@ -323,6 +350,52 @@ class ExportController(Controller):
         """State, progress (rows written so far), size, sha256 and, once succeeded, the content URL."""
         return ExportRecord.build(await _get_export(db, export_id, request))
 
+    @delete(
+        "/{export_id:str}",
+        opt={"scope": "exports:write"},
+        status_code=200,
+        summary="Delete an export, or cancel it while it is queued or running",
+        description=(
+            "A queued or running export is cancelled (state `cancelled`): a worker running it stops within "
+            "about a second and leaves no file. A succeeded (or expired) or failed export is deleted (state "
+            "`deleted`): its file or object is removed and its content is 410 Gone from then on. Idempotent: "
+            "a cancelled or deleted export is answered 200 with its record, unchanged. The record stays "
+            "listable until it expires, then the purge removes it (404). With "
+            "`JOBRESULTS_EXPORTS_VISIBILITY=own`, only the key that requested the export may delete it "
+            "(404 for others)."
+        ),
+        responses=problem_responses(401, 403, 404, 429, 503),
+    )
+    async def delete_export(
+        self,
+        request: Request[Any, Any, Any],
+        exports: NamedDependency[ExportService],
+        export_id: Annotated[str, PathParameter(description="Export id.")],
+    ) -> ExportRecord:
+        """200 with the record as it is now (``cancelled`` or ``deleted``)."""
+        return ExportRecord.build(await _delete_or_cancel(request, exports, export_id, cancel_only=False))
+
+    @post(
+        "/{export_id:str}/cancel",
+        opt={"scope": "exports:write"},
+        status_code=200,
+        summary="Cancel a queued or running export",
+        description=(
+            "200 with the record, state `cancelled` (also when it was cancelled already). A worker running it "
+            "stops within about a second and leaves no file. 409 if the export already finished (succeeded, "
+            "failed, expired or deleted): use `DELETE` to delete a finished export."
+        ),
+        responses=problem_responses(401, 403, 404, 409, 429, 503),
+    )
+    async def cancel_export(
+        self,
+        request: Request[Any, Any, Any],
+        exports: NamedDependency[ExportService],
+        export_id: Annotated[str, PathParameter(description="Export id.")],
+    ) -> ExportRecord:
+        """200 with the cancelled record."""
+        return ExportRecord.build(await _delete_or_cancel(request, exports, export_id, cancel_only=True))
+
     @get(
         "/",
         opt={"scope": "exports:read"},
@@ -366,16 +439,17 @@ class ExportController(Controller):
         description=(
             "Streams the file with `Content-Disposition: attachment` and `ETag` (its sha256). Supports "
             "`Range: bytes=...` (206, or 416), `If-Range` and `If-None-Match`. 409 while the export is not "
-            "finished. gzip exports are served as `application/gzip` (the file itself is gzip). With "
+            "finished (and for a failed or cancelled one), 410 Gone once it expired or was deleted. gzip "
+            "exports are served as `application/gzip` (the file itself is gzip). With "
             "`JOBRESULTS_EXPORTS_DOWNLOAD=redirect`, answers 302 to a presigned URL of the object instead, "
-            "valid for `JOBRESULTS_EXPORTS_URL_TTL_S` seconds."
+            "valid for `JOBRESULTS_EXPORTS_URL_TTL_S` seconds but never past the export's `expires_at`."
         ),
         responses={
             302: ResponseSpec(data_container=None, description="Found: `Location` is a short-lived presigned URL"),
             206: ResponseSpec(
                 data_container=bytes, description="Partial Content", media_type="application/octet-stream"
             ),
-            **problem_responses(401, 403, 404, 409, 416, 429, 503),
+            **problem_responses(401, 403, 404, 409, 410, 416, 429, 503),
             304: ResponseSpec(data_container=None, description="Not Modified (If-None-Match)"),
         },
     )
@@ -389,12 +463,16 @@ class ExportController(Controller):
         if_range: Annotated[str | None, HeaderParameter(name="If-Range")] = None,
         if_none_match: Annotated[str | None, HeaderParameter(name="If-None-Match")] = None,
     ) -> Response[bytes]:
-        """The export's file, whole or one byte range (RFC 9110 section 14)."""
+        """The export's file, whole or one byte range (RFC 9110 section 14); 410 once expired or deleted."""
         export = await _get_export(db, export_id, request)
-        if export.state != "succeeded" or not export.file_name or export.sha256 is None:
+        now = utcnow()
+        state = export.visible_state(now)
+        if state in GONE_STATES:
+            raise _gone(export, state)
+        if state != "succeeded" or not export.file_name or export.sha256 is None:
             raise ApiError(
                 409,
-                f"the export is {export.state}; its content is available once it succeeded",
+                f"the export is {state}; its content is available once it succeeded",
                 slug="export-not-ready",
             )
         settings = request.app.state.settings
@@ -415,7 +493,9 @@ class ExportController(Controller):
             try:
                 # A HEAD follows the redirect with HEAD, which a URL signed for GET refuses (403)
                 url = await store.presigned_url(
-                    export.object_key, settings.exports_url_ttl_s, "HEAD" if is_head(request.scope) else "GET"
+                    export.object_key,
+                    _url_ttl(export, now, settings.exports_url_ttl_s),
+                    "HEAD" if is_head(request.scope) else "GET",
                 )
             except StoreError as exc:
                 raise _store_failed(exc) from None
@@ -451,6 +531,27 @@ class ExportController(Controller):
         return Stream(  # type: ignore[return-value]
             _read(store, key, start, end + 1), status_code=status, media_type=media_type, headers=headers
         )
+
+
+def _gone(export: Export, state: str) -> ApiError:
+    if state == "deleted":
+        return ApiError(410, "the export was deleted; its file is gone", slug="export-deleted")
+    expired = format_timestamp(export.expires_at) if export.expires_at else "its expiry"
+    return ApiError(410, f"the export expired at {expired}; request a new one", slug="export-expired")
+
+
+def _url_ttl(export: Export, now: datetime, ttl_s: int) -> int:
+    """Seconds a presigned URL may be valid: the setting, but never past the export's ``expires_at``.
+
+    Raises:
+        ApiError: 410 when less than a second is left (a URL would outlive the export).
+    """
+    if export.expires_at is None:
+        return ttl_s
+    left = int((export.expires_at - now).total_seconds())
+    if left < 1:
+        raise _gone(export, "expired")
+    return min(ttl_s, left)
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | Literal["ignore"] | None:

@@ -15,7 +15,9 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIFormat
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 
+from exports.pipeline import ExportService
 from repositories.database import Connection, Database, TooLargeForDatabase
+from repositories.exports import Export, ExportRepository
 from repositories.job_results import (
     Cursor,
     Document,
@@ -370,18 +372,24 @@ class JobResultController(Controller):
         "/{job_id:str}",
         opt={"scope": "results:write"},
         summary="Delete a job result",
-        description="`If-Match: <etag>` deletes only if unchanged (412 otherwise).",
+        description=(
+            "`If-Match: <etag>` deletes only if unchanged (412 otherwise). The job's single-job exports are "
+            "deleted with it (state `deleted`, content 410 Gone); range exports keep their data until they "
+            "expire or are deleted."
+        ),
         responses=problem_responses(400, 401, 403, 404, 412, 429, 503),
     )
     async def delete_job_result(
         self,
         db: NamedDependency[Database],
+        exports: NamedDependency[ExportService],
         job_id: Annotated[str, PathParameter(description=JOB_ID_RULE)],
         if_match: Annotated[str | None, HeaderParameter(name="If-Match")] = None,
     ) -> None:
-        """Delete the job result; 204, or 404 if there is none."""
+        """Delete the job result and its single-job exports; 204, or 404 if there is none."""
         checked_job_id(job_id)
         match_tags = entity_tags(if_match, weak=False)
+        cascaded: list[Export] = []
 
         async def unit(conn: Connection) -> None:
             repo = JobResultRepository(conn)
@@ -393,8 +401,12 @@ class JobResultController(Controller):
                 if match_tags != "*" and etag_of(current) not in match_tags:
                     raise PreconditionFailed(job_id)
             await repo.delete(job_id)
+            # In the same unit: the job's exports are deleted with it (files go after the COMMIT).
+            cascaded[:] = await ExportRepository(conn).delete_job_exports(job_id, retention=exports.retention)
 
         await db.run(emitting(unit, lambda _: job_result_deleted(job_id)))
+        if cascaded:
+            await exports.job_exports_deleted(cascaded)
 
     @put("/", include_in_schema=False, opt={"scope": "results:write", "advertised": False})
     async def put_without_id(self) -> None:

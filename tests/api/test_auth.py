@@ -41,6 +41,8 @@ OPERATIONS = [
     ),
     ("GET", "/v1/exports", None, "exports:read"),
     ("GET", "/v1/exports/" + "0" * 32, None, "exports:read"),
+    ("DELETE", "/v1/exports/" + "0" * 32, None, "exports:write"),
+    ("POST", "/v1/exports/" + "0" * 32 + "/cancel", None, "exports:write"),
     ("GET", "/metrics", None, "metrics:read"),
 ]
 

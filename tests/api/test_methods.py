@@ -17,7 +17,8 @@ ALLOW = {
     "/v1/job-results/{job}": "GET, HEAD, PUT, DELETE, OPTIONS",
     "/v1/job-results/{job}/exports": "POST, OPTIONS",
     "/v1/exports": "GET, HEAD, POST, OPTIONS",
-    "/v1/exports/" + "0" * 32: "GET, HEAD, OPTIONS",
+    "/v1/exports/" + "0" * 32: "GET, HEAD, DELETE, OPTIONS",
+    "/v1/exports/" + "0" * 32 + "/cancel": "POST, OPTIONS",
     "/v1/exports/" + "0" * 32 + "/content": "GET, HEAD, OPTIONS",
     "/schema/openapi.json": "GET, HEAD, OPTIONS",
 }

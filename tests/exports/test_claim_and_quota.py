@@ -64,7 +64,7 @@ async def _claim(db: Database, owner: str) -> Export | None:
 async def _finish(db: Database, export: Export, owner: str) -> None:
     async def unit(conn: Connection) -> bool:
         return await ExportRepository(conn).succeed(
-            export, owner, rows_written=0, size=0, sha256="0" * 64, file_name="x.ndjson"
+            export, owner, rows_written=0, size=0, sha256="0" * 64, file_name="x.ndjson", retention=timedelta(days=30)
         )
 
     assert await db.run(unit)

@@ -1,0 +1,139 @@
+"""The purge task of exports: files and records of expired and deleted exports, in small batches.
+
+It follows the purge runner's task protocol (:class:`PurgeTask`, from the retention work of issue 14:
+``service/purge.py`` runs every task under one lease per deployment). Each row says when the purge has
+work on it (``exports.purge_at``, indexed, see migration 0010):
+
+* a finished export (succeeded, failed, cancelled, deleted) at its ``expires_at``: its file or object
+  goes first, then its record, in a unit that also queues ``export.expired`` for an export that had
+  succeeded (the moment it expired for good: the event announces that its file is gone);
+* a ``deleted`` export whose file the API did not get to remove after its COMMIT (the process died,
+  or the store failed) at once: its file goes, and the record stays (state ``deleted``) until its
+  ``expires_at``.
+
+A file goes before its record, so a crash in between leaves a record whose file is already gone
+(removed again next time: missing is fine), never a file without a record. Each record is deleted by
+a conditional ``DELETE`` naming the ``purge_at`` it read, so a change made meanwhile (a DELETE of an
+export that was just expiring) wins, and the row is looked at again in a later batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+import structlog
+
+from exports.store import ExportStore, StoreError, download_name
+from repositories.database import Connection, Database
+from repositories.exports import Export, ExportRepository
+from service.webhook_events import emitting, export_expired
+
+log = structlog.get_logger("jobresults.purge")
+
+
+@dataclass
+class PurgeBatch:
+    """What one batch removed (or, in a dry run, would remove).
+
+    Attributes:
+        rows: rows handled: records deleted, plus deleted exports whose file was removed (their
+            record stays until it expires).
+        bytes: bytes of the files and objects removed.
+        items: one line per row, e.g. ``export 3f2a...: expired succeeded export, file 1234 bytes``.
+    """
+
+    rows: int = 0
+    bytes: int = 0
+    items: list[str] = field(default_factory=list)
+
+
+class PurgeTask(Protocol):
+    """One kind of data the purge runner removes in batches (``service/purge.py``)."""
+
+    name: str
+
+    async def purge_batch(self, db: Database, now: datetime, limit: int, *, dry_run: bool) -> PurgeBatch:
+        """Remove at most ``limit`` rows due at ``now`` (naive UTC); with ``dry_run``, only say what would go."""
+        ...
+
+    async def oldest_due(self, db: Database, now: datetime) -> datetime | None:
+        """When the oldest row due at ``now`` became due (the purge lag), or None if none is due."""
+        ...
+
+
+class ExportPurge:
+    """:class:`PurgeTask` of exports, for either store (``local`` files, ``s3`` objects)."""
+
+    name = "exports"
+
+    def __init__(self, store: ExportStore) -> None:
+        self.store = store
+
+    async def oldest_due(self, db: Database, now: datetime) -> datetime | None:
+        """The earliest ``purge_at`` not after ``now`` (one index look-up), or None."""
+        return await db.run(lambda conn: ExportRepository(conn).oldest_due(now), transaction=False)
+
+    async def purge_batch(self, db: Database, now: datetime, limit: int, *, dry_run: bool) -> PurgeBatch:
+        """Handle up to ``limit`` due exports, oldest due first (see the module docstring).
+
+        A file the store fails to remove is logged and skipped: its row stays due and is tried again
+        in a later batch. Never raises for one export's store failure; database errors propagate.
+        """
+        due = await db.run(lambda conn: ExportRepository(conn).due_for_purge(now, limit), transaction=False)
+        batch = PurgeBatch()
+        for export in due:
+            record_goes = export.expires_at is None or export.expires_at <= now
+            size = (export.bytes or 0) if export.stored_key else 0
+            what = _describe(export, now, record_goes, size)
+            if dry_run:
+                batch.rows += 1
+                batch.bytes += size
+                batch.items.append(what)
+                continue
+            try:
+                await self._remove_file(export)
+            except StoreError as exc:
+                log.warning("purge.file_removal_failed", export_id=export.export_id, error=type(exc).__name__)
+                continue
+            if record_goes:
+                if not await db.run(_purge_unit(export)):
+                    continue  # changed meanwhile (e.g. deleted): due again, looked at in a later batch
+            else:
+                await db.run(_file_removed_unit(export), transaction=False)
+            batch.rows += 1
+            batch.bytes += size
+            batch.items.append(what)
+        return batch
+
+    async def _remove_file(self, export: Export) -> None:
+        key = export.stored_key
+        if key is None and self.store.kind == "local" and export.state != "succeeded":
+            # A local attempt whose COMMIT was in doubt may have left its final file unrecorded
+            # (exports/pipeline.py keeps it then); its name follows from the record. Missing is fine.
+            key = download_name(export.export_id, export.format, export.compression)
+        if key is not None:
+            await self.store.remove(key)
+
+
+def _purge_unit(export: Export) -> Callable[[Connection], Awaitable[bool]]:
+    async def unit(conn: Connection) -> bool:
+        return await ExportRepository(conn).purge_record(export)
+
+    return emitting(unit, lambda done: export_expired(export) if done and export.state == "succeeded" else None)
+
+
+def _file_removed_unit(export: Export) -> Callable[[Connection], Awaitable[None]]:
+    async def unit(conn: Connection) -> None:
+        await ExportRepository(conn).file_removed(export)
+
+    return unit
+
+
+def _describe(export: Export, now: datetime, record_goes: bool, size: int) -> str:
+    state = export.visible_state(now)
+    file = f"file {size} bytes" if export.stored_key else "no file"
+    action = "record and file" if record_goes else "file (record kept until it expires)"
+    return f"export {export.export_id}: {state} {export.kind} export, {file}; removes {action}"
