@@ -48,6 +48,7 @@ from service.schemas import (
     BatchItemResult,
     BatchResult,
     BatchWrite,
+    JobResultWrite,
     etag_of,
     format_timestamp,
     is_valid_job_id,
@@ -94,6 +95,8 @@ class CheckedItem:
     document: Document
     match_tags: Tags
     none_match_tags: Tags
+    size: int
+    """Upper bound of the document's bytes in a statement (escaped)."""
 
 
 class _Refusals:
@@ -267,7 +270,7 @@ def _check_item(index: int, data: bytes, refusals: _Refusals, *, in_thread: bool
     none_match_tags = entity_tags(item.if_none_match)
     text = memoryview(item.result).tobytes().decode("utf-8")  # UTF-8 checked above
     document: Document = EscapedText(text) if in_thread else text
-    return CheckedItem(index, item.job_id, item, document, match_tags, none_match_tags)
+    return CheckedItem(index, item.job_id, item, document, match_tags, none_match_tags, _escaped_size(data))
 
 
 class BatchPreconditionFailed(ApiError):
@@ -306,6 +309,50 @@ def _written(item: CheckedItem, meta: JobResultMeta, created: bool) -> BatchItem
     )
 
 
+MULTI_ROW_FIELDS = ("status", "result")
+"""The PUT body fields :meth:`JobResultRepository.create_many` stores. While the PUT body has exactly
+these, new rows without a condition are inserted with multi-row statements; a PUT body with more
+fields sends every item through :func:`store_write` (correct, one round trip or more per item) until
+``create_many`` stores the new fields too."""
+MULTI_ROW_BYTES = 4 * 1024 * 1024
+"""Escaped document bytes per multi-row ``INSERT`` at most (half ``max_allowed_packet`` when that is less)."""
+MULTI_ROW_ROWS = 500
+"""Rows per multi-row ``INSERT`` at most."""
+
+
+async def _create_new_rows(
+    repo: JobResultRepository, items: list[CheckedItem], max_packet: int | None
+) -> dict[int, tuple[JobResultMeta, bool]]:
+    """Insert the items that create a job result with multi-row ``INSERT`` statements; by index, what was made.
+
+    Only items without a condition whose job id does not exist yet; a statement that meets a job id
+    created meanwhile (1062) inserts nothing, and its items are left to :func:`store_write`.
+    """
+    if JobResultWrite.__struct_fields__ != MULTI_ROW_FIELDS:
+        return {}
+    plain = [item for item in items if item.match_tags is None and item.none_match_tags is None]
+    if len(plain) < 2:
+        return {}
+    taken = await repo.existing([item.job_id for item in plain])
+    fresh = [item for item in plain if item.job_id not in taken]
+    budget = MULTI_ROW_BYTES if max_packet is None else min(MULTI_ROW_BYTES, max_packet // 2)
+    done: dict[int, tuple[JobResultMeta, bool]] = {}
+    start = 0
+    while start < len(fresh):
+        end, size = start, 0
+        while end < len(fresh) and end - start < MULTI_ROW_ROWS and (end == start or size + fresh[end].size <= budget):
+            size += fresh[end].size
+            end += 1
+        chunk = fresh[start:end]
+        start = end
+        try:
+            metas = await repo.create_many([(item.job_id, item.write.status, item.document) for item in chunk])
+        except JobResultExists:
+            continue
+        done.update((item.index, (meta, True)) for item, meta in zip(chunk, metas, strict=True))
+    return done
+
+
 @post(
     BATCH_PATH,
     opt={"scope": "results:write"},
@@ -331,6 +378,7 @@ async def post_job_results_batch(request: Request[Any, Any, Any], db: NamedDepen
     """Check every item, then store them all in one unit of work; see the module docstring."""
     require_json_body(request)
     body = await request.body()
+    max_packet: int | None = None
     if len(body) <= INLINE_CHECK_BYTES:
         checked = check_batch(body, None)
     else:
@@ -343,17 +391,17 @@ async def post_job_results_batch(request: Request[Any, Any, Any], db: NamedDepen
 
     async def unit(conn: Connection) -> list[tuple[CheckedItem, JobResultMeta, bool]]:
         repo = JobResultRepository(conn)
-        written = []
+        done = await _create_new_rows(repo, in_id_order, max_packet)
         for item in in_id_order:
+            if item.index in done:
+                continue
             try:
-                meta, created = await store_write(
+                done[item.index] = await store_write(
                     repo, item.job_id, item.write, item.document, item.match_tags, item.none_match_tags
                 )
             except (StoredPreconditionFailed, JobResultExists):
                 raise BatchPreconditionFailed(item) from None
-            written.append((item, meta, created))
-        written.sort(key=lambda entry: entry[0].index)
-        return written
+        return [(item, *done[item.index]) for item in checked]
 
     written = await db.run(emitting_each(unit, lambda rows: [job_result_event((meta, new)) for _, meta, new in rows]))
     return BatchResult(items=[_written(item, meta, created) for item, meta, created in written])
