@@ -321,20 +321,15 @@ MULTI_ROW_ROWS = 500
 
 
 async def _create_new_rows(
-    repo: JobResultRepository, items: list[CheckedItem], max_packet: int | None
+    repo: JobResultRepository, fresh: list[CheckedItem], max_packet: int | None
 ) -> dict[int, tuple[JobResultMeta, bool]]:
-    """Insert the items that create a job result with multi-row ``INSERT`` statements; by index, what was made.
+    """Insert ``fresh`` (items without a condition whose job id was not stored) with multi-row ``INSERT``s.
 
-    Only items without a condition whose job id does not exist yet; a statement that meets a job id
-    created meanwhile (1062) inserts nothing, and its items are left to :func:`store_write`.
+    Returns, by item index, what was created. A statement that meets a job id created meanwhile
+    (1062) inserts nothing, and its items are left to :func:`store_write`.
     """
-    if JobResultWrite.__struct_fields__ != MULTI_ROW_FIELDS:
+    if JobResultWrite.__struct_fields__ != MULTI_ROW_FIELDS or len(fresh) < 2:
         return {}
-    plain = [item for item in items if item.match_tags is None and item.none_match_tags is None]
-    if len(plain) < 2:
-        return {}
-    taken = await repo.existing([item.job_id for item in plain])
-    fresh = [item for item in plain if item.job_id not in taken]
     budget = MULTI_ROW_BYTES if max_packet is None else min(MULTI_ROW_BYTES, max_packet // 2)
     done: dict[int, tuple[JobResultMeta, bool]] = {}
     start = 0
@@ -391,13 +386,21 @@ async def post_job_results_batch(request: Request[Any, Any, Any], db: NamedDepen
 
     async def unit(conn: Connection) -> list[tuple[CheckedItem, JobResultMeta, bool]]:
         repo = JobResultRepository(conn)
-        done = await _create_new_rows(repo, in_id_order, max_packet)
+        plain = [item for item in in_id_order if item.match_tags is None and item.none_match_tags is None]
+        taken = await repo.existing([item.job_id for item in plain]) if len(plain) > 1 else set()
+        done = await _create_new_rows(repo, [item for item in plain if item.job_id not in taken], max_packet)
         for item in in_id_order:
             if item.index in done:
                 continue
             try:
                 done[item.index] = await store_write(
-                    repo, item.job_id, item.write, item.document, item.match_tags, item.none_match_tags
+                    repo,
+                    item.job_id,
+                    item.write,
+                    item.document,
+                    item.match_tags,
+                    item.none_match_tags,
+                    likely_exists=item.job_id in taken,
                 )
             except (StoredPreconditionFailed, JobResultExists):
                 raise BatchPreconditionFailed(item) from None

@@ -215,12 +215,16 @@ async def store_write(
     text: Document,
     match_tags: Tags = None,
     none_match_tags: Tags = None,
+    *,
+    likely_exists: bool = False,
 ) -> tuple[JobResultMeta, bool]:
     """Store one checked write inside a unit of work: ``(meta, created)``. PUT and batch items use it.
 
     ``text`` is ``write.result`` checked for fidelity. ``none_match_tags == "*"`` creates only;
     ``match_tags`` replaces only if the current ETag is among them (RFC 9110 section 13.1.1); other
     ``none_match_tags`` replace only if it is not. The decision is taken under the row lock.
+    ``likely_exists`` (an unconditional write to a job id just seen stored) tries the UPDATE first,
+    saving the INSERT that would fail.
 
     Raises:
         PreconditionFailed, JobResultExists: the condition does not hold (412).
@@ -239,6 +243,11 @@ async def store_write(
         if isinstance(none_match_tags, set) and etag_of(current) in none_match_tags:
             raise PreconditionFailed(job_id)
         return await repo.replace(job_id, write.status, text), False
+    if likely_exists:
+        try:
+            return await repo.replace(job_id, write.status, text), False
+        except JobResultNotFound:
+            pass  # deleted since it was seen: create it
     return await repo.upsert(job_id, write.status, text)
 
 

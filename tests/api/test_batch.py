@@ -19,6 +19,8 @@ from config.settings import Settings
 from repositories.database import Database
 from repositories.job_results import JobResultExists, JobResultRepository
 from repositories.webhooks import EVENT_TYPES
+from service.controllers.job_results import store_write
+from service.schemas import JobResultWrite
 from tests.api.test_large_put import same_loop_client
 from tests.conftest import REALDATA
 from tests.support.database import connect
@@ -447,3 +449,19 @@ async def test_create_many_inserts_every_row_or_none(db: Database, database_url:
         stored = await db.run(lambda conn, job_id=job_id: JobResultRepository(conn).get_meta(job_id))  # type: ignore[misc]
         assert stored == meta
         assert (meta.job_id, meta.status, meta.version) == (job_id, status, 1)
+
+
+async def test_a_job_seen_stored_but_deleted_since_is_created(db: Database) -> None:
+    """``likely_exists`` only saves a round trip: a row deleted in between is created, not lost."""
+    [job_id] = ids(1)
+    write = JobResultWrite(status="failed", result=msgspec.Raw(b"[1]"))
+    meta, created = await db.run(
+        lambda conn: store_write(JobResultRepository(conn), job_id, write, "[1]", likely_exists=True)
+    )
+    assert created
+    assert meta.version == 1
+    meta, created = await db.run(
+        lambda conn: store_write(JobResultRepository(conn), job_id, write, "[1]", likely_exists=True)
+    )
+    assert not created
+    assert meta.version == 2
