@@ -175,6 +175,14 @@ def _split(body: bytes) -> list[bytes]:
         end = start + len(raw)
         pos = end if start >= 0 and source[start:end] == memoryview(raw).tobytes() else -1
         spans.append((start, end))
+    if pos < 0 or _ENVELOPE_TAIL.fullmatch(source, pos) is None:
+        raise ApiError(
+            422,
+            "cannot be stored faithfully: $.items: duplicate object key; each key may appear once "
+            '(the body must be one object with the single member "items", its name written plainly)',
+            slug="unfaithful-json",
+            json_path="$.items",
+        )
     return [body[start:end] for start, end in spans]
 
 
