@@ -19,6 +19,7 @@ from config.settings import Settings
 from repositories.database import Database
 from repositories.job_results import JobResultExists, JobResultRepository
 from repositories.webhooks import EVENT_TYPES
+from service.controllers.batch import MULTI_ROW_FIELDS
 from service.controllers.job_results import store_write
 from service.schemas import JobResultWrite
 from tests.api.test_large_put import same_loop_client
@@ -465,3 +466,15 @@ async def test_a_job_seen_stored_but_deleted_since_is_created(db: Database) -> N
     )
     assert not created
     assert meta.version == 2
+
+
+def test_multi_row_inserts_store_every_field_of_the_put_body() -> None:
+    """New rows skip ``store_write`` only while ``create_many`` stores every PUT body field.
+
+    A field added to ``JobResultWrite`` makes every batch item go through ``store_write`` (correct,
+    but one round trip or more per row) until ``create_many`` stores it and ``MULTI_ROW_FIELDS`` names it.
+    """
+    assert JobResultWrite.__struct_fields__ == MULTI_ROW_FIELDS, (
+        "JobResultWrite has new fields: store them in JobResultRepository.create_many, then list them in "
+        "service.controllers.batch.MULTI_ROW_FIELDS (until then batches write row by row)"
+    )
