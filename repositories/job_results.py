@@ -7,7 +7,7 @@ Repositories work on a connection handed to them by the unit of work
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
 import aiomysql
@@ -125,6 +125,8 @@ SQL_INSERT = (
     "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) "
     "VALUES (%(job_id)s, %(status)s, %(result)s, 1, %(now)s, %(now)s)"
 )
+SQL_INSERT_MANY = "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) VALUES "
+_INSERT_ROW = "(%s, %s, %s, 1, %s, %s)"
 SQL_UPDATE = (
     "UPDATE job_results SET status = %(status)s, result_data = %(result)s, "
     "version = version + 1, updated_at = %(now)s WHERE job_id = %(job_id)s"
@@ -209,6 +211,52 @@ class JobResultRepository:
                 raise
             row_id = cur.lastrowid
         return JobResultMeta(id=row_id, job_id=job_id, status=status, version=1, created_at=now, updated_at=now)
+
+    async def create_many(self, rows: Sequence[tuple[str, str, Document]]) -> builtins.list[JobResultMeta]:
+        """Insert new job results ``(job_id, status, result)`` with one multi-row ``INSERT``, in order.
+
+        The same rows as :meth:`create` would write one by one (version 1, one timestamp for all), in
+        two round trips whatever their number: the ``INSERT``, then one read of the new rows' ids. The
+        caller keeps the statement under the server's ``max_allowed_packet``.
+
+        Raises:
+            JobResultExists: one of the job ids is taken (1062); the statement inserted nothing.
+        """
+        now = utcnow()
+        params: builtins.list[object] = []
+        for job_id, status, result in rows:
+            params += (job_id, status, _document(result), now, now)
+        sql = SQL_INSERT_MANY + ", ".join([_INSERT_ROW] * len(rows))
+        async with self.conn.cursor() as cur:
+            try:
+                await cur.execute(sql, params)
+            except pymysql.err.IntegrityError as exc:
+                if error_code(exc) == ER_DUP_ENTRY:
+                    raise JobResultExists(rows[0][0]) from None
+                raise
+            await cur.execute(
+                f"SELECT id, job_id FROM job_results WHERE job_id IN ({', '.join(['%s'] * len(rows))})",  # noqa: S608
+                [job_id for job_id, _, _ in rows],
+            )
+            ids = {
+                (job_id.decode() if isinstance(job_id, bytes) else job_id): row_id
+                for row_id, job_id in await cur.fetchall()
+            }
+        return [
+            JobResultMeta(id=ids[job_id], job_id=job_id, status=status, version=1, created_at=now, updated_at=now)
+            for job_id, status, _ in rows
+        ]
+
+    async def existing(self, job_ids: builtins.list[str]) -> set[str]:
+        """Which of ``job_ids`` have a job result (a plain read: no lock is taken)."""
+        if not job_ids:
+            return set()
+        async with self.conn.cursor() as cur:
+            await cur.execute(
+                f"SELECT job_id FROM job_results WHERE job_id IN ({', '.join(['%s'] * len(job_ids))})",  # noqa: S608
+                job_ids,
+            )
+            return {job_id.decode() if isinstance(job_id, bytes) else job_id for (job_id,) in await cur.fetchall()}
 
     async def replace(self, job_id: str, status: str, result: Document) -> JobResultMeta:
         """Replace an existing job result, bumping its version; returns the new metadata.

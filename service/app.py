@@ -24,6 +24,7 @@ from observability.logging import configure_logging
 from observability.requests import RequestObservabilityMiddleware
 from repositories.database import Database
 from service.auth import Authenticator, authorize
+from service.controllers.batch import post_job_results_batch
 from service.controllers.exports import ExportController, JobExportController
 from service.controllers.health import healthz, metrics, readyz
 from service.controllers.job_results import JobResultController
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         readyz,
         metrics,
         JobResultController,
+        post_job_results_batch,
         JobExportController,
         ExportController,
         WebhookController,

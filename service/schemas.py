@@ -112,8 +112,9 @@ class Problem(msgspec.Struct, omit_defaults=True):
     instance: str | None = None
     json_path: str | None = None
     """For 422: JSONPath of the value that cannot be stored faithfully."""
-    errors: list[dict[str, str]] | None = None
-    """For 400: one entry per invalid parameter (``name``, ``source``, ``message``)."""
+    errors: list[dict[str, str | int]] | None = None
+    """For 400: one entry per invalid parameter (``name``, ``source``, ``message``); for a refused batch,
+    one per refused item, with its ``index`` and ``job_id`` too (see ``POST /v1/job-results:batch``)."""
 
 
 def parse_timestamp(value: str | None, name: str) -> datetime | None:
@@ -140,3 +141,48 @@ def parse_timestamp(value: str | None, name: str) -> datetime | None:
             "or 2026-11-29T01:00:00+01:00, within years 0001-9999 in UTC"
         )
     return utc
+
+
+BATCH_MAX_ITEMS = 1000
+"""Most items in one ``POST /v1/job-results:batch``."""
+
+
+class BatchItem(JobResultWrite, kw_only=True, forbid_unknown_fields=True):
+    """One item of a batch: the job id, the fields of a PUT body, and optionally a PUT's condition."""
+
+    # A subclass of the PUT body: a field added to JobResultWrite is accepted, checked and stored for
+    # batch items too, with no batch-specific code.
+    job_id: JobId
+    if_match: Annotated[
+        str | None,
+        msgspec.Meta(description="As a PUT's If-Match: replace only if the stored ETag is one of these."),
+    ] = None
+    if_none_match: Annotated[
+        str | None,
+        msgspec.Meta(description="As a PUT's If-None-Match: `*` creates only; ETags: not if one of these."),
+    ] = None
+
+
+class BatchWrite(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /v1/job-results:batch``: 1 to 1,000 items, each job id at most once."""
+
+    items: Annotated[list[BatchItem], msgspec.Meta(min_length=1, max_length=BATCH_MAX_ITEMS)]
+
+
+class BatchItemResult(msgspec.Struct):
+    """What a batch did with one item (``index``: its position in the request, from 0)."""
+
+    index: int
+    job_id: JobId
+    outcome: Literal["created", "replaced"]
+    status: Literal["succeeded", "failed", "cancelled"]
+    version: int
+    etag: str
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class BatchResult(msgspec.Struct):
+    """Answer of ``POST /v1/job-results:batch``: every item stored, in request order."""
+
+    items: list[BatchItemResult]

@@ -8,7 +8,7 @@ retried unit queues it once, in the attempt that commits).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from repositories.database import Connection
@@ -38,6 +38,21 @@ def emitting(
         return result
 
     return unit_and_event
+
+
+def emitting_each(
+    unit: Callable[[Connection], Awaitable[T]], events: Callable[[T], Iterable[Event]]
+) -> Callable[[Connection], Awaitable[T]]:
+    """Like :func:`emitting`, for a unit that makes several changes: queues each of ``events(result)``."""
+
+    async def unit_and_events(conn: Connection) -> T:
+        result = await unit(conn)
+        outbox = WebhookOutbox(conn)
+        for announced in events(result):
+            await outbox.emit(*announced)
+        return result
+
+    return unit_and_events
 
 
 def job_result_data(meta: JobResultMeta) -> dict[str, Any]:

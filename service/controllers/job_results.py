@@ -206,6 +206,53 @@ async def _max_allowed_packet(request: Request[Any, Any, Any], db: Database) -> 
     return cached
 
 
+Tags = set[str] | Literal["*"] | None
+"""Parsed ``If-Match`` / ``If-None-Match`` (:func:`entity_tags`)."""
+
+
+async def store_write(
+    repo: JobResultRepository,
+    job_id: str,
+    write: JobResultWrite,
+    text: Document,
+    match_tags: Tags = None,
+    none_match_tags: Tags = None,
+    *,
+    likely_exists: bool = False,
+) -> tuple[JobResultMeta, bool]:
+    """Store one checked write inside a unit of work: ``(meta, created)``. PUT and batch items use it.
+
+    ``text`` is ``write.result`` checked for fidelity. ``none_match_tags == "*"`` creates only;
+    ``match_tags`` replaces only if the current ETag is among them (RFC 9110 section 13.1.1); other
+    ``none_match_tags`` replace only if it is not. The decision is taken under the row lock.
+    ``likely_exists`` (an unconditional write to a job id just seen stored) tries the UPDATE first,
+    saving the INSERT that would fail.
+
+    Raises:
+        PreconditionFailed, JobResultExists: the condition does not hold (412).
+    """
+    if none_match_tags == "*":
+        return await repo.create(job_id, write.status, text), True
+    if match_tags is not None or none_match_tags:
+        try:
+            current = await repo.lock_meta(job_id)
+        except JobResultNotFound:
+            if match_tags is not None:
+                raise PreconditionFailed(job_id) from None
+            return await repo.create(job_id, write.status, text), True
+        if match_tags not in (None, "*") and etag_of(current) not in match_tags:
+            raise PreconditionFailed(job_id)
+        if isinstance(none_match_tags, set) and etag_of(current) in none_match_tags:
+            raise PreconditionFailed(job_id)
+        return await repo.replace(job_id, write.status, text), False
+    if likely_exists:
+        try:
+            return await repo.replace(job_id, write.status, text), False
+        except JobResultNotFound:
+            pass  # deleted since it was seen: create it
+    return await repo.upsert(job_id, write.status, text)
+
+
 class JobResultController(Controller):
     """``/v1/job-results``: one JSON document per job id."""
 
@@ -251,22 +298,7 @@ class JobResultController(Controller):
         none_match_tags = entity_tags(if_none_match)
 
         async def unit(conn: Connection) -> tuple[JobResultMeta, bool]:
-            repo = JobResultRepository(conn)
-            if none_match_tags == "*":
-                return await repo.create(job_id, write.status, text), True
-            if match_tags is not None or none_match_tags:
-                try:
-                    current = await repo.lock_meta(job_id)
-                except JobResultNotFound:
-                    if match_tags is not None:
-                        raise PreconditionFailed(job_id) from None
-                    return await repo.create(job_id, write.status, text), True
-                if match_tags not in (None, "*") and etag_of(current) not in match_tags:
-                    raise PreconditionFailed(job_id)
-                if isinstance(none_match_tags, set) and etag_of(current) in none_match_tags:
-                    raise PreconditionFailed(job_id)
-                return await repo.replace(job_id, write.status, text), False
-            return await repo.upsert(job_id, write.status, text)
+            return await store_write(JobResultRepository(conn), job_id, write, text, match_tags, none_match_tags)
 
         meta, created = await db.run(emitting(unit, job_result_event))
         headers = {"ETag": etag_of(meta)}
