@@ -17,6 +17,7 @@ from litestar.static_files import create_static_files_router
 
 from config.settings import Settings
 from exports.pipeline import ExportService
+from exports.waits import ExportWaits
 from observability.logging import configure_logging
 from observability.requests import RequestObservabilityMiddleware
 from repositories.database import Database
@@ -86,7 +87,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             if settings.rate_limit_enabled
             else None
         )
-        exports = ExportService(db, settings)
+        waits = ExportWaits(db, settings)
+        waits.start()
+        app.state.export_waits = waits
+        exports = ExportService(db, settings, on_settled=waits.settled)
         app.state.exports = exports
         if settings.export_worker:
             exports.start()
@@ -103,6 +107,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             await exports.stop()
+            await waits.stop()
             await webhooks.stop()
             await db.close()
 

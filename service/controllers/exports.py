@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -22,6 +23,7 @@ from exports.files import StorageFull
 from exports.formats import CsvTooWide
 from exports.pipeline import STORAGE_FULL_MESSAGE, ExportService, ExportTooLarge
 from exports.store import ExportStore, ObjectMissing, StoreError
+from exports.waits import PENDING_STATES, ExportWaits, TooManyWaiters
 from repositories.database import Database
 from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository, TooManyPendingExports
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
@@ -44,6 +46,8 @@ MEDIA_TYPES = {
 }  # Litestar appends "; charset=utf-8" to text/*
 EXPORT_WRITE_SCOPES = ("exports:write", "results:read")
 """Creating an export needs both: an export hands out job results, so it needs the right to read them."""
+WAIT_MAX_S = 60
+"""The longest ``wait`` of ``GET /v1/exports/{export_id}`` (seconds)."""
 PENDING_RETRY_AFTER_S = 5
 """``Retry-After`` of a range export refused because its key has too many queued or running."""
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
@@ -172,6 +176,53 @@ async def _get_export(db: Database, export_id: str, request: Request[Any, Any, A
     return export
 
 
+async def _wait_for_export(request: Request[Any, Any, Any], db: Database, export_id: str, wait_s: int) -> Export:
+    """The export once it left ``queued``/``running``, or after ``wait_s`` seconds as it is then.
+
+    Two reads (at the start, and after a wake-up or at the deadline) and no connection held between.
+    The client hanging up ends the wait (:class:`ClientGone`, logged as 499).
+
+    Raises:
+        ApiError: 404 (as :func:`_get_export`), 503 ``too-many-waiters``.
+        ClientGone: the client disconnected.
+    """
+    waits: ExportWaits = request.app.state.export_waits
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    try:
+        with waits.waiting(export_id) as waiter:
+            watcher = asyncio.ensure_future(_until_disconnect(request))
+            try:
+                export = await _get_export(db, export_id, request)
+                while export.state in PENDING_STATES:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    woken = await waiter.wait(remaining, watcher)
+                    export = await _get_export(db, export_id, request)
+                    if not woken:
+                        break
+                return export
+            finally:
+                watcher.cancel()
+    except TooManyWaiters as exc:
+        raise ApiError(
+            503,
+            f"this server holds {exc.limit} waiting requests already (JOBRESULTS_EXPORT_WAIT_MAX); "
+            "retry, or read the export without wait",
+            slug="too-many-waiters",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+async def _until_disconnect(request: Request[Any, Any, Any]) -> None:
+    """Return when the client disconnects (ASGI ``http.disconnect``); the request has no body to read."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 class JobExportController(Controller):
     """``POST /v1/job-results/{job_id}/exports``: export one job's result synchronously."""
 
@@ -264,16 +315,33 @@ class ExportController(Controller):
         "/{export_id:str}",
         opt={"scope": "exports:read"},
         summary="Read an export's state and progress",
-        responses=problem_responses(401, 403, 404, 429, 503),
+        description=(
+            "With `wait=N` (whole seconds, 0..60), a long poll: the answer comes as soon as the export is "
+            "no longer `queued` or `running` (whichever replica finished it), or after N seconds with its "
+            "state then. The waiting request holds no database connection. Each process holds at most "
+            "`JOBRESULTS_EXPORT_WAIT_MAX` (1000) waiting requests; one more is 503 `too-many-waiters` "
+            "with `Retry-After`."
+        ),
+        responses=problem_responses(400, 401, 403, 404, 429, 503),
     )
     async def get_export(
         self,
         request: Request[Any, Any, Any],
         db: NamedDependency[Database],
         export_id: Annotated[str, PathParameter(description="Export id.")],
+        wait: Annotated[
+            int,
+            QueryParameter(
+                ge=0,
+                le=WAIT_MAX_S,
+                description=("Long poll: wait up to this many seconds (0..60) for the export to leave queued/running."),
+            ),
+        ] = 0,
     ) -> ExportRecord:
         """State, progress (rows written so far), size, sha256 and, once succeeded, the content URL."""
-        return ExportRecord.build(await _get_export(db, export_id, request))
+        if wait == 0:
+            return ExportRecord.build(await _get_export(db, export_id, request))
+        return ExportRecord.build(await _wait_for_export(request, db, export_id, wait))
 
     @get(
         "/",
