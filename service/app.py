@@ -26,6 +26,7 @@ from service.controllers.exports import ExportController, JobExportController
 from service.controllers.health import healthz, metrics, readyz
 from service.controllers.job_results import JobResultController
 from service.controllers.webhooks import WebhookController
+from service.idempotency import IdempotencyKeys
 from service.methods import HeadMiddleware, allow_table
 from service.openapi import APP_STATIC_DIR, SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
 from service.problems import EXCEPTION_HANDLERS
@@ -87,6 +88,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             if settings.rate_limit_enabled
             else None
         )
+        idempotency = IdempotencyKeys(db, settings.query_timeout_s)
+        app.state.idempotency = idempotency
         waits = ExportWaits(db, settings)
         waits.start()
         app.state.export_waits = waits
@@ -108,6 +111,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             await exports.stop()
             await waits.stop()
+            await idempotency.close()
             await webhooks.stop()
             await db.close()
 
