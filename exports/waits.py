@@ -112,7 +112,6 @@ class ExportWaits:
         self._count = 0
         self._poller: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
         self._publisher: redis.asyncio.Redis | None = None
         self._publishes: set[asyncio.Task[None]] = set()
         self._publish_failing = False
@@ -129,12 +128,6 @@ class ExportWaits:
                 self._redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
             )
             self._subscriber = asyncio.create_task(self._subscribe_loop(), name="export-waits-subscriber")
-
-    async def wait_subscribed(self, timeout_s: float) -> bool:
-        """Wait until the Redis subscription is in place (for tests and start-up checks); False on timeout."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), timeout_s)
-        return self._subscribed.is_set()
 
     async def stop(self) -> None:
         """Stop the subscriber and poller and close the Redis clients (waiting requests time out as usual)."""
@@ -216,28 +209,24 @@ class ExportWaits:
         failures = 0
         while True:
             client = redis.asyncio.Redis.from_url(self._redis_url, socket_connect_timeout=REDIS_TIMEOUT_S)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.channel)
-                self._subscribed.set()
-                if failures:
-                    log.info("export_waits.pubsub_recovered")
-                failures = 0
-                async for message in pubsub.listen():
-                    data = message.get("data")
-                    if message.get("type") == "message" and isinstance(data, bytes):
-                        self._wake(data.decode("ascii", "replace"), "pubsub")
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    if failures:
+                        log.info("export_waits.pubsub_recovered")
+                    failures = 0
+                    async for message in pubsub.listen():
+                        data = message.get("data")
+                        if message.get("type") == "message" and isinstance(data, bytes):
+                            self._wake(data.decode("ascii", "replace"), "pubsub")
                 raise ConnectionError("the subscription ended")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis is optional for long-polling: the poll covers
-                self._subscribed.clear()
                 failures += 1
                 if failures == 1:
                     log.warning("export_waits.pubsub_unavailable", error=type(exc).__name__)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.reset()
                 with contextlib.suppress(Exception):
                     await client.aclose()
             await asyncio.sleep(min(0.5 * 2 ** min(failures, 6), RESUBSCRIBE_MAX_S))
