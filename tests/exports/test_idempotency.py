@@ -242,9 +242,9 @@ async def test_a_claim_in_progress_is_409_and_a_dead_one_is_taken_over(
 
 
 @asynccontextmanager
-async def same_loop(settings: Settings, exports_dir: str) -> AsyncIterator[httpx.AsyncClient]:
+async def same_loop(settings: Settings, exports_dir: str, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The app on the test's event loop, so requests overlap (the Litestar test client serializes them)."""
-    app = create_app(msgspec.structs.replace(settings, exports_dir=exports_dir))
+    app = create_app(msgspec.structs.replace(settings, exports_dir=exports_dir, **overrides))
     async with app.lifespan():
         transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -283,6 +283,26 @@ async def test_concurrent_duplicates_make_one_export_and_a_key_is_sent_once(
     )
     assert 409 in statuses, "no request overlapped the first"
     assert exports_of(database_url, token) == [created[0].json()["export_id"]]
+
+
+async def test_a_5xx_releases_the_key(
+    settings: Settings, database_url: str, token: str, own: dict[str, str], exports_dir: Any, job_id: str
+) -> None:
+    """A 507 (the file would pass JOBRESULTS_EXPORT_MAX_BYTES) is not kept: the same key runs the request again."""
+    headers = {**own, "Idempotency-Key": "too-big"}
+    async with same_loop(settings, str(exports_dir), export_max_bytes=10) as client:
+        put = await client.put(
+            f"/v1/job-results/{job_id}", json={"status": "failed", "result": {"x": "y" * 100}}, headers=own
+        )
+        assert put.status_code == 201
+        refused = await client.post(f"/v1/job-results/{job_id}/exports", json={"format": "json"}, headers=headers)
+        assert refused.status_code == 507, refused.text
+        assert stored_key(database_url, token, "too-big") is None
+    async with same_loop(settings, str(exports_dir)) as client:
+        retried = await client.post(f"/v1/job-results/{job_id}/exports", json={"format": "json"}, headers=headers)
+        assert retried.status_code == 201, retried.text
+        assert "idempotent-replayed" not in retried.headers
+    assert exports_of(database_url, token) == [retried.json()["export_id"]]
 
 
 async def test_the_export_and_its_key_commit_together(

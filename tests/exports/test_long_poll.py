@@ -185,6 +185,17 @@ async def test_waiters_are_bounded_per_process(wait_settings: Settings) -> None:
         assert (await client.get(f"/v1/exports/{export_id}", params={"wait": "1"})).status_code == 200
 
 
+async def test_a_waiting_request_counts_against_the_rate_limit(wait_settings: Settings) -> None:
+    async with same_loop(wait_settings) as (client, _):
+        export_id = await _queued(client)
+        limited = {"Authorization": f"Bearer {make_token(wait_settings.database_url, rate_limit='2/minute')}"}
+        for _ in range(2):
+            waited = await client.get(f"/v1/exports/{export_id}", params={"wait": "1"}, headers=limited)
+            assert waited.status_code == 200
+        refused = await client.get(f"/v1/exports/{export_id}", params={"wait": "1"}, headers=limited)
+        assert refused.status_code == 429, refused.text
+
+
 async def test_a_client_that_hangs_up_stops_waiting(wait_settings: Settings) -> None:
     """Drive the app as Granian does when the client closes the socket while its request waits."""
     async with same_loop(wait_settings) as (client, app):
