@@ -341,7 +341,8 @@ async def test_expired_keys_are_purged(db: Database, settings: Settings, token: 
                 "claimed_at) VALUES (%s, %s, %s, %s, 'done', %s, %s)",
                 (owner, key, "0" * 64, secrets.token_hex(16), at, at),
             )
-    assert await IdempotencyKeys(db, settings.query_timeout_s).purge() >= 1
+    # The session app may purge too (after a claim of another test): judge the rows, not the count.
+    await IdempotencyKeys(db, settings.query_timeout_s).purge()
     with connect(settings.database_url) as conn, conn.cursor() as cur:
         cur.execute("SELECT idempotency_key FROM idempotency_keys WHERE owner = %s", (owner,))
         assert cur.fetchall() == (("young",),)
