@@ -269,7 +269,3 @@ class ExportWaits:
 
 def _states_of(export_ids: list[str]) -> Callable[[Connection], Awaitable[dict[str, str]]]:
     return lambda conn: ExportRepository(conn).states(export_ids)
-
-
-SettledHook = Callable[[str], None]
-"""What an :class:`exports.pipeline.ExportService` calls with an export id after settling it."""
