@@ -123,6 +123,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     (succeeded, failed or cancelled); afterwards its content is 410 Gone and the purge removes its file and
     record (1..3650)."""
     export_worker: bool = True
+    export_wait_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+    """``JOBRESULTS_EXPORT_WAIT_MAX``: long-polling requests (``GET /v1/exports/{id}?wait=N``) one process
+    holds at once; one more is refused with 503 ``too-many-waiters`` and ``Retry-After``. Granian's
+    per-worker request limit (backpressure) is raised by this much, so waiters never crowd out other requests."""
+    export_wait_poll_s: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 1.0
+    """``JOBRESULTS_EXPORT_WAIT_POLL_S``: how often one task per process reads the state of every export
+    its long-polling requests wait for (one query per 1,000 exports), the fallback for a lost Redis
+    message or a Redis outage."""
     """``JOBRESULTS_EXPORT_WORKER``: run range exports in this process's background worker."""
     auth_enabled: bool = True
     """``JOBRESULTS_AUTH_ENABLED``: require an API key on every ``/v1`` call and on ``/metrics``.

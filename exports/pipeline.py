@@ -22,7 +22,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -59,6 +59,9 @@ log = structlog.get_logger("jobresults.exports")
 
 STORAGE_FULL_MESSAGE = "not enough storage for the export file"
 INTERNAL_ERROR_MESSAGE = "the export failed because of an internal error"
+RecordedHook = Callable[[Connection, Export], Awaitable[None]]
+"""Runs inside the unit that records a new export, on its connection, with the export as it will commit
+(the idempotency-key record is completed there, so it commits or rolls back with the export)."""
 STORE_SWEEP_EVERY_S = 300.0
 """How often each worker removes the objects of lost attempts from the ``s3`` store (seconds)."""
 
@@ -184,10 +187,22 @@ async def _write_all(writer: ExportWriter, data: bytes, limit: int) -> tuple[int
 
 
 class ExportService:
-    """Runs exports for one service process. ``owner`` names this process in range-export leases."""
+    """Runs exports for one service process. ``owner`` names this process in range-export leases.
 
-    def __init__(self, db: Database, settings: Settings, store: ExportStore | None = None) -> None:
+    ``on_settled`` is called with an export id after the COMMIT that took that export out of
+    ``queued``/``running`` (the long-poll registry's :meth:`exports.waits.ExportWaits.settled`).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        store: ExportStore | None = None,
+        *,
+        on_settled: Callable[[str], None] | None = None,
+    ) -> None:
         self.db = db
+        self.on_settled = on_settled
         self.settings = settings
         self.directory = settings.exports_path
         self.store = store if store is not None else open_store(settings)
@@ -208,11 +223,14 @@ class ExportService:
         compression: str,
         requested_by: str | None,
         columns: ColumnSelection | None = None,
+        *,
+        on_recorded: RecordedHook | None = None,
     ) -> Export:
         """Export one job's result synchronously; returns the committed export record.
 
         ``columns``: the chosen columns (:func:`exports.columns.parse_columns`), recorded in the
-        export's parameters; None for all of them.
+        export's parameters; None for all of them. ``on_recorded`` runs inside the unit, after the
+        record is inserted (see :data:`RecordedHook`).
 
         Raises:
             JobResultNotFound: no such job.
@@ -239,7 +257,7 @@ class ExportService:
             file = await self.store.open_writer(export_id, 1, extension, compression, self.owner)
             size, sha256 = await _write_all(file, data, self.settings.export_max_bytes)
             files.append((export_id, file))
-            return await ExportRepository(conn).insert(
+            export = await ExportRepository(conn).insert(
                 export_id=export_id,
                 kind="job",
                 format=fmt,
@@ -258,6 +276,9 @@ class ExportService:
                 attempts=1,
                 expires_at=finished + self.retention,
             )
+            if on_recorded is not None:
+                await on_recorded(conn, export)
+            return export
 
         try:
             export = await self.db.run(emitting(unit, lambda done: export_event(done, state="succeeded")))
@@ -285,16 +306,25 @@ class ExportService:
     # --- range exports -----------------------------------------------------------------------
 
     async def enqueue_range(
-        self, parameters: ExportParameters, fmt: str, compression: str, requested_by: str | None
+        self,
+        parameters: ExportParameters,
+        fmt: str,
+        compression: str,
+        requested_by: str | None,
+        *,
+        on_recorded: RecordedHook | None = None,
     ) -> Export:
         """Record a queued range export and wake this process's worker.
+
+        ``on_recorded`` runs inside the unit, after the record is inserted (see :data:`RecordedHook`).
 
         Raises:
             TooManyPendingExports: ``requested_by`` has ``exports_max_pending_per_key`` range exports
                 queued or running already.
         """
-        export = await self.db.run(
-            lambda conn: ExportRepository(conn).enqueue(
+
+        async def unit(conn: Connection) -> Export:
+            export = await ExportRepository(conn).enqueue(
                 export_id=new_export_id(),
                 format=fmt,
                 compression=compression,
@@ -302,7 +332,11 @@ class ExportService:
                 requested_by=requested_by,
                 max_pending=self.settings.exports_max_pending_per_key,
             )
-        )
+            if on_recorded is not None:
+                await on_recorded(conn, export)
+            return export
+
+        export = await self.db.run(unit)
         self._wake.set()
         return export
 
@@ -430,7 +464,7 @@ class ExportService:
             )
 
         try:
-            await self.db.run(
+            done = await self.db.run(
                 emitting(
                     unit,
                     lambda done: (
@@ -438,6 +472,8 @@ class ExportService:
                     ),
                 )
             )
+            if done and action == "fail":
+                self._announce(export.export_id)
         except Exception:
             # The lease will expire and another worker will claim the export again.
             log.exception("export.settle_failed", export_id=export.export_id, action=action)
@@ -574,6 +610,7 @@ class ExportService:
                     else:
                         await file.discard()
             raise
+        self._announce(export.export_id)
         return committed[0][0]
 
     # --- deletion and cancellation ------------------------------------------------------------
@@ -617,6 +654,8 @@ class ExportService:
             return await repo.get(export_id) if changes else export
 
         before = await self.db.run(unit)
+        if changes:
+            self._announce(export_id)  # long-polling waiters: it left queued/running (or is gone)
         if changes == ["cancelled"]:
             EXPORTS.labels(before.kind, before.format, "cancelled").inc()
             log.info("export.cancel_requested", export_id=export_id)
@@ -650,6 +689,14 @@ class ExportService:
 
     async def _record_file_removed(self, export: Export) -> None:
         await self.db.run(lambda conn: ExportRepository(conn).file_removed(export), transaction=False)
+
+    def _announce(self, export_id: str) -> None:
+        """Tell the long-poll registry (after the COMMIT) that the export is settled."""
+        if self.on_settled is not None:
+            try:
+                self.on_settled(export_id)
+            except Exception:  # noqa: BLE001 - waiters also learn it from their poll
+                log.warning("export.announce_failed", export_id=export_id)
 
     # --- housekeeping and the worker loop -----------------------------------------------------
 

@@ -93,6 +93,25 @@ EXPORT_DURATION = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
 )
 
+EXPORT_WAITERS = Gauge(
+    "jobresults_export_waiters",
+    "Long-polling requests (GET /v1/exports/{id}?wait=N) waiting now.",
+    multiprocess_mode="livesum",
+)
+EXPORT_WAIT_POLLS = Counter(
+    "jobresults_export_wait_polls_total",
+    "Queries made by the long-poll fallback poller (one per tick and per 1,000 waited exports).",
+)
+EXPORT_WAIT_WAKEUPS = Counter(
+    "jobresults_export_wait_wakeups_total",
+    "Waited exports found settled, by source: local (this process settled it), pubsub (Redis), poll.",
+    ["source"],
+)
+IDEMPOTENT_REPLAYS = Counter(
+    "jobresults_idempotent_replays_total",
+    "POSTs answered with the stored response of an earlier request with the same Idempotency-Key.",
+)
+
 WEBHOOK_DELIVERIES = Counter(
     "jobresults_webhook_deliveries_total",
     "Webhook delivery attempts by outcome: delivered, http_error, timeout, network_error, refused.",

@@ -478,6 +478,18 @@ class ExportRepository:
             rows = await cur.fetchall()
         return {row[0]: (row[1], row[2], row[3]) for row in rows}
 
+    async def states(self, export_ids: Sequence[str]) -> dict[str, str]:
+        """``export_id -> state`` for the ids that exist (one query; for the long-poll poller)."""
+        if not export_ids:
+            return {}
+        params = {f"id{i}": export_id for i, export_id in enumerate(export_ids)}
+        placeholders = ", ".join(f"%({name})s" for name in params)
+        sql = f"SELECT export_id, state FROM exports WHERE export_id IN ({placeholders})"  # noqa: S608
+        async with self.conn.cursor() as cur:
+            await cur.execute(sql, params)
+            rows = await cur.fetchall()
+        return {row[0]: row[1] for row in rows}
+
     async def attempt_states(self, export_ids: Sequence[str]) -> dict[str, tuple[str, int, str | None]]:
         """``export_id -> (state, attempts, object_key)`` for the ids that exist (for the store sweep)."""
         if not export_ids:

@@ -20,6 +20,7 @@ from litestar.static_files import create_static_files_router
 
 from config.settings import Settings
 from exports.pipeline import ExportService
+from exports.waits import ExportWaits
 from observability.logging import configure_logging
 from observability.requests import RequestObservabilityMiddleware
 from repositories.database import Database
@@ -29,6 +30,7 @@ from service.controllers.exports import ExportController, JobExportController
 from service.controllers.health import healthz, metrics, readyz
 from service.controllers.job_results import JobResultController
 from service.controllers.webhooks import WebhookController
+from service.idempotency import IdempotencyKeys
 from service.methods import HeadMiddleware, allow_table
 from service.openapi import APP_STATIC_DIR, SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
 from service.problems import EXCEPTION_HANDLERS
@@ -99,7 +101,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             if settings.rate_limit_enabled
             else None
         )
-        exports = ExportService(db, settings)
+        idempotency = IdempotencyKeys(db, settings.query_timeout_s)
+        app.state.idempotency = idempotency
+        waits = ExportWaits(db, settings)
+        waits.start()
+        app.state.export_waits = waits
+        exports = ExportService(db, settings, on_settled=waits.settled)
         app.state.exports = exports
         if settings.export_worker:
             exports.start()
@@ -116,6 +123,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             await exports.stop()
+            await waits.stop()
+            await idempotency.close()
             await webhooks.stop()
             if app.state.rate_limiter is not None:
                 await app.state.rate_limiter.close()

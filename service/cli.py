@@ -33,6 +33,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+GRANIAN_BACKLOG = 1024
+"""Granian's default listen backlog; its default per-worker backpressure is this divided by the workers."""
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the API with Granian (``JOBRESULTS_HOST``, ``_PORT``, ``_WORKERS``)."""
     import os
@@ -73,6 +77,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         address=settings.host,
         port=settings.port,
         workers=settings.workers,
+        # Granian's default limit of concurrent requests per worker (backlog / workers), plus room for
+        # the long-polling requests a worker may hold (JOBRESULTS_EXPORT_WAIT_MAX): waiters never use up
+        # the slots other requests need.
+        backpressure=max(1, GRANIAN_BACKLOG // settings.workers) + settings.export_wait_max,
         loop=Loops.auto,
         log_access=False,
         log_level=settings.log_level,  # type: ignore[arg-type]

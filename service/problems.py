@@ -14,6 +14,7 @@ from litestar.exceptions import HTTPException, NotFoundException, ValidationExce
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ExceptionHandlersMap, Send
 
+from exports.waits import ClientGone
 from observability.requests import CLIENT_CLOSED_REQUEST, CLIENT_DISCONNECTED
 from repositories.database import CommitOutcomeUnknown, DatabaseUnavailable, SchemaNotMigrated, TooLargeForDatabase
 from repositories.job_results import JobResultExists, JobResultNotFound, PreconditionFailed
@@ -211,6 +212,11 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[byt
     return problem_response(request, 500, INTERNAL_ERROR_DETAIL)
 
 
+def _client_gone_while_waiting(request: Request[Any, Any, Any], exc: ClientGone) -> Response[bytes]:
+    log.info("http.client_disconnected", path=request.url.path, method=request.method)
+    return problem_response(request, CLIENT_CLOSED_REQUEST, "the client closed the connection", slug="client-closed")
+
+
 def _not_found(request: Request[Any, Any, Any], exc: JobResultNotFound) -> Response[bytes]:
     return problem_response(request, 404, f"no job result with job_id {exc.args[0]!r}", slug="job-result-not-found")
 
@@ -276,6 +282,7 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     TooLargeForDatabase: _too_large,
     MalformedJSON: _malformed,
     UnfaithfulJSON: _unfaithful,
+    ClientGone: _client_gone_while_waiting,
     Exception: _unexpected,
 }
 """Exception type to handler; Litestar picks the most specific entry along the MRO."""

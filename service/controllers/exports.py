@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -24,10 +25,20 @@ from exports.files import StorageFull
 from exports.formats import CsvTooWide
 from exports.pipeline import STORAGE_FULL_MESSAGE, ExportNotCancellable, ExportService, ExportTooLarge
 from exports.store import ExportStore, ObjectMissing, StoreError
+from exports.waits import PENDING_STATES, ExportWaits, TooManyWaiters
 from repositories.database import Database
 from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository, TooManyPendingExports
-from repositories.job_results import utcnow
+from repositories.job_results import JobResultNotFound, utcnow
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
+from service.idempotency import (
+    Claim,
+    IdempotencyKeys,
+    Rendered,
+    checked_key,
+    json_body,
+    request_hash,
+    run_idempotent,
+)
 from service.json_fidelity import check_document
 from service.methods import is_head
 from service.openapi import file_response
@@ -47,6 +58,8 @@ MEDIA_TYPES = {
 }  # Litestar appends "; charset=utf-8" to text/*
 EXPORT_WRITE_SCOPES = ("exports:write", "results:read")
 """Creating an export needs both: an export hands out job results, so it needs the right to read them."""
+WAIT_MAX_S = 60
+"""The longest ``wait`` of ``GET /v1/exports/{export_id}`` (seconds)."""
 PENDING_RETRY_AFTER_S = 5
 """``Retry-After`` of a range export refused because its key has too many queued or running."""
 GONE_STATES = ("expired", "deleted")
@@ -238,6 +251,92 @@ async def _delete_or_cancel(
         ) from None
 
 
+async def _wait_for_export(request: Request[Any, Any, Any], db: Database, export_id: str, wait_s: int) -> Export:
+    """The export once it left ``queued``/``running``, or after ``wait_s`` seconds as it is then.
+
+    Two reads (at the start, and after a wake-up or at the deadline) and no connection held between.
+    The client hanging up ends the wait (:class:`ClientGone`, logged as 499).
+
+    Raises:
+        ApiError: 404 (as :func:`_get_export`), 503 ``too-many-waiters``.
+        ClientGone: the client disconnected.
+    """
+    waits: ExportWaits = request.app.state.export_waits
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    try:
+        with waits.waiting(export_id) as waiter:
+            watcher = asyncio.ensure_future(_until_disconnect(request))
+            try:
+                export = await _get_export(db, export_id, request)
+                while export.state in PENDING_STATES:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    woken = await waiter.wait(remaining, watcher)
+                    export = await _get_export(db, export_id, request)
+                    if not woken:
+                        break
+                return export
+            finally:
+                watcher.cancel()
+    except TooManyWaiters as exc:
+        raise ApiError(
+            503,
+            f"this server holds {exc.limit} waiting requests already (JOBRESULTS_EXPORT_WAIT_MAX); "
+            "retry, or read the export without wait",
+            slug="too-many-waiters",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+async def _until_disconnect(request: Request[Any, Any, Any]) -> None:
+    """Return when the client disconnects (ASGI ``http.disconnect``); the request has no body to read."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+IDEMPOTENCY_KEY_DESCRIPTION = (
+    "Optional, 1-255 printable ASCII characters, scoped to the API key, kept 24 h (Stripe's semantics). "
+    "The same key with the same request (method, path, raw body) answers the first response again "
+    "(`Idempotent-Replayed: true`) and the export runs once; with another request, 422 "
+    "`idempotency-key-reused`; while the first is running, 409 `idempotency-key-in-use`. 2xx and 4xx "
+    "answers (other than 409/429) are kept; after a 5xx, 409 or 429 the key may be used again."
+)
+
+
+async def _idempotency(request: Request[Any, Any, Any], header: str | None) -> Claim | Response[bytes] | None:
+    """The request's claim on its Idempotency-Key, its replayed response, or None without a key.
+
+    Raises:
+        ApiError: 400 (invalid key), 409 (in use), 422 (reused with another request).
+    """
+    key = checked_key(request) if header is not None else None
+    if key is None:
+        return None
+    keys: IdempotencyKeys = request.app.state.idempotency
+    digest = request_hash(request.method, request.url.path, await request.body())
+    return await keys.begin(requested_by(request), key, digest)
+
+
+def _created(status: int, export: Export) -> Rendered:
+    """The response to a POST that recorded ``export``: ``(status, headers, body)``."""
+    headers = {"Location": f"/v1/exports/{export.export_id}", "Content-Type": "application/json"}
+    return status, headers, json_body(ExportRecord.build(export))
+
+
+def _response(rendered: Rendered) -> Response[bytes]:
+    status, headers, body = rendered
+    return Response(
+        content=body,
+        status_code=status,
+        headers={name: value for name, value in headers.items() if name != "Content-Type"},
+        media_type=headers["Content-Type"],
+    )
+
+
 class JobExportController(Controller):
     """``POST /v1/job-results/{job_id}/exports``: export one job's result synchronously."""
 
@@ -250,10 +349,10 @@ class JobExportController(Controller):
         summary="Export one job's result to a file",
         description=(
             "Synchronous: 201 with the export record once the file is complete and recorded. Reading the job "
-            "and recording the export happen in one transaction on one snapshot."
+            "and recording the export happen in one transaction on one snapshot. Takes `Idempotency-Key`."
         ),
         status_code=201,
-        responses=problem_responses(400, 401, 403, 404, 415, 422, 429, 503, 507),
+        responses=problem_responses(400, 401, 403, 404, 409, 415, 422, 429, 503, 507),
         guards=[json_body_guard],
     )
     async def export_job(
@@ -262,25 +361,43 @@ class JobExportController(Controller):
         exports: NamedDependency[ExportService],
         job_id: Annotated[str, PathParameter(description=JOB_ID_RULE)],
         data: JSONBody[JobExportRequest],
+        idempotency_key: Annotated[
+            str | None, HeaderParameter(name="Idempotency-Key", description=IDEMPOTENCY_KEY_DESCRIPTION)
+        ] = None,
     ) -> Response[ExportRecord]:
         """Write the job's result as ``format`` and return the export record."""
         checked_job_id(job_id)
         columns = checked_columns(data.columns)
-        try:
-            export = await exports.export_job(
-                job_id, data.format, data.compression, requested_by(request), columns=columns
-            )
-        except StorageFull:
-            raise _storage_full() from None
-        except StoreError as exc:
-            raise _store_failed(exc) from None
-        except ExportTooLarge as exc:
-            raise ApiError(507, str(exc), slug="export-too-large") from None
-        except CsvTooWide as exc:
-            raise ApiError(422, str(exc), slug="csv-too-wide") from None
-        return Response(
-            ExportRecord.build(export), status_code=201, headers={"Location": f"/v1/exports/{export.export_id}"}
-        )
+        claim = await _idempotency(request, idempotency_key)
+        if isinstance(claim, Response):
+            return cast("Response[ExportRecord]", claim)  # the stored response, replayed
+
+        def render(export: Export) -> Rendered:
+            return _created(201, export)
+
+        async def work() -> Response[bytes]:
+            try:
+                export = await exports.export_job(
+                    job_id,
+                    data.format,
+                    data.compression,
+                    requested_by(request),
+                    columns=columns,
+                    on_recorded=claim.recorder(render) if claim is not None else None,
+                )
+            except JobResultNotFound:
+                raise ApiError(404, f"no job result with job_id {job_id!r}", slug="job-result-not-found") from None
+            except StorageFull:
+                raise _storage_full() from None
+            except StoreError as exc:
+                raise _store_failed(exc) from None
+            except ExportTooLarge as exc:
+                raise ApiError(507, str(exc), slug="export-too-large") from None
+            except CsvTooWide as exc:
+                raise ApiError(422, str(exc), slug="csv-too-wide") from None
+            return _response(render(export))
+
+        return await run_idempotent(request, claim, work)
 
 
 class ExportController(Controller):
@@ -297,10 +414,11 @@ class ExportController(Controller):
             "202 Accepted with `Location: /v1/exports/{export_id}`. The export runs in the background, "
             "survives restarts, and is done when its state is `succeeded` (or `failed`). A key may have "
             "`JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY` (default 10) range exports queued or running; "
-            "one more is 429 with `Retry-After`. Workers take range exports round-robin across keys."
+            "one more is 429 with `Retry-After`. Workers take range exports round-robin across keys. Takes "
+            "`Idempotency-Key`: the queued export and the key's stored answer are recorded in one transaction."
         ),
         status_code=202,
-        responses=problem_responses(400, 401, 403, 415, 422, 429, 503),
+        responses=problem_responses(400, 401, 403, 409, 415, 422, 429, 503),
         guards=[json_body_guard],
     )
     async def create_range_export(
@@ -308,6 +426,9 @@ class ExportController(Controller):
         request: Request[Any, Any, Any],
         exports: NamedDependency[ExportService],
         data: JSONBody[RangeExportRequest],
+        idempotency_key: Annotated[
+            str | None, HeaderParameter(name="Idempotency-Key", description=IDEMPOTENCY_KEY_DESCRIPTION)
+        ] = None,
     ) -> Response[ExportRecord]:
         """Queue a range export."""
         lower = parse_timestamp(data.created_from, "created_from")
@@ -321,34 +442,65 @@ class ExportController(Controller):
             status=data.status,
             columns=columns.columns if columns is not None else None,
         )
-        try:
-            export = await exports.enqueue_range(parameters, data.format, data.compression, requested_by(request))
-        except TooManyPendingExports as exc:
-            raise ApiError(
-                429,
-                f"this key has {exc.limit} range exports queued or running, the most allowed "
-                "(JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY); retry when one has finished",
-                slug="too-many-pending-exports",
-                headers={"Retry-After": str(PENDING_RETRY_AFTER_S)},
-            ) from None
-        return Response(
-            ExportRecord.build(export), status_code=202, headers={"Location": f"/v1/exports/{export.export_id}"}
-        )
+        claim = await _idempotency(request, idempotency_key)
+        if isinstance(claim, Response):
+            return cast("Response[ExportRecord]", claim)  # the stored response, replayed
+
+        def render(export: Export) -> Rendered:
+            return _created(202, export)
+
+        async def work() -> Response[bytes]:
+            try:
+                export = await exports.enqueue_range(
+                    parameters,
+                    data.format,
+                    data.compression,
+                    requested_by(request),
+                    on_recorded=claim.recorder(render) if claim is not None else None,
+                )
+            except TooManyPendingExports as exc:
+                raise ApiError(
+                    429,
+                    f"this key has {exc.limit} range exports queued or running, the most allowed "
+                    "(JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY); retry when one has finished",
+                    slug="too-many-pending-exports",
+                    headers={"Retry-After": str(PENDING_RETRY_AFTER_S)},
+                ) from None
+            return _response(render(export))
+
+        return await run_idempotent(request, claim, work)
 
     @get(
         "/{export_id:str}",
         opt={"scope": "exports:read"},
         summary="Read an export's state and progress",
-        responses=problem_responses(401, 403, 404, 429, 503),
+        description=(
+            "With `wait=N` (whole seconds, 0..60), a long poll: the answer comes as soon as the export is "
+            "no longer `queued` or `running` (whichever replica finished it), or after N seconds with its "
+            "state then. The waiting request holds no database connection. Each process holds at most "
+            "`JOBRESULTS_EXPORT_WAIT_MAX` (1000) waiting requests; one more is 503 `too-many-waiters` "
+            "with `Retry-After`."
+        ),
+        responses=problem_responses(400, 401, 403, 404, 429, 503),
     )
     async def get_export(
         self,
         request: Request[Any, Any, Any],
         db: NamedDependency[Database],
         export_id: Annotated[str, PathParameter(description="Export id.")],
+        wait: Annotated[
+            int,
+            QueryParameter(
+                ge=0,
+                le=WAIT_MAX_S,
+                description=("Long poll: wait up to this many seconds (0..60) for the export to leave queued/running."),
+            ),
+        ] = 0,
     ) -> ExportRecord:
         """State, progress (rows written so far), size, sha256 and, once succeeded, the content URL."""
-        return ExportRecord.build(await _get_export(db, export_id, request))
+        if wait == 0:
+            return ExportRecord.build(await _get_export(db, export_id, request))
+        return ExportRecord.build(await _wait_for_export(request, db, export_id, wait))
 
     @delete(
         "/{export_id:str}",
