@@ -504,8 +504,9 @@ def page_query(
                 conds.append(f"r.job_id LIKE {sql.add(prefix)}")
             conds += [_label_probe(sql, term, "d.result_id") for term in where.labels if term is not driver]
             branches.append(
-                "SELECT d.created_at AS created_at, d.result_id AS id FROM job_result_labels d "  # noqa: S608
-                "FORCE INDEX (idx_labels_filter) STRAIGHT_JOIN job_results r FORCE INDEX (PRIMARY) ON r.id = d.result_id "
+                "SELECT d.created_at AS created_at, d.result_id AS id "  # noqa: S608
+                "FROM job_result_labels d FORCE INDEX (idx_labels_filter) "
+                "STRAIGHT_JOIN job_results r FORCE INDEX (PRIMARY) ON r.id = d.result_id "
                 f"WHERE {' AND '.join(conds)} ORDER BY d.created_at, d.result_id LIMIT {sql.add(limit)}"
             )
     else:

@@ -108,4 +108,3 @@ def build_filter(
         labels=parse_label_terms(label or (), name),
         job_id_prefix=job_id_prefix,
     )
-

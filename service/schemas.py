@@ -76,9 +76,7 @@ class JobResult(msgspec.Struct):
     labels: Labels = msgspec.field(default_factory=dict)
 
     @classmethod
-    def build(
-        cls, meta: JobResultMeta, result: bytes | msgspec.Raw, labels: dict[str, str] | None = None
-    ) -> JobResult:
+    def build(cls, meta: JobResultMeta, result: bytes | msgspec.Raw, labels: dict[str, str] | None = None) -> JobResult:
         """From stored metadata, the stored JSON text (passed through, never decoded) and the labels."""
         return cls(
             job_id=meta.job_id,

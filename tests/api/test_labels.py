@@ -62,9 +62,7 @@ async def test_too_many_labels_and_non_string_values_are_refused(client: Client,
     response = await put(client, job_id, {f"k{i}": "v" for i in range(33)})
     assert response.status_code == 400
     assert "at most 32 labels" in response.json()["detail"]
-    response = await client.put(
-        f"/v1/job-results/{job_id}", json={"status": "failed", "result": 1, "labels": {"a": 1}}
-    )
+    response = await client.put(f"/v1/job-results/{job_id}", json={"status": "failed", "result": 1, "labels": {"a": 1}})
     assert response.status_code == 400
     assert "labels" in response.json()["detail"]
 
@@ -131,7 +129,9 @@ async def listing(client: Client, params: list[tuple[str, str]], limit: int = 10
     seen: list[str] = []
     cursor = None
     while True:
-        query = [*params, ("limit", str(limit))] + ([("cursor", cursor)] if cursor else [])
+        query: list[tuple[str, str | int | float | bool | None]] = [*params, ("limit", str(limit))]
+        if cursor:
+            query.append(("cursor", cursor))
         response = await client.get("/v1/job-results", params=query)
         assert response.status_code == 200, response.text
         page = response.json()
@@ -219,7 +219,9 @@ async def test_pagination_is_exact_under_interleaved_writes(client: Client, job_
     cursor = None
     step = 0
     while True:
-        query = [*params, ("limit", "3")] + ([("cursor", cursor)] if cursor else [])
+        query: list[tuple[str, str | int | float | bool | None]] = [*params, ("limit", "3")]
+        if cursor:
+            query.append(("cursor", cursor))
         page = (await client.get("/v1/job-results", params=query)).json()
         seen += [item["job_id"] for item in page["items"]]
         cursor = page["next_cursor"]
