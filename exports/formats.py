@@ -5,7 +5,7 @@ The export pipeline asks :func:`make_writer` for a writer and streams
 pure code (no I/O) and holds the little state a stream needs, so use one writer per export.
 
 Every format writes, per job, the fields ``job_id``, ``status``, ``created_at`` and ``result``, in
-that order.
+that order; json and ndjson then add ``labels``, the job's labels as an object (``{}`` when none).
 
 ``json`` (``application/json``)
     A single-job export is one object; a range export is one array of such objects, written
@@ -101,12 +101,14 @@ class ExportRow(msgspec.Struct, frozen=True):
         created_at: RFC 3339 UTC, already formatted, e.g. ``2026-11-29T14:05:04.651170Z``.
         result: the stored JSON text as the database returned it (any JSON value; MariaDB may
             return it pretty-printed over several lines).
+        labels: the job's labels (key to value), empty when it has none.
     """
 
     job_id: str
     status: str
     created_at: str
     result: bytes
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class FormatWriter(Protocol):
@@ -137,6 +139,7 @@ class _Item(msgspec.Struct, gc=False):
     status: str
     created_at: str
     result: msgspec.Raw
+    labels: dict[str, str]
 
 
 def _decoder() -> msgspec.json.Decoder[Any]:
@@ -198,7 +201,7 @@ class JsonWriter:
         if not rows:
             return b""
         self._guard.take(len(rows))
-        items = [_Item(row.job_id, row.status, row.created_at, msgspec.Raw(row.result)) for row in rows]
+        items = [_Item(row.job_id, row.status, row.created_at, msgspec.Raw(row.result), row.labels) for row in rows]
         if self._single:
             return self._encoder.encode(items[0])
         array = self._encoder.encode(items)  # b"[a,b,...]"
@@ -241,7 +244,10 @@ class NdjsonWriter:
         self._guard.take(len(rows))
         minify = msgspec.json.format
         return self._encoder.encode_lines(
-            [_Item(row.job_id, row.status, row.created_at, msgspec.Raw(minify(row.result, indent=-1))) for row in rows]
+            [
+                _Item(row.job_id, row.status, row.created_at, msgspec.Raw(minify(row.result, indent=-1)), row.labels)
+                for row in rows
+            ]
         )
 
     def end(self) -> bytes:
