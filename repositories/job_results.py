@@ -7,7 +7,7 @@ Repositories work on a connection handed to them by the unit of work
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime
 
 import aiomysql
@@ -428,12 +428,21 @@ class _Sql:
         return f"%({name})s"
 
 
-def _label_probe(sql: _Sql, term: LabelTerm, id_column: str) -> str:
-    """``EXISTS`` over the labels' primary key ``(result_id, label_key)``: one index look-up per row."""
-    probe = f"x.result_id = {id_column} AND x.label_key = {sql.add(term.key)}"
-    if term.values:
-        probe += f" AND x.label_value IN ({', '.join(sql.add(v) for v in term.values)})"
-    return f"EXISTS (SELECT 1 FROM job_result_labels x FORCE INDEX (PRIMARY) WHERE {probe})"  # noqa: S608 - fixed fragments only
+def _label_joins(sql: _Sql, terms: Iterable[LabelTerm], id_column: str) -> str:
+    """One ``STRAIGHT_JOIN`` per term on the labels' primary key ``(result_id, label_key)``: ``eq_ref``.
+
+    A join rather than ``EXISTS``: MySQL turns an ``EXISTS`` into a semi-join it may reorder, reading
+    the labels table first (a full scan). ``STRAIGHT_JOIN`` keeps the driving index first on both
+    engines, and a term matches at most one row per result (one value per key), so no row repeats.
+    """
+    joins = []
+    for n, term in enumerate(terms):
+        alias = f"x{n}"
+        on = f"{alias}.result_id = {id_column} AND {alias}.label_key = {sql.add(term.key)}"
+        if term.values:
+            on += f" AND {alias}.label_value IN ({', '.join(sql.add(v) for v in term.values)})"
+        joins.append(f" STRAIGHT_JOIN job_result_labels {alias} FORCE INDEX (PRIMARY) ON {on}")
+    return "".join(joins)
 
 
 def _conditions(
@@ -481,7 +490,7 @@ def page_query(
 
     * a label key with values (:func:`driving_term`): ``idx_labels_filter`` at ``(key, value)``, one
       branch per value; the job row by primary key (``eq_ref``) for status and prefix; other label keys
-      as ``EXISTS`` on the labels' primary key;
+      as joins on the labels' primary key (``eq_ref``);
     * else statuses: ``idx_status_created``, one branch per status;
     * else ``idx_created`` (``FORCE INDEX``: never a table scan plus filesort).
 
@@ -502,11 +511,11 @@ def page_query(
                 conds.append(f"r.status IN ({', '.join(sql.add(s) for s in where.statuses)})")
             if prefix is not None:
                 conds.append(f"r.job_id LIKE {sql.add(prefix)}")
-            conds += [_label_probe(sql, term, "d.result_id") for term in where.labels if term is not driver]
+            joins = _label_joins(sql, (term for term in where.labels if term is not driver), "d.result_id")
             branches.append(
                 "SELECT d.created_at AS created_at, d.result_id AS id "  # noqa: S608
                 "FROM job_result_labels d FORCE INDEX (idx_labels_filter) "
-                "STRAIGHT_JOIN job_results r FORCE INDEX (PRIMARY) ON r.id = d.result_id "
+                f"STRAIGHT_JOIN job_results r FORCE INDEX (PRIMARY) ON r.id = d.result_id{joins} "
                 f"WHERE {' AND '.join(conds)} ORDER BY d.created_at, d.result_id LIMIT {sql.add(limit)}"
             )
     else:
@@ -516,11 +525,11 @@ def page_query(
             conds += _conditions(sql, created_from, created_to, after, "r.created_at", "r.id")
             if prefix is not None:
                 conds.append(f"r.job_id LIKE {sql.add(prefix)}")
-            conds += [_label_probe(sql, term, "r.id") for term in where.labels]
+            joins = _label_joins(sql, where.labels, "r.id")
             where_sql = f" WHERE {' AND '.join(conds)}" if conds else ""
             branches.append(
                 f"SELECT r.created_at AS created_at, r.id AS id FROM job_results r FORCE INDEX ({index})"  # noqa: S608
-                f"{where_sql} ORDER BY r.created_at, r.id LIMIT {sql.add(limit)}"
+                f"{joins}{where_sql} ORDER BY r.created_at, r.id LIMIT {sql.add(limit)}"
             )
     if len(branches) == 1:
         # One branch: select the page's columns in it directly (no derived table).
@@ -536,7 +545,8 @@ def page_query(
 
 
 SQL_EXPORT_COLUMNS = (
-    "CONCAT_WS(' ', job_id, status, DATE_FORMAT(created_at, '%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ')), result_data, "
+    "CONCAT_WS(' ', job_results.job_id, job_results.status, "
+    "DATE_FORMAT(job_results.created_at, '%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ')), job_results.result_data, "
     + _labels_column("job_results.id")
 )
 """Export rows as three columns: ``b"<job_id> <status> <created_at RFC 3339>"``, the JSON text and the labels.
@@ -556,20 +566,21 @@ def range_filter(
     status: str | None,
     filters: ResultFilter | None = None,
 ) -> tuple[str, dict[str, object]]:
-    """``WHERE`` clause (possibly empty) and parameters for ``created_from <= created_at < created_to``.
+    """What follows ``FROM job_results FORCE INDEX (idx_created)`` for ``created_from <= created_at < created_to``.
 
-    ``status`` and ``filters`` narrow it (statuses as ``IN``, each label key as an ``EXISTS`` on the
-    labels' primary key, the prefix as ``LIKE``) for a scan of ``job_results`` in ``idx_created`` order.
+    Label joins (each term on the labels' primary key, ``eq_ref``) and a ``WHERE`` clause (possibly
+    empty): ``status`` and ``filters`` narrow the range (statuses as ``IN``, the prefix as ``LIKE``), for
+    a scan of ``job_results`` in ``idx_created`` order. Columns of ``job_results`` must be qualified.
     """
     where = _merged(filters, status)
     sql = _Sql()
-    conds = _conditions(sql, created_from, created_to, None, "created_at", "id")
+    joins = _label_joins(sql, where.labels, "job_results.id")
+    conds = _conditions(sql, created_from, created_to, None, "job_results.created_at", "job_results.id")
     if where.statuses:
-        conds.append(f"status IN ({', '.join(sql.add(s) for s in where.statuses)})")
+        conds.append(f"job_results.status IN ({', '.join(sql.add(s) for s in where.statuses)})")
     if where.job_id_prefix:
-        conds.append(f"job_id LIKE {sql.add(_like_prefix(where.job_id_prefix))}")
-    conds += [_label_probe(sql, term, "job_results.id") for term in where.labels]
-    return (" WHERE " + " AND ".join(conds) if conds else ""), sql.params
+        conds.append(f"job_results.job_id LIKE {sql.add(_like_prefix(where.job_id_prefix))}")
+    return joins + (" WHERE " + " AND ".join(conds) if conds else ""), sql.params
 
 
 class JobResultStream:
@@ -615,7 +626,10 @@ class JobResultStream:
         ``filters`` narrow the rows as in :func:`range_filter`.
         """
         where, params = range_filter(created_from, created_to, status, filters)
-        sql = f"SELECT {SQL_EXPORT_COLUMNS} FROM job_results {ORDERED_BY_TIME}{where} ORDER BY created_at, id"  # noqa: S608
+        sql = (
+            f"SELECT {SQL_EXPORT_COLUMNS} FROM job_results {ORDERED_BY_TIME}{where} "  # noqa: S608
+            "ORDER BY job_results.created_at, job_results.id"
+        )
         cur = await self.conn.cursor(aiomysql.SSCursor)
         # No try/finally around the cursor: after an error or an abandoned stream the caller closes the
         # connection, and closing the cursor first would read the rest of the result, or, with the
