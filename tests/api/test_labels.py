@@ -320,20 +320,20 @@ async def seeded(db: Database) -> None:
 @pytest.mark.filterwarnings("ignore:.*select#1:Warning")  # EXPLAIN notes (MySQL)
 @pytest.mark.parametrize(("name", "where"), _plans(), ids=[name for name, _ in _plans()])
 async def test_every_filter_is_served_by_an_index(db: Database, name: str, where: ResultFilter) -> None:
-    week_ago = SEEDED_AT - timedelta(days=1)
-    after = Cursor(created_at=week_ago + timedelta(days=1), id=5)
-    queries = [
-        page_query(week_ago, None, where, None, 101, include_result=False),
-        page_query(week_ago, week_ago + timedelta(days=7), where, after, 101, include_result=True),
-    ]
-    where_sql, params = range_filter(week_ago, None, None, where)
-    queries.append(
-        (
-            f"SELECT job_results.id FROM job_results FORCE INDEX (idx_created){where_sql} "
-            "ORDER BY job_results.created_at, job_results.id",
-            params,
+    queries = []
+    # The seeded 2001 rows, and the last week (the rows the other tests of this module wrote).
+    for week_ago in (SEEDED_AT - timedelta(days=1), datetime.now(UTC).replace(tzinfo=None) - timedelta(days=7)):
+        after = Cursor(created_at=week_ago + timedelta(days=1), id=5)
+        queries.append(page_query(week_ago, None, where, None, 101, include_result=False))
+        queries.append(page_query(week_ago, week_ago + timedelta(days=7), where, after, 101, include_result=True))
+        where_sql, params = range_filter(week_ago, None, None, where)
+        queries.append(
+            (
+                f"SELECT job_results.id FROM job_results FORCE INDEX (idx_created){where_sql} "
+                "ORDER BY job_results.created_at, job_results.id",
+                params,
+            )
         )
-    )
     for sql, params in queries:
         plan = await _explain(db, sql, params)
         tables = [row for row in plan if row["table"] in _REAL_TABLES]
