@@ -69,10 +69,11 @@ async def test_too_many_labels_and_non_string_values_are_refused(client: Client,
 
 
 async def test_labels_at_the_limits_round_trip(client: Client, job_id: str) -> None:
-    labels = {f"k{i:02d}": f"v{i}" for i in range(29)}
+    labels = {f"k{i:02d}": f"v{i}" for i in range(28)}
     labels["a" + "-._/9" * 12 + "x" * 2] = "é" * 255  # a 63-character key, a 255-character value
     labels["emoji"] = "👩\u200d💻 family: ok"  # a format character (ZWJ) and a colon
     labels["empty"] = ""
+    labels["k28"] = 'quote " backslash \\ slash / tab-free, ünïcödé ✓'  # JSON_OBJECTAGG escapes on both engines
     assert len(labels) == 32
     created = await put(client, job_id, labels)
     assert created.status_code == 201, created.text
