@@ -44,11 +44,12 @@ _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def label_problem(key: str, value: str) -> str | None:
-    """Why the label ``key: value`` is not allowed, naming the label and the rule; None if it is."""
+    """Why the label ``key: value`` is not allowed, naming the label (never its value) and the rule; None if it is."""
+    shown = repr(key if len(key) <= 80 else key[:77] + "...")
     if not LABEL_KEY_PATTERN.fullmatch(key):
-        return f"label {key!r}: {LABEL_KEY_RULE}"
+        return f"label {shown}: {LABEL_KEY_RULE}"
     if len(value) > MAX_VALUE_CHARS or _CONTROL.search(value):
-        return f"label {key!r}: {LABEL_VALUE_RULE}"
+        return f"label {shown}: {LABEL_VALUE_RULE}"
     return None
 
 
@@ -75,10 +76,11 @@ def parse_label_terms(terms: Iterable[str], name: str = "label") -> tuple[LabelT
     values: dict[str, list[str] | None] = {}  # None: the key must exist, any value
     for term in terms:
         key, colon, value = term.partition(":")
+        shown = repr(term if len(term) <= 80 else term[:77] + "...")  # a 255-character value is not echoed whole
         if not LABEL_KEY_PATTERN.fullmatch(key):
-            raise InvalidParameter(f"{name} {term!r}: expected key:value or key; {LABEL_KEY_RULE}")
+            raise InvalidParameter(f"{name} {shown}: expected key:value or key; {LABEL_KEY_RULE}")
         if colon and (problem := label_problem(key, value)) is not None:
-            raise InvalidParameter(f"{name} {term!r}: {problem}")
+            raise InvalidParameter(f"{name} {shown}: {problem}")
         known = values.get(key, [])
         if key not in values:
             if len(values) == MAX_FILTER_KEYS:
