@@ -359,3 +359,31 @@ def test_openapi_declares_the_filters_as_repeatable_arrays() -> None:
     assert "job_id_prefix" in params
     body = spec["components"]["schemas"]["RangeExportRequest"]["properties"]
     assert {"label", "status", "job_id_prefix"} <= set(body)
+
+
+async def test_filtered_pages_with_documents(client: Client, job_id: str) -> None:
+    run = uuid.uuid4().hex[:8]
+    for name, tool in (("a", "pytest"), ("b", "jest"), ("c", "go"), ("d", "jest")):
+        await put(client, f"{job_id}-{name}", {"run": run, "tool": tool})
+    seen = []
+    cursor = None
+    while True:  # two values of the driving key (a UNION of two index ranges), one item per page, documents
+        query: list[tuple[str, str | int | float | bool | None]] = [
+            ("label", f"run:{run}"),
+            ("label", "tool:jest"),
+            ("label", "tool:pytest"),
+            ("include", "result"),
+            ("limit", "1"),
+        ]
+        if cursor:
+            query.append(("cursor", cursor))
+        page = (await client.get("/v1/job-results", params=query)).json()
+        seen += [(item["job_id"], item["result"], item["labels"]["tool"]) for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [
+        (f"{job_id}-a", {"job": f"{job_id}-a"}, "pytest"),
+        (f"{job_id}-b", {"job": f"{job_id}-b"}, "jest"),
+        (f"{job_id}-d", {"job": f"{job_id}-d"}, "jest"),
+    ]
