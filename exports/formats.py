@@ -5,7 +5,7 @@ The export pipeline asks :func:`make_writer` for a writer and streams
 pure code (no I/O) and holds the little state a stream needs, so use one writer per export.
 
 Every format writes, per job, the fields ``job_id``, ``status``, ``created_at`` and ``result``, in
-that order.
+that order; json and ndjson then add ``labels``, the job's labels as an object (``{}`` when none).
 
 ``json`` (``application/json``)
     A single-job export is one object; a range export is one array of such objects, written
@@ -146,6 +146,7 @@ class _Item(msgspec.Struct, gc=False):
     status: str
     created_at: str
     result: msgspec.Raw
+    labels: dict[str, str]
 
 
 def _decoder() -> msgspec.json.Decoder[Any]:
@@ -207,7 +208,7 @@ class JsonWriter:
         if not rows:
             return b""
         self._guard.take(len(rows))
-        items = [_Item(row.job_id, row.status, row.created_at, msgspec.Raw(row.result)) for row in rows]
+        items = [_Item(row.job_id, row.status, row.created_at, msgspec.Raw(row.result), row.labels) for row in rows]
         if self._single:
             return self._encoder.encode(items[0])
         array = self._encoder.encode(items)  # b"[a,b,...]"
@@ -250,7 +251,10 @@ class NdjsonWriter:
         self._guard.take(len(rows))
         minify = msgspec.json.format
         return self._encoder.encode_lines(
-            [_Item(row.job_id, row.status, row.created_at, msgspec.Raw(minify(row.result, indent=-1))) for row in rows]
+            [
+                _Item(row.job_id, row.status, row.created_at, msgspec.Raw(minify(row.result, indent=-1)), row.labels)
+                for row in rows
+            ]
         )
 
     def end(self) -> bytes:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pymysql
 import structlog
 
@@ -43,6 +44,7 @@ from repositories.exports import (
     ExportNotFound,
     ExportParameters,
     ExportRepository,
+    filter_of,
     lock_job_shared,
 )
 from repositories.job_results import (
@@ -126,21 +128,29 @@ def new_owner() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _export_row(meta: bytes | str, result: str | bytes) -> ExportRow:
-    """From a row of :meth:`JobResultStream.chunks`: ``b"<job_id> <status> <created_at>"`` and the JSON."""
+def _export_row(meta: bytes | str, result: str | bytes, labels: str | bytes | None = None) -> ExportRow:
+    """From a row of :meth:`JobResultStream.chunks`: ``b"<job_id> <status> <created_at>"``, the JSON, the labels."""
     job_id, status, created_at = (meta.decode("ascii") if isinstance(meta, bytes) else meta).split(" ")
     return ExportRow(
         job_id=job_id,
         status=status,
         created_at=created_at,
         result=result.encode() if isinstance(result, str) else result,
+        labels=_LABELS_DECODER.decode(labels) if labels is not None else {},
     )
+
+
+_LABELS_DECODER = msgspec.json.Decoder(dict[str, str])
 
 
 def _row_of(stored: JobResultRow) -> ExportRow:
     meta = stored.meta
     return ExportRow(
-        job_id=meta.job_id, status=meta.status, created_at=format_timestamp(meta.created_at), result=stored.result
+        job_id=meta.job_id,
+        status=meta.status,
+        created_at=format_timestamp(meta.created_at),
+        result=stored.result,
+        labels=stored.labels,
     )
 
 
@@ -407,7 +417,9 @@ class ExportService:
     async def count_rows(self, parameters: ExportParameters) -> int:
         """How many job results a range export with these parameters covers now."""
         return await self.db.run(
-            lambda conn: JobResultStream(conn).count(parameters.created_from, parameters.created_to, parameters.status),
+            lambda conn: JobResultStream(conn).count(
+                parameters.created_from, parameters.created_to, None, filter_of(parameters)
+            ),
             transaction=False,
         )
 
@@ -490,6 +502,7 @@ class ExportService:
         if self.store.kind == "local":
             self._remove_stale_temp_files(export.export_id)
         params = export.parameters
+        filters = filter_of(params)
         chunk_rows, chunk_bytes = self.settings.export_chunk_rows, self.settings.export_chunk_bytes
         file: ExportWriter | None = None
         rows_written = 0
@@ -507,7 +520,7 @@ class ExportService:
                 # columns are the header already, so the rows are read once.
                 collector = CsvColumns(self.settings.csv_max_columns)
                 async for chunk in stream.chunks(
-                    params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
+                    params.created_from, params.created_to, None, chunk_rows, chunk_bytes, filters
                 ):
                     await asyncio.to_thread(_collect_columns, collector, chunk)
                     renew_at = await self._renew_if_due(export, 0, renew_at)
@@ -523,7 +536,7 @@ class ExportService:
             )
             await file.write(writer.begin())
             async for chunk in stream.chunks(
-                params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
+                params.created_from, params.created_to, None, chunk_rows, chunk_bytes, filters
             ):
                 count, data = await asyncio.to_thread(_encode_chunk, writer, chunk)
                 await file.write(data)

@@ -135,6 +135,12 @@ def prepare(server_url: str, seed: int, database: str = DEFAULT_DATABASE) -> tup
             "VALUES (%s, %s, %s, 1, %s, %s)",
             rows,
         )
+        # Labels for the filtered listings of the mix (FILTERED): tool (7 values) and shard (4) per row.
+        cur.execute(
+            "INSERT INTO job_result_labels (result_id, label_key, label_value, created_at) "
+            "SELECT id, 'tool', CONCAT('tool-', id % 7), created_at FROM job_results UNION ALL "
+            "SELECT id, 'shard', CONCAT('', id % 4), created_at FROM job_results"
+        )
     conn.close()
     RESULTS.mkdir(parents=True, exist_ok=True)
     # One file per PUT body, envelope included: k6 loads them as bytes (ArrayBuffer) once per VU, so
@@ -263,6 +269,9 @@ def main() -> int:
     parser.add_argument("--duration", default=os.environ.get("DURATION", "30s"))
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--workers", default="2")
+    parser.add_argument(
+        "--filtered", default="0", help="share of iterations that are filtered listings (two labels, a status)"
+    )
     args = parser.parse_args()
     url, tokens, payload_file, range_from, range_to = prepare(args.server, args.seed, args.database)
     service = Service(url, args.redis, args.workers)
@@ -278,6 +287,7 @@ def main() -> int:
             duration=args.duration,
             seed=args.seed,
             summary=summary,
+            FILTERED=args.filtered,
         )
         print(f"k6 summary: {summary}")
         return code

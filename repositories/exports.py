@@ -18,7 +18,7 @@ from typing import Any, Literal
 import msgspec
 
 from repositories.database import Connection
-from repositories.job_results import JobResultNotFound, utcnow
+from repositories.job_results import JobResultNotFound, LabelTerm, ResultFilter, utcnow
 
 ExportState = Literal["queued", "running", "succeeded", "failed", "cancelled", "deleted"]
 """States as stored. ``expired`` is not stored: a succeeded export past ``expires_at`` reads as expired."""
@@ -46,16 +46,43 @@ class TooManyPendingExports(Exception):
 
 
 class ExportParameters(msgspec.Struct, omit_defaults=True, frozen=True):
-    """What an export covers: one ``job_id``, or ``[created_from, created_to)`` (naive UTC) and a status.
+    """What an export covers: one ``job_id``, or ``[created_from, created_to)`` (naive UTC) and filters.
 
+    Filters (stored with the export, shown in its record): ``status`` (one status, or several ORed),
+    ``label`` (checked terms ``key:value`` / ``key``, see ``service/labels.py``), ``job_id_prefix``.
     ``columns``: the columns the client chose, as given (see :mod:`exports.columns`); None for all.
     """
 
     job_id: str | None = None
     created_from: datetime | None = None
     created_to: datetime | None = None
-    status: str | None = None
+    status: str | list[str] | None = None
+    label: list[str] | None = None
+    job_id_prefix: str | None = None
     columns: tuple[str, ...] | None = None
+
+
+def label_terms(where: ResultFilter) -> list[str]:
+    """The label terms of ``where`` as ``key:value`` / ``key`` strings (the inverse of :func:`filter_of`)."""
+    return [f"{t.key}:{v}" for t in where.labels for v in t.values] + [t.key for t in where.labels if not t.values]
+
+
+def filter_of(parameters: ExportParameters) -> ResultFilter:
+    """The :class:`ResultFilter` of a range export's stored (already checked) parameters."""
+    values: dict[str, list[str] | None] = {}
+    for term in parameters.label or ():
+        key, colon, value = term.partition(":")
+        known = values.setdefault(key, [])
+        if not colon:
+            values[key] = None
+        elif known is not None and value not in known:
+            known.append(value)
+    status = parameters.status
+    return ResultFilter(
+        statuses=(status,) if isinstance(status, str) else tuple(status or ()),
+        labels=tuple(LabelTerm(key, tuple(vals or ())) for key, vals in values.items()),
+        job_id_prefix=parameters.job_id_prefix,
+    )
 
 
 class Export(msgspec.Struct, frozen=True):

@@ -7,7 +7,7 @@ Repositories work on a connection handed to them by the unit of work
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import aiomysql
@@ -41,10 +41,31 @@ class JobResultMeta(msgspec.Struct, frozen=True):
 
 
 class JobResultRow(msgspec.Struct, frozen=True):
-    """A stored job result; ``result`` is the stored JSON text, never decoded."""
+    """A stored job result; ``result`` is the stored JSON text, never decoded; ``labels`` its labels."""
 
     meta: JobResultMeta
     result: bytes
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class LabelTerm(msgspec.Struct, frozen=True):
+    """One label key of a filter: the result has label ``key`` with one of ``values`` (any value if empty)."""
+
+    key: str
+    values: tuple[str, ...] = ()
+
+
+class ResultFilter(msgspec.Struct, frozen=True):
+    """What a listing or a range export selects besides its time range.
+
+    Every part must hold (AND): ``statuses`` (any of them; all if empty), each of ``labels`` (see
+    :class:`LabelTerm`), and ``job_id_prefix`` (job ids starting with it). Callers check the bounds
+    (``service/labels.py``); here every term becomes an indexed access (see :meth:`JobResultRepository.list`).
+    """
+
+    statuses: tuple[str, ...] = ()
+    labels: tuple[LabelTerm, ...] = ()
+    job_id_prefix: str | None = None
 
 
 class Cursor(msgspec.Struct, array_like=True, frozen=True):
@@ -119,7 +140,22 @@ query and a length-coded read per row, so one packed column costs less than six.
 ``YYYY-MM-DD HH:MM:SS.ffffff`` (``DATETIME(6)``); the job id goes last, so it is the rest of the string
 whatever it holds."""
 
-SQL_GET = f"SELECT {_META_COLUMNS}, result_data FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
+
+def _labels_column(id_column: str) -> str:
+    """A column with the labels of the result whose id is ``id_column``: a JSON object, or NULL if none.
+
+    Values are stored as UTF-8 bytes (VARBINARY); ``CONVERT(... USING utf8mb4)`` makes them text, which
+    ``JSON_OBJECTAGG`` needs on MySQL. Labels hold no control characters, so both engines write plain
+    JSON string escapes only (for a quote and a backslash).
+    """
+    return (
+        "(SELECT JSON_OBJECTAGG(lb.label_key, CONVERT(lb.label_value USING utf8mb4)) "  # noqa: S608 - fixed
+        f"FROM job_result_labels lb FORCE INDEX (PRIMARY) WHERE lb.result_id = {id_column})"
+    )
+
+
+_LABELS = _labels_column("job_results.id")
+SQL_GET = f"SELECT {_META_COLUMNS}, result_data, {_LABELS} FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
 SQL_GET_META = f"SELECT {_META_COLUMNS} FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
 SQL_INSERT = (
     "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) "
@@ -132,6 +168,16 @@ SQL_UPDATE = (
     "version = version + 1, updated_at = %(now)s WHERE job_id = %(job_id)s"
 )
 SQL_DELETE = "DELETE FROM job_results WHERE job_id = %(job_id)s"
+SQL_DELETE_LABELS = "DELETE FROM job_result_labels WHERE result_id = %(result_id)s"
+SQL_INSERT_LABELS = "INSERT INTO job_result_labels (result_id, label_key, label_value, created_at) VALUES "
+_LABELS_DECODER = msgspec.json.Decoder(dict[str, str])
+
+
+def _labels(value: object) -> dict[str, str]:
+    """Decode a :func:`_labels_column` value (JSON text, or None when the result has no labels)."""
+    if value is None:
+        return {}
+    return _LABELS_DECODER.decode(value if isinstance(value, bytes | str) else str(value))
 
 
 def _meta(row: tuple[object, ...]) -> JobResultMeta:
@@ -150,13 +196,13 @@ def _meta(row: tuple[object, ...]) -> JobResultMeta:
 
 
 class JobResultRepository:
-    """Reads and writes ``job_results`` rows on one connection."""
+    """Reads and writes ``job_results`` rows (and their labels) on one connection."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     async def get(self, job_id: str) -> JobResultRow:
-        """The job result with ``job_id``; the document comes back as stored JSON text (bytes).
+        """The job result with ``job_id`` and its labels; the document comes back as stored JSON text (bytes).
 
         Raises:
             JobResultNotFound: no such job id.
@@ -167,7 +213,11 @@ class JobResultRepository:
         if row is None:
             raise JobResultNotFound(job_id)
         document = row[1]
-        return JobResultRow(meta=_meta(row), result=document.encode() if isinstance(document, str) else document)
+        return JobResultRow(
+            meta=_meta(row),
+            result=document.encode() if isinstance(document, str) else document,
+            labels=_labels(row[2]),
+        )
 
     async def get_meta(self, job_id: str) -> JobResultMeta:
         """The job result's metadata, without its document.
@@ -193,8 +243,10 @@ class JobResultRepository:
             raise JobResultNotFound(job_id)
         return _meta(row)
 
-    async def create(self, job_id: str, status: str, result: Document) -> JobResultMeta:
-        """Insert a new job result; ``result`` is JSON text already checked for fidelity.
+    async def create(
+        self, job_id: str, status: str, result: Document, labels: Mapping[str, str] | None = None
+    ) -> JobResultMeta:
+        """Insert a new job result with ``labels`` (checked by the caller); ``result`` is checked JSON text.
 
         Raises:
             JobResultExists: the job id is taken (MySQL error 1062).
@@ -210,7 +262,10 @@ class JobResultRepository:
                     raise JobResultExists(job_id) from None
                 raise
             row_id = cur.lastrowid
-        return JobResultMeta(id=row_id, job_id=job_id, status=status, version=1, created_at=now, updated_at=now)
+        meta = JobResultMeta(id=row_id, job_id=job_id, status=status, version=1, created_at=now, updated_at=now)
+        if labels:
+            await self._insert_labels(meta, labels)
+        return meta
 
     async def create_many(self, rows: Sequence[tuple[str, str, Document]]) -> builtins.list[JobResultMeta]:
         """Insert new job results ``(job_id, status, result)`` with one multi-row ``INSERT``, in order.
@@ -258,8 +313,12 @@ class JobResultRepository:
             )
             return {job_id.decode() if isinstance(job_id, bytes) else job_id for (job_id,) in await cur.fetchall()}
 
-    async def replace(self, job_id: str, status: str, result: Document) -> JobResultMeta:
-        """Replace an existing job result, bumping its version; returns the new metadata.
+    async def replace(
+        self, job_id: str, status: str, result: Document, labels: Mapping[str, str] | None = None
+    ) -> JobResultMeta:
+        """Replace an existing job result and all its labels (None or empty: none), bumping its version.
+
+        Returns the new metadata.
 
         Raises:
             JobResultNotFound: no such job id.
@@ -269,10 +328,27 @@ class JobResultRepository:
             changed = await cur.execute(SQL_UPDATE, params)
         if not changed:
             raise JobResultNotFound(job_id)
-        return await self.get_meta(job_id)
+        meta = await self.get_meta(job_id)
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_DELETE_LABELS, {"result_id": meta.id})
+        if labels:
+            await self._insert_labels(meta, labels)
+        return meta
 
-    async def upsert(self, job_id: str, status: str, result: Document) -> tuple[JobResultMeta, bool]:
-        """Create or replace; returns the stored metadata and True when the row is new.
+    async def _insert_labels(self, meta: JobResultMeta, labels: Mapping[str, str]) -> None:
+        """One multi-row INSERT of the result's labels, each carrying the result's ``created_at``."""
+        rows = []
+        params: list[object] = []
+        for key, value in labels.items():
+            rows.append("(%s, %s, %s, %s)")
+            params += [meta.id, key, value, meta.created_at]
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_INSERT_LABELS + ", ".join(rows), params)
+
+    async def upsert(
+        self, job_id: str, status: str, result: Document, labels: Mapping[str, str] | None = None
+    ) -> tuple[JobResultMeta, bool]:
+        """Create or replace (labels included); returns the stored metadata and True when the row is new.
 
         INSERT comes first: a new job takes no gap lock, so concurrent uploads of new jobs do not
         deadlock under REPEATABLE READ. A concurrent delete between the two statements makes the
@@ -280,17 +356,17 @@ class JobResultRepository:
         """
         for _ in range(2):
             try:
-                return await self.create(job_id, status, result), True
+                return await self.create(job_id, status, result, labels), True
             except JobResultExists:
                 pass
             try:
-                return await self.replace(job_id, status, result), False
+                return await self.replace(job_id, status, result, labels), False
             except JobResultNotFound:
                 continue
         raise JobResultNotFound(job_id)
 
     async def delete(self, job_id: str) -> None:
-        """Delete the job result.
+        """Delete the job result (its labels go with it: ``ON DELETE CASCADE``).
 
         Raises:
             JobResultNotFound: no such job id.
@@ -310,12 +386,17 @@ class JobResultRepository:
         limit: int,
         include_result: bool,
         max_bytes: int | None = None,
+        filters: ResultFilter | None = None,
     ) -> tuple[list[JobResultRow], bool]:
         """A page of job results with ``created_from <= created_at < created_to``, oldest first.
 
         Keyset pagination on ``(created_at, id)``: rows strictly after ``after``. Returns at most
         ``limit`` rows and whether more rows follow the last one. ``result`` is empty bytes unless
-        ``include_result``. Bounds are naive UTC.
+        ``include_result``. Bounds are naive UTC. ``status`` and ``filters`` narrow the rows (AND).
+
+        Every filter is an index access (see :func:`page_query`): the query is driven by the label
+        index (a label with values), by ``idx_status_created`` (statuses), or by ``idx_created``, and
+        reads that index in keyset order, so a page stops after ``limit + 1`` matching rows.
 
         With ``include_result`` and ``max_bytes``, the page also stops before the row whose document
         would bring the documents' total above ``max_bytes`` (bytes of JSON text), though never before
@@ -323,17 +404,8 @@ class JobResultRepository:
         beyond the budget is ever held. A page cut short this way closes the connection (the rest of
         the result set is never read).
         """
-        columns = _META_COLUMNS + (", result_data" if include_result else "")
-        where, params = range_filter(created_from, created_to, status)
-        params["limit"] = limit + 1
-        if after is not None:
-            # Expanded form of (created_at, id) > (%s, %s): both engines use idx_created for it.
-            where += " AND " if where else " WHERE "
-            where += "(created_at > %(after_created)s OR (created_at = %(after_created)s AND id > %(after_id)s))"
-            params["after_created"] = after.created_at
-            params["after_id"] = after.id
-        sql = f"SELECT {columns} FROM job_results {ORDERED_BY_TIME}{where}"  # noqa: S608 - fixed fragments only
-        sql += " ORDER BY created_at, id LIMIT %(limit)s"
+        where = _merged(filters, status)
+        sql, params = page_query(created_from, created_to, where, after, limit + 1, include_result)
         if include_result and max_bytes is not None:
             return await self._list_within(sql, params, limit, max_bytes)
         async with self.conn.cursor() as cur:
@@ -370,17 +442,166 @@ class JobResultRepository:
 def _row(row: tuple[object, ...], include_result: bool) -> JobResultRow:
     document = row[1] if include_result else b""
     result = document.encode() if isinstance(document, str) else document
-    return JobResultRow(meta=_meta(row), result=result)  # type: ignore[arg-type]
+    return JobResultRow(meta=_meta(row), result=result, labels=_labels(row[-1]))  # type: ignore[arg-type]
+
+
+def _merged(filters: ResultFilter | None, status: str | None) -> ResultFilter:
+    """``filters`` with the single ``status`` of older callers folded into its statuses."""
+    where = filters or ResultFilter()
+    if status is None:
+        return where
+    if where.statuses and status not in where.statuses:
+        return msgspec.structs.replace(where, statuses=("",))  # both given, disjoint: no row matches
+    return msgspec.structs.replace(where, statuses=(status,))
+
+
+_META_R = "CONCAT_WS(' ', r.id, r.version, r.status, r.created_at, r.updated_at, r.job_id)"
+""":data:`_META_COLUMNS` of the table aliased ``r``."""
+
+
+def _like_prefix(prefix: str) -> str:
+    """A ``LIKE`` pattern matching strings that start with ``prefix`` (backslash, ``%`` and ``_`` escaped)."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+class _Sql:
+    """Collects named parameters while a statement is built."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, object] = {}
+
+    def add(self, value: object) -> str:
+        name = f"p{len(self.params)}"
+        self.params[name] = value
+        return f"%({name})s"
+
+
+def _label_joins(sql: _Sql, terms: Iterable[LabelTerm], id_column: str) -> str:
+    """One ``STRAIGHT_JOIN`` per term on the labels' primary key ``(result_id, label_key)``: ``eq_ref``.
+
+    A join rather than ``EXISTS``: MySQL turns an ``EXISTS`` into a semi-join it may reorder, reading
+    the labels table first (a full scan). ``STRAIGHT_JOIN`` keeps the driving index first on both
+    engines, and a term matches at most one row per result (one value per key), so no row repeats.
+    """
+    joins = []
+    for n, term in enumerate(terms):
+        alias = f"x{n}"
+        on = f"{alias}.result_id = {id_column} AND {alias}.label_key = {sql.add(term.key)}"
+        if term.values:
+            on += f" AND {alias}.label_value IN ({', '.join(sql.add(v) for v in term.values)})"
+        joins.append(f" STRAIGHT_JOIN job_result_labels {alias} FORCE INDEX (PRIMARY) ON {on}")
+    return "".join(joins)
+
+
+def _conditions(
+    sql: _Sql,
+    created_from: datetime | None,
+    created_to: datetime | None,
+    after: Cursor | None,
+    time_column: str,
+    id_column: str,
+) -> list[str]:
+    """Time range and keyset conditions on ``time_column`` / ``id_column``."""
+    out = []
+    if created_from is not None:
+        out.append(f"{time_column} >= {sql.add(created_from)}")
+    if created_to is not None:
+        out.append(f"{time_column} < {sql.add(created_to)}")
+    if after is not None:
+        # Expanded form of (created_at, id) > (%s, %s): both engines read it as a range of the index.
+        at, row_id = sql.add(after.created_at), sql.add(after.id)
+        out.append(f"({time_column} > {at} OR ({time_column} = {at} AND {id_column} > {row_id}))")
+    return out
+
+
+def driving_term(where: ResultFilter) -> LabelTerm | None:
+    """The label term whose index range drives a page query: a key with values, the fewest values first.
+
+    None when no term has values (a page is then driven by ``idx_status_created`` or ``idx_created``).
+    """
+    with_values = [term for term in where.labels if term.values]
+    return min(with_values, key=lambda term: len(term.values)) if with_values else None
+
+
+def page_query(
+    created_from: datetime | None,
+    created_to: datetime | None,
+    where: ResultFilter,
+    after: Cursor | None,
+    limit: int,
+    include_result: bool,
+) -> tuple[str, dict[str, object]]:
+    """The SQL of one listing page (at most ``limit`` rows in keyset order) and its parameters.
+
+    Shape: one *branch* per value of the driving index, each reading that index in ``(created_at, id)``
+    order with every other filter applied as it goes, and stopping after ``limit`` rows:
+
+    * a label key with values (:func:`driving_term`): ``idx_labels_filter`` at ``(key, value)``, one
+      branch per value; the job row by primary key (``eq_ref``) for status and prefix; other label keys
+      as joins on the labels' primary key (``eq_ref``);
+    * else statuses: ``idx_status_created``, one branch per status;
+    * else ``idx_created`` (``FORCE INDEX``: never a table scan plus filesort).
+
+    Several branches are merged with ``UNION ALL`` (they are disjoint: one value per key, one status
+    per row) and the outer query sorts at most ``branches * limit`` keys. ``STRAIGHT_JOIN`` and
+    ``FORCE INDEX`` fix the plan, so no optimizer estimate can turn it into a scan.
+    """
+    sql = _Sql()
+    columns = _META_R + (", r.result_data" if include_result else "") + ", " + _labels_column("r.id")
+    driver = driving_term(where)
+    prefix = _like_prefix(where.job_id_prefix) if where.job_id_prefix else None
+    branches: list[str] = []
+    if driver is not None:
+        for value in driver.values:
+            conds = [f"d.label_key = {sql.add(driver.key)}", f"d.label_value = {sql.add(value)}"]
+            conds += _conditions(sql, created_from, created_to, after, "d.created_at", "d.result_id")
+            if where.statuses:
+                conds.append(f"r.status IN ({', '.join(sql.add(s) for s in where.statuses)})")
+            if prefix is not None:
+                conds.append(f"r.job_id LIKE {sql.add(prefix)}")
+            joins = _label_joins(sql, (term for term in where.labels if term is not driver), "d.result_id")
+            branches.append(
+                "SELECT d.created_at AS created_at, d.result_id AS id "  # noqa: S608
+                "FROM job_result_labels d FORCE INDEX (idx_labels_filter) "
+                f"STRAIGHT_JOIN job_results r FORCE INDEX (PRIMARY) ON r.id = d.result_id{joins} "
+                f"WHERE {' AND '.join(conds)} ORDER BY d.created_at, d.result_id LIMIT {sql.add(limit)}"
+            )
+    else:
+        index = "idx_status_created" if where.statuses else "idx_created"
+        for status in where.statuses or (None,):
+            conds = [] if status is None else [f"r.status = {sql.add(status)}"]
+            conds += _conditions(sql, created_from, created_to, after, "r.created_at", "r.id")
+            if prefix is not None:
+                conds.append(f"r.job_id LIKE {sql.add(prefix)}")
+            joins = _label_joins(sql, where.labels, "r.id")
+            where_sql = f" WHERE {' AND '.join(conds)}" if conds else ""
+            branches.append(
+                f"SELECT r.created_at AS created_at, r.id AS id FROM job_results r FORCE INDEX ({index})"  # noqa: S608
+                f"{joins}{where_sql} ORDER BY r.created_at, r.id LIMIT {sql.add(limit)}"
+            )
+    if len(branches) == 1:
+        # One branch: select the page's columns in it directly (no derived table).
+        _, _, rest = branches[0].partition(" FROM ")
+        return f"SELECT {columns} FROM {rest}", sql.params  # noqa: S608 - fixed fragments only
+    limit_sql = sql.add(limit)
+    union = " UNION ALL ".join(f"({branch})" for branch in branches)
+    text = (
+        f"SELECT {columns} FROM ({union}) p STRAIGHT_JOIN job_results r FORCE INDEX (PRIMARY) ON r.id = p.id "  # noqa: S608
+        f"ORDER BY p.created_at, p.id LIMIT {limit_sql}"
+    )
+    return text, sql.params
 
 
 SQL_EXPORT_COLUMNS = (
-    "CONCAT_WS(' ', job_id, status, DATE_FORMAT(created_at, '%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ')), result_data"
+    "CONCAT_WS(' ', job_results.job_id, job_results.status, "
+    "DATE_FORMAT(job_results.created_at, '%%Y-%%m-%%dT%%H:%%i:%%s.%%fZ')), job_results.result_data, "
+    + _labels_column("job_results.id")
 )
-"""Export rows as two columns: ``b"<job_id> <status> <created_at RFC 3339>"`` and the JSON text.
+"""Export rows as three columns: ``b"<job_id> <status> <created_at RFC 3339>"``, the JSON text and the labels.
 
-Neither job ids nor statuses contain spaces. Two columns instead of four, and the timestamp formatted
-by the server, halve the per-row work of aiomysql's pure-Python protocol parser, which dominates the
-cost of a range export."""
+Neither job ids nor statuses contain spaces. One packed column instead of three, and the timestamp
+formatted by the server, halve the per-row work of aiomysql's pure-Python protocol parser, which
+dominates the cost of a range export. The labels are a JSON object, or NULL when there are none."""
 ORDERED_BY_TIME = "FORCE INDEX (idx_created)"
 """Read rows in index order instead of sorting them: when a range covers most of the table, MySQL
 prefers a table scan plus filesort, and a filesort of rows carrying multi-megabyte JSON documents fails
@@ -388,21 +609,26 @@ with error 1038 "Out of sort memory" (seen on MySQL 9.7 with the default 256 KiB
 
 
 def range_filter(
-    created_from: datetime | None, created_to: datetime | None, status: str | None
+    created_from: datetime | None,
+    created_to: datetime | None,
+    status: str | None,
+    filters: ResultFilter | None = None,
 ) -> tuple[str, dict[str, object]]:
-    """``WHERE`` clause (possibly empty) and parameters for ``created_from <= created_at < created_to``."""
-    where: list[str] = []
-    params: dict[str, object] = {}
-    if created_from is not None:
-        where.append("created_at >= %(created_from)s")
-        params["created_from"] = created_from
-    if created_to is not None:
-        where.append("created_at < %(created_to)s")
-        params["created_to"] = created_to
-    if status is not None:
-        where.append("status = %(status)s")
-        params["status"] = status
-    return (" WHERE " + " AND ".join(where) if where else ""), params
+    """What follows ``FROM job_results FORCE INDEX (idx_created)`` for ``created_from <= created_at < created_to``.
+
+    Label joins (each term on the labels' primary key, ``eq_ref``) and a ``WHERE`` clause (possibly
+    empty): ``status`` and ``filters`` narrow the range (statuses as ``IN``, the prefix as ``LIKE``), for
+    a scan of ``job_results`` in ``idx_created`` order. Columns of ``job_results`` must be qualified.
+    """
+    where = _merged(filters, status)
+    sql = _Sql()
+    joins = _label_joins(sql, where.labels, "job_results.id")
+    conds = _conditions(sql, created_from, created_to, None, "job_results.created_at", "job_results.id")
+    if where.statuses:
+        conds.append(f"job_results.status IN ({', '.join(sql.add(s) for s in where.statuses)})")
+    if where.job_id_prefix:
+        conds.append(f"job_results.job_id LIKE {sql.add(_like_prefix(where.job_id_prefix))}")
+    return joins + (" WHERE " + " AND ".join(conds) if conds else ""), sql.params
 
 
 class JobResultStream:
@@ -417,11 +643,17 @@ class JobResultStream:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    async def count(self, created_from: datetime | None, created_to: datetime | None, status: str | None) -> int:
-        """Number of rows in the range."""
-        where, params = range_filter(created_from, created_to, status)
+    async def count(
+        self,
+        created_from: datetime | None,
+        created_to: datetime | None,
+        status: str | None,
+        filters: ResultFilter | None = None,
+    ) -> int:
+        """Number of rows in the range that pass ``status`` and ``filters``."""
+        where, params = range_filter(created_from, created_to, status, filters)
         async with self.conn.cursor() as cur:
-            await cur.execute(f"SELECT COUNT(*) FROM job_results{where}", params)  # noqa: S608
+            await cur.execute(f"SELECT COUNT(*) FROM job_results {ORDERED_BY_TIME}{where}", params)  # noqa: S608
             row = await cur.fetchone()
         return int(row[0])
 
@@ -432,20 +664,26 @@ class JobResultStream:
         status: str | None,
         chunk_rows: int,
         chunk_bytes: int = 8 * 1024**2,
-    ) -> AsyncIterator[list[tuple[bytes, str]]]:
-        """Yield lists of ``(b"<job_id> <status> <created_at>", result_json_text)``, oldest first.
+        filters: ResultFilter | None = None,
+    ) -> AsyncIterator[list[tuple[bytes, str, str | None]]]:
+        """Yield lists of ``(b"<job_id> <status> <created_at>", result_json_text, labels_json)``, oldest first.
 
-        A list ends after ``chunk_rows`` rows, or after the row that brings its documents' length
-        (characters of JSON text) to ``chunk_bytes``: 500 rows of 15 MB documents are never held at once.
+        ``labels_json`` is a JSON object, or None when the job has no labels. A list ends after
+        ``chunk_rows`` rows, or after the row that brings its documents' length (characters of JSON
+        text) to ``chunk_bytes``: 500 rows of 15 MB documents are never held at once. ``status`` and
+        ``filters`` narrow the rows as in :func:`range_filter`.
         """
-        where, params = range_filter(created_from, created_to, status)
-        sql = f"SELECT {SQL_EXPORT_COLUMNS} FROM job_results {ORDERED_BY_TIME}{where} ORDER BY created_at, id"  # noqa: S608
+        where, params = range_filter(created_from, created_to, status, filters)
+        sql = (
+            f"SELECT {SQL_EXPORT_COLUMNS} FROM job_results {ORDERED_BY_TIME}{where} "  # noqa: S608
+            "ORDER BY job_results.created_at, job_results.id"
+        )
         cur = await self.conn.cursor(aiomysql.SSCursor)
         # No try/finally around the cursor: after an error or an abandoned stream the caller closes the
         # connection, and closing the cursor first would read the rest of the result, or, with the
         # connection lost, fail with an AttributeError inside aiomysql that hides the 2013 it follows.
         await cur.execute(sql, params)
-        chunk: list[tuple[bytes, str]] = []
+        chunk: list[tuple[bytes, str, str | None]] = []
         size = 0
         while True:
             row = await cur.fetchone()  # row by row: a fetchmany(n) would hold n rows whatever their size

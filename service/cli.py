@@ -149,11 +149,27 @@ def cmd_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from observability.logging import configure_logging
+    from service.labels import check_labels
     from service.operator import import_files
+    from service.schemas import InvalidParameter
 
+    labels: dict[str, str] = {}
+    for label in args.label or ():
+        key, equals, value = label.partition("=")
+        if not equals:
+            print(f"jobresults: --label {label!r}: expected key=value", file=sys.stderr)
+            return 2
+        labels[key] = value
+    try:
+        check_labels(labels)
+    except InvalidParameter as exc:
+        print(f"jobresults: --label: {exc}", file=sys.stderr)
+        return 2
     settings = _settings()
     configure_logging("warning")
-    report = asyncio.run(import_files(settings, [Path(p) for p in args.paths], job_id=args.job_id, status=args.status))
+    report = asyncio.run(
+        import_files(settings, [Path(p) for p in args.paths], job_id=args.job_id, status=args.status, labels=labels)
+    )
     for path, job_id, outcome in report.imported:
         print(f"{outcome}: {job_id} <- {path}")
     for path, reason in report.refused:
@@ -173,8 +189,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from exports.pipeline import ExportCancelled, ExportTooLarge
     from exports.store import StoreError
     from observability.logging import configure_logging
-    from repositories.exports import ExportParameters
+    from repositories.exports import ExportParameters, label_terms
     from repositories.job_results import JobResultNotFound
+    from service.labels import build_filter
     from service.operator import export_to_file
     from service.schemas import InvalidParameter, is_valid_job_id, parse_timestamp
 
@@ -192,12 +209,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not is_valid_job_id(args.job):
             print(f"jobresults: --job {args.job!r} is not a valid job id", file=sys.stderr)
             return 2
+        if args.label or args.status or args.job_id_prefix:
+            print("jobresults: --label, --status and --job-id-prefix filter range exports, not --job", file=sys.stderr)
+            return 2
     else:
         try:
+            filters = build_filter(args.label, args.status, args.job_id_prefix, name="--label")
+            statuses = list(filters.statuses)
             parameters = ExportParameters(
                 created_from=parse_timestamp(args.created_from, "--from"),
                 created_to=parse_timestamp(args.created_to, "--to"),
-                status=args.status,
+                status=statuses[0] if len(statuses) == 1 else statuses or None,
+                label=label_terms(filters) or None,
+                job_id_prefix=filters.job_id_prefix,
                 columns=columns.columns if columns is not None else None,
             )
         except InvalidParameter as exc:
@@ -291,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     importer.add_argument("paths", nargs="+", help="JSON files, or directories searched for *.json")
     importer.add_argument("--job-id", help="job id for a single file (default: the file name without suffix)")
     importer.add_argument("--status", choices=["succeeded", "failed", "cancelled"], default="succeeded")
+    importer.add_argument(
+        "--label", action="append", metavar="KEY=VALUE", help="a label for every imported file (repeatable)"
+    )
     importer.set_defaults(func=cmd_import)
     exporter = sub.add_parser("export", help="export one job or a time range to a file, with a progress bar")
     exporter.add_argument("--format", required=True, choices=["json", "ndjson", "csv"])
@@ -299,7 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--job", help="export this job's result")
     which.add_argument("--from", dest="created_from", help="range start, RFC 3339 (inclusive)")
     exporter.add_argument("--to", dest="created_to", help="range end, RFC 3339 (exclusive)")
-    exporter.add_argument("--status", choices=["succeeded", "failed", "cancelled"])
+    exporter.add_argument(
+        "--status", action="append", choices=["succeeded", "failed", "cancelled"], help="only these (repeatable)"
+    )
+    exporter.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY:VALUE|KEY",
+        help="only jobs with this label (repeatable: values of one key ORed, keys ANDed), as the API's label=",
+    )
+    exporter.add_argument("--job-id-prefix", help="only job ids starting with this")
     exporter.add_argument(
         "--columns",
         action="append",

@@ -41,18 +41,29 @@ def _files(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
-def _upsert(job_id: str, status: str, text: str) -> Callable[[Connection], Awaitable[tuple[JobResultMeta, bool]]]:
+def _upsert(
+    job_id: str, status: str, text: str, labels: dict[str, str]
+) -> Callable[[Connection], Awaitable[tuple[JobResultMeta, bool]]]:
     async def unit(conn: Connection) -> tuple[JobResultMeta, bool]:
-        return await JobResultRepository(conn).upsert(job_id, status, text)
+        return await JobResultRepository(conn).upsert(job_id, status, text, labels)
 
     return unit
 
 
-async def import_files(settings: Settings, paths: list[Path], *, job_id: str | None, status: str) -> ImportReport:
+async def import_files(
+    settings: Settings,
+    paths: list[Path],
+    *,
+    job_id: str | None,
+    status: str,
+    labels: dict[str, str] | None = None,
+) -> ImportReport:
     """Store each JSON file as one job's result; the job id is the file name without its last suffix.
 
     Files are checked exactly as ``PUT /v1/job-results/{job_id}`` checks bodies (job id rule, size cap,
-    JSON fidelity); refused files are reported with the reason and nothing of them is stored.
+    JSON fidelity); refused files are reported with the reason and nothing of them is stored. Every
+    file gets ``labels`` (checked by the caller, see ``service/labels.py``), replacing any it had, as a
+    PUT does.
     """
     report = ImportReport(imported=[], refused=[])
     files = list(_files(paths))
@@ -84,7 +95,7 @@ async def import_files(settings: Settings, paths: list[Path], *, job_id: str | N
                 report.refused.append((str(path), reason))
                 continue
             seen[name] = path
-            _meta, created = await db.run(_upsert(name, status, text))
+            _meta, created = await db.run(_upsert(name, status, text, labels or {}))
             report.imported.append((str(path), name, "created" if created else "replaced"))
     finally:
         await db.close()

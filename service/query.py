@@ -9,7 +9,9 @@ query parameter the handler declares:
   within the declared ``ge`` / ``le``;
 * a ``Literal`` of strings: one of its values;
 * a ``str`` declared with ``format=OpenAPIFormat.DATE_TIME``: an RFC 3339 timestamp with an offset;
-* each given once (a repeated parameter is refused rather than one of its values picked).
+* a ``list[X]`` (optionally ``None``): may be repeated (``?status=failed&status=cancelled``), each value
+  checked as an ``X``, at most the declared ``max_items`` values;
+* any other parameter given once (a repeated scalar is refused rather than one of its values picked).
 
 Every failure is listed in one 400 problem's ``errors`` (``name``, ``source``, ``message``).
 """
@@ -57,10 +59,16 @@ async def check_query(connection: ASGIConnection[Any, Any, Any, Any], handler: B
         if key not in query or name in path_params:
             continue
         values = query.getall(key)
-        if len(values) > 1:  # Litestar would use the last value, unchecked if the first one passed
-            errors.append({"key": key, "source": "query", "message": "must be given once"})
-            continue
-        message = _problem(field.annotation, kwarg, values[0], key)
+        item = _list_item(field.annotation)
+        if item is None:
+            if len(values) > 1:  # Litestar would use the last value, unchecked if the first one passed
+                errors.append({"key": key, "source": "query", "message": "must be given once"})
+                continue
+            message = _problem(field.annotation, kwarg, values[0], key)
+        elif kwarg is not None and kwarg.max_items is not None and len(values) > kwarg.max_items:
+            message = f"may be given at most {kwarg.max_items} times"
+        else:
+            message = next((m for v in values if (m := _problem(item, kwarg, v, key)) is not None), None)
         if message is not None:
             errors.append({"key": key, "source": "query", "message": message})
     if errors:
@@ -87,6 +95,15 @@ def _problem(annotation: Any, kwarg: KwargDefinition | None, value: str, key: st
             parse_timestamp(value, key)
         except InvalidParameter as exc:
             return str(exc).removeprefix(f"{key} ")
+    return None
+
+
+def _list_item(annotation: Any) -> Any | None:
+    """``X`` of a ``list[X]`` (or ``list[X] | None``) parameter, which may be repeated; None for a scalar."""
+    base = _without_none(annotation)
+    if get_origin(base) is list:
+        args = get_args(base)
+        return args[0] if args else str
     return None
 
 

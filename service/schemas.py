@@ -22,6 +22,16 @@ Timestamp = Annotated[
 ]
 JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=JOB_ID_PATTERN.pattern)]
 AnyJSON = Annotated[msgspec.Raw, msgspec.Meta(description="Any JSON value, returned as it was stored.")]
+Labels = Annotated[
+    dict[str, str],
+    msgspec.Meta(
+        description=(
+            "Up to 32 labels. Key: 1 to 63 characters from a-z 0-9 . _ / -, starting with a letter. Value: 0 to "
+            "255 characters without control characters (Unicode Cc, U+2028, U+2029)."
+        ),
+        examples=[{"branch": "main", "tool": "pytest"}],
+    ),
+]
 
 
 class InvalidParameter(ValueError):
@@ -51,6 +61,8 @@ class JobResultWrite(msgspec.Struct, forbid_unknown_fields=True):
 
     status: Literal["succeeded", "failed", "cancelled"]
     result: AnyJSON
+    labels: Labels = msgspec.field(default_factory=dict)
+    """Replaces all the job's labels; absent means none (service/labels.py checks the rules)."""
 
 
 class JobResult(msgspec.Struct):
@@ -61,16 +73,18 @@ class JobResult(msgspec.Struct):
     result: AnyJSON
     created_at: Timestamp
     updated_at: Timestamp
+    labels: Labels = msgspec.field(default_factory=dict)
 
     @classmethod
-    def build(cls, meta: JobResultMeta, result: bytes | msgspec.Raw) -> JobResult:
-        """From stored metadata and the stored JSON text (passed through, never decoded)."""
+    def build(cls, meta: JobResultMeta, result: bytes | msgspec.Raw, labels: dict[str, str] | None = None) -> JobResult:
+        """From stored metadata, the stored JSON text (passed through, never decoded) and the labels."""
         return cls(
             job_id=meta.job_id,
             status=meta.status,  # type: ignore[arg-type]
             result=result if isinstance(result, msgspec.Raw) else msgspec.Raw(result),
             created_at=format_timestamp(meta.created_at),
             updated_at=format_timestamp(meta.updated_at),
+            labels=labels or {},
         )
 
 
@@ -82,6 +96,7 @@ class JobResultSummary(msgspec.Struct, omit_defaults=True):
     created_at: Timestamp
     updated_at: Timestamp
     etag: str
+    labels: Labels
     result: AnyJSON | msgspec.UnsetType = msgspec.UNSET
 
 

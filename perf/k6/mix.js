@@ -23,6 +23,9 @@ const bodies = JSON.parse(open(__ENV.PAYLOADS)).map((file) => open(file, "b"));
 // MIX=get|put|list|export runs one operation alone (the capacity benchmark's GET series, cost per operation).
 const ONLY = { get: 0, put: 0.7, list: 0.85, export: 0.95 }[__ENV.MIX];
 const P99_MS = __ENV.P99_MS || "300";
+// FILTERED=0.2: that share of iterations are filtered listings (two labels of the seeded rows, a status);
+// the rest is the mix above. 0 (the default) leaves the mix as it is.
+const FILTERED = parseFloat(__ENV.FILTERED || "0");
 const WITH_LIMITER = __ENV.LIMITER !== "off";
 const rateLimited = new Counter("rate_limited_responses");
 
@@ -64,6 +67,15 @@ function pick(n) {
 }
 
 export function mix() {
+  if (ONLY === undefined && FILTERED > 0 && Math.random() < FILTERED) {
+    const res = http.get(
+      `${BASE}/v1/job-results?created_from=${__ENV.RANGE_FROM}&created_to=${__ENV.RANGE_TO}&limit=50` +
+        `&label=tool:tool-${pick(7)}&label=shard:${pick(4)}&status=succeeded`,
+      { headers: AUTH, tags: { op: "filtered" } },
+    );
+    check(res, { "filtered 200": (r) => r.status === 200 });
+    return;
+  }
   const roll = ONLY === undefined ? Math.random() : ONLY;
   if (roll < 0.7) {
     const res = http.get(`${BASE}/v1/job-results/perf-seed-${pick(SEEDED)}`, { headers: AUTH, tags: { op: "get" } });

@@ -27,7 +27,14 @@ from exports.pipeline import STORAGE_FULL_MESSAGE, ExportNotCancellable, ExportS
 from exports.store import ExportStore, ObjectMissing, StoreError
 from exports.waits import PENDING_STATES, ExportWaits, TooManyWaiters
 from repositories.database import Database
-from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository, TooManyPendingExports
+from repositories.exports import (
+    Export,
+    ExportNotFound,
+    ExportParameters,
+    ExportRepository,
+    TooManyPendingExports,
+    label_terms,
+)
 from repositories.job_results import JobResultNotFound, utcnow
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
 from service.idempotency import (
@@ -40,6 +47,7 @@ from service.idempotency import (
     run_idempotent,
 )
 from service.json_fidelity import check_document
+from service.labels import MAX_FILTER_TERMS, build_filter
 from service.methods import is_head
 from service.openapi import file_response
 from service.problems import ApiError, problem_responses
@@ -109,14 +117,34 @@ class JobExportRequest(msgspec.Struct, forbid_unknown_fields=True):
     columns: Columns | None = None
 
 
+Status = Literal["succeeded", "failed", "cancelled"]
+LabelFilter = Annotated[
+    list[str],
+    msgspec.Meta(
+        max_length=MAX_FILTER_TERMS,
+        description=(
+            "Label terms, as the `label` query parameter of the job result listing: `key:value` (split at the "
+            "first `:`) or `key` (any value); values of one key ORed, keys ANDed; at most 8 keys, 32 terms."
+        ),
+        examples=[["branch:main", "tool:pytest", "tool:jest"]],
+    ),
+]
+
+
 class RangeExportRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """Body of ``POST /v1/exports``: results with ``created_from <= created_at < created_to`` (RFC 3339)."""
+    """Body of ``POST /v1/exports``: results with ``created_from <= created_at < created_to`` (RFC 3339).
+
+    ``status``, ``label`` and ``job_id_prefix`` narrow the range exactly as the listing's query
+    parameters of the same names do (``service/labels.py``).
+    """
 
     format: Format
     created_from: str
     created_to: str
     compression: Compression = "none"
-    status: Literal["succeeded", "failed", "cancelled"] | None = None
+    status: Status | list[Status] | None = None
+    label: LabelFilter | None = None
+    job_id_prefix: str | None = None
     columns: Columns | None = None
 
 
@@ -133,7 +161,9 @@ class ExportRecord(msgspec.Struct, omit_defaults=True):
     job_id: str | None = None
     created_from: str | None = None
     created_to: str | None = None
-    status: str | None = None
+    status: str | list[str] | None = None
+    label: list[str] | None = None
+    job_id_prefix: str | None = None
     columns: list[str] | None = None
     bytes: int | None = None
     sha256: str | None = None
@@ -163,6 +193,8 @@ class ExportRecord(msgspec.Struct, omit_defaults=True):
             created_from=format_timestamp(params.created_from) if params.created_from else None,
             created_to=format_timestamp(params.created_to) if params.created_to else None,
             status=params.status,
+            label=params.label,
+            job_id_prefix=params.job_id_prefix,
             columns=list(params.columns) if params.columns is not None else None,
             bytes=export.bytes,
             sha256=export.sha256,
@@ -414,8 +446,10 @@ class ExportController(Controller):
             "202 Accepted with `Location: /v1/exports/{export_id}`. The export runs in the background, "
             "survives restarts, and is done when its state is `succeeded` (or `failed`). A key may have "
             "`JOBRESULTS_EXPORTS_MAX_PENDING_PER_KEY` (default 10) range exports queued or running; "
-            "one more is 429 with `Retry-After`. Workers take range exports round-robin across keys. Takes "
-            "`Idempotency-Key`: the queued export and the key's stored answer are recorded in one transaction."
+            "one more is 429 with `Retry-After`. Workers take range exports round-robin across keys. "
+            "`status` (one or a list), `label` and `job_id_prefix` select jobs as the listing's filters do; "
+            "the export record shows them. Takes `Idempotency-Key`: the queued export and the key's stored "
+            "answer are recorded in one transaction."
         ),
         status_code=202,
         responses=problem_responses(400, 401, 403, 409, 415, 422, 429, 503),
@@ -436,10 +470,14 @@ class ExportController(Controller):
         if lower is not None and upper is not None and lower >= upper:
             raise ApiError(400, "created_from must be earlier than created_to", slug="invalid-request")
         columns = checked_columns(data.columns)
+        statuses = [data.status] if isinstance(data.status, str) else data.status
+        filters = build_filter(data.label, statuses, data.job_id_prefix)
         parameters = ExportParameters(
             created_from=lower,
             created_to=upper,
-            status=data.status,
+            status=data.status if isinstance(data.status, str) else list(filters.statuses) or None,
+            label=label_terms(filters) or None,
+            job_id_prefix=filters.job_id_prefix,
             columns=columns.columns if columns is not None else None,
         )
         claim = await _idempotency(request, idempotency_key)

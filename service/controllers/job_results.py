@@ -29,10 +29,12 @@ from repositories.job_results import (
     read_max_allowed_packet,
 )
 from service.json_fidelity import MAX_DEPTH, check_document, check_envelope_streaming
+from service.labels import MAX_FILTER_TERMS, build_filter, check_labels
 from service.openapi import json_request_body
 from service.problems import ApiError, problem_responses
 from service.schemas import (
     JOB_ID_RULE,
+    InvalidParameter,
     JobResult,
     JobResultPage,
     JobResultSummary,
@@ -48,7 +50,12 @@ JSON = "application/json"
 _WRITE_DECODER = msgspec.json.Decoder(JobResultWrite)
 _CURSOR_DECODER = msgspec.json.Decoder(Cursor)
 _ENCODER = msgspec.json.Encoder()
-_WRITE_SHAPE = 'expected {"status": "succeeded" | "failed" | "cancelled", "result": <any JSON value>}'
+_WRITE_SHAPE = (
+    'expected {"status": "succeeded" | "failed" | "cancelled", "result": <any JSON value>, '
+    '"labels": {<key>: <string>, ...} (optional)}'
+)
+_LABELS_DECODER = msgspec.json.Decoder(dict[str, str])
+_WRITE_MEMBERS = ("status", "result", "labels")
 INLINE_CHECK_BYTES = 64 * 1024
 """Bodies up to this size are checked on the event loop (a few milliseconds at worst, whatever their
 shape); larger ones in a worker thread, by the streaming check, so the loop keeps serving."""
@@ -131,6 +138,7 @@ def _decode_write(body: bytes) -> tuple[JobResultWrite, str]:
     """
     check_document(body, max_depth=MAX_DEPTH + 1)  # the envelope is one level
     write = _decode_checked(body)
+    _check_labels(write.labels)
     return write, bytes(write.result).decode("utf-8")
 
 
@@ -140,6 +148,14 @@ def _decode_checked(body: bytes) -> JobResultWrite:
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         detail = str(exc).replace("`$.", "`")
         raise ApiError(400, f"invalid body: {detail}; {_WRITE_SHAPE}", slug="invalid-body") from None
+
+
+def _check_labels(labels: dict[str, str]) -> None:
+    """400 ``invalid-labels`` naming the label and the rule it breaks (``service/labels.py``)."""
+    try:
+        check_labels(labels)
+    except InvalidParameter as exc:
+        raise ApiError(400, str(exc), slug="invalid-labels") from None
 
 
 def _decode_large_write(body: bytes, max_packet: int) -> tuple[JobResultWrite, EscapedText]:
@@ -160,7 +176,7 @@ def _decode_large_write(body: bytes, max_packet: int) -> tuple[JobResultWrite, E
     if not members and not text.lstrip(" \t\n\r").startswith("{"):
         _invalid_body("Expected `object`")
     for name in members:
-        if name not in ("status", "result"):
+        if name not in _WRITE_MEMBERS:
             _invalid_body(f"Object contains unknown field `{name}`")
     for name in ("status", "result"):
         if name not in members:
@@ -173,7 +189,15 @@ def _decode_large_write(body: bytes, max_packet: int) -> tuple[JobResultWrite, E
     start, end = members["result"]
     result = text[start:end]
     raw = body[start:end] if len(text) == len(body) else result.encode("utf-8")  # ASCII: same offsets
-    return JobResultWrite(status=status, result=msgspec.Raw(raw)), EscapedText(result)
+    labels: dict[str, str] = {}
+    if "labels" in members:
+        start, end = members["labels"]
+        try:
+            labels = _LABELS_DECODER.decode(text[start:end])
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            _invalid_body(f"{exc} - at `labels`")
+        _check_labels(labels)
+    return JobResultWrite(status=status, result=msgspec.Raw(raw), labels=labels), EscapedText(result)
 
 
 def _invalid_body(detail: str) -> NoReturn:
@@ -232,25 +256,25 @@ async def store_write(
         PreconditionFailed, JobResultExists: the condition does not hold (412).
     """
     if none_match_tags == "*":
-        return await repo.create(job_id, write.status, text), True
+        return await repo.create(job_id, write.status, text, write.labels), True
     if match_tags is not None or none_match_tags:
         try:
             current = await repo.lock_meta(job_id)
         except JobResultNotFound:
             if match_tags is not None:
                 raise PreconditionFailed(job_id) from None
-            return await repo.create(job_id, write.status, text), True
+            return await repo.create(job_id, write.status, text, write.labels), True
         if match_tags not in (None, "*") and etag_of(current) not in match_tags:
             raise PreconditionFailed(job_id)
         if isinstance(none_match_tags, set) and etag_of(current) in none_match_tags:
             raise PreconditionFailed(job_id)
-        return await repo.replace(job_id, write.status, text), False
+        return await repo.replace(job_id, write.status, text, write.labels), False
     if likely_exists:
         try:
-            return await repo.replace(job_id, write.status, text), False
+            return await repo.replace(job_id, write.status, text, write.labels), False
         except JobResultNotFound:
             pass  # deleted since it was seen: create it
-    return await repo.upsert(job_id, write.status, text)
+    return await repo.upsert(job_id, write.status, text, write.labels)
 
 
 class JobResultController(Controller):
@@ -267,7 +291,8 @@ class JobResultController(Controller):
         description=(
             "201 when created, 200 when replaced. `If-None-Match: *` creates only; `If-Match: <etag>` "
             "replaces only if unchanged (412 otherwise). 422 names the JSON path of a value that "
-            "cannot be stored faithfully."
+            "cannot be stored faithfully. `labels` replaces all the job's labels (none when absent); "
+            "a label that breaks a rule is 400 `invalid-labels` naming it."
         ),
         responses={
             201: ResponseSpec(data_container=JobResult, description="Created"),
@@ -305,7 +330,9 @@ class JobResultController(Controller):
         if created:
             headers["Location"] = f"{self.path}/{job_id}"
         return Response(
-            content=JobResult.build(meta, write.result), status_code=201 if created else 200, headers=headers
+            content=JobResult.build(meta, write.result, write.labels),
+            status_code=201 if created else 200,
+            headers=headers,
         )
 
     @get(
@@ -330,7 +357,7 @@ class JobResultController(Controller):
         if tags == "*" or (tags and etag in tags):
             not_modified: Response[Any] = Response(content=b"", status_code=304, headers={"ETag": etag})
             return not_modified
-        return Response(content=JobResult.build(row.meta, row.result), headers={"ETag": etag})
+        return Response(content=JobResult.build(row.meta, row.result, row.labels), headers={"ETag": etag})
 
     @get(
         "/",
@@ -341,7 +368,10 @@ class JobResultController(Controller):
             "first, keyset-paginated: pass `next_cursor` back as `cursor`. Items carry metadata only "
             "unless `include=result`; then a page also ends before its documents would pass "
             "`JOBRESULTS_LIST_MAX_BYTES` (8 MiB by default) in total, though it always holds at least one "
-            "item, and `next_cursor` continues after its last item, so nothing is skipped."
+            "item, and `next_cursor` continues after its last item, so nothing is skipped. Filters (all "
+            "ANDed): `label=key:value` (repeatable; values of one key ORed, split at the first `:`), "
+            "`label=key` (the label exists), `status` (repeatable, ORed), `job_id_prefix`. At most 8 label "
+            "keys and 32 label terms."
         ),
         responses=problem_responses(400, 401, 403, 429, 503),
     )
@@ -358,15 +388,30 @@ class JobResultController(Controller):
             QueryParameter(description="Exclusive upper bound, RFC 3339 with offset.", format=OpenAPIFormat.DATE_TIME),
         ] = None,
         status: Annotated[
-            Literal["succeeded", "failed", "cancelled"] | None, QueryParameter(description="Only this status.")
+            list[Literal["succeeded", "failed", "cancelled"]] | None,
+            QueryParameter(description="Only these statuses (repeatable, ORed)."),
         ] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=1000, description="Page size, 1..1000.")] = 100,
         cursor: Annotated[str | None, QueryParameter(description="next_cursor of the previous page.")] = None,
         include: Annotated[
             Literal["result"] | None, QueryParameter(description="`result` adds each job's document.")
         ] = None,
+        label: Annotated[
+            list[str] | None,
+            QueryParameter(
+                description=(
+                    "`key:value` (this label with this value) or `key` (this label, any value); repeatable: "
+                    "values of one key are ORed, keys ANDed. At most 8 keys, 32 terms."
+                ),
+                max_items=MAX_FILTER_TERMS,
+            ),
+        ] = None,
+        job_id_prefix: Annotated[
+            str | None, QueryParameter(description="Only job ids starting with this (1 to 128 job id characters).")
+        ] = None,
     ) -> Response[JobResultPage]:
-        """A page of job results in ``[created_from, created_to)``."""
+        """A page of job results in ``[created_from, created_to)`` that pass the filters."""
+        filters = build_filter(label, status, job_id_prefix)
         lower = parse_timestamp(created_from, "created_from")
         upper = parse_timestamp(created_to, "created_to")
         if lower is not None and upper is not None and lower >= upper:
@@ -378,7 +423,8 @@ class JobResultController(Controller):
             lambda conn: JobResultRepository(conn).list(
                 created_from=lower,
                 created_to=upper,
-                status=status,
+                status=None,
+                filters=filters,
                 after=after,
                 limit=limit,
                 include_result=include_result,
@@ -393,6 +439,7 @@ class JobResultController(Controller):
                 created_at=format_timestamp(row.meta.created_at),
                 updated_at=format_timestamp(row.meta.updated_at),
                 etag=etag_of(row.meta),
+                labels=row.labels,
                 result=msgspec.Raw(row.result) if include_result else msgspec.UNSET,
             )
             for row in page

@@ -41,7 +41,8 @@ async def test_every_bad_parameter_is_listed(client: Client) -> None:
     ("path", "query"),
     [
         ("/v1/job-results", "limit=1&limit=1e3"),  # the check read the first value, Litestar the last
-        ("/v1/job-results", "status=failed&status=succeeded"),
+        ("/v1/job-results", "job_id_prefix=a&job_id_prefix=b"),
+        ("/v1/job-results", "include=result&include=result"),
         ("/v1/exports", "limit=2&limit=2"),
         ("/v1/webhooks", "limit=1&limit=1.0"),
     ],
@@ -52,6 +53,29 @@ async def test_a_repeated_parameter_is_refused(client: Client, path: str, query:
     (error,) = response.json()["errors"]
     assert error["name"] == query.split("=", 1)[0]
     assert "once" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["status=failed&status=succeeded", "label=a:1&label=a:2&label=b", "status=failed&label=x&status=cancelled"],
+)
+async def test_a_list_parameter_may_repeat(client: Client, query: str) -> None:
+    response = await client.get(f"/v1/job-results?{query}&created_from=2020-01-01T00:00:00Z&limit=1")
+    assert response.status_code == 200, response.text
+
+
+async def test_each_value_of_a_list_parameter_is_checked(client: Client) -> None:
+    response = await client.get("/v1/job-results?status=failed&status=done")
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["errors"]
+    assert error["name"] == "status"
+    assert "succeeded" in error["message"]
+    too_many = "&".join(f"label=k:{i}" for i in range(33))
+    response = await client.get(f"/v1/job-results?{too_many}")
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["errors"]
+    assert error["name"] == "label"
+    assert "at most 32" in error["message"]
 
 
 async def test_good_parameters_still_pass(client: Client) -> None:

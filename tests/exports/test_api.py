@@ -33,8 +33,11 @@ def stamp(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-async def put(client: Client, job_id: str, result: object, status: str = "succeeded") -> dict[str, Any]:
-    response = await client.put(f"/v1/job-results/{job_id}", json={"status": status, "result": result})
+async def put(
+    client: Client, job_id: str, result: object, status: str = "succeeded", labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    body = {"status": status, "result": result} | ({"labels": labels} if labels is not None else {})
+    response = await client.put(f"/v1/job-results/{job_id}", json=body)
     assert response.status_code in (200, 201), response.text
     made: dict[str, Any] = response.json()
     return made
@@ -58,7 +61,8 @@ async def download(client: Client, record: dict[str, Any]) -> bytes:
 @pytest.mark.parametrize("compression", ["none", "gzip"])
 async def test_single_job_export(client: Client, job_id: str, fmt: str, compression: str) -> None:
     result = {"metrics": {"duration_ms": 1200, "big": 18446744073709551615}, "tags": ["ci"], "note": "=cmd()"}
-    stored = await put(client, job_id, result, "failed")
+    labels = {"branch": "main", "tool": "pytest"}
+    stored = await put(client, job_id, result, "failed", labels)
     response = await client.post(f"/v1/job-results/{job_id}/exports", json={"format": fmt, "compression": compression})
     assert response.status_code == 201, response.text
     record = response.json()
@@ -72,7 +76,13 @@ async def test_single_job_export(client: Client, job_id: str, fmt: str, compress
     assert record["created_at"] <= record["started_at"] <= record["finished_at"]
     assert (await client.get(f"/v1/exports/{record['export_id']}")).json() == record
     body = await download(client, record)
-    expected = {"job_id": job_id, "status": "failed", "created_at": stored["created_at"], "result": result}
+    expected = {
+        "job_id": job_id,
+        "status": "failed",
+        "created_at": stored["created_at"],
+        "result": result,
+        "labels": labels,
+    }
     if fmt == "json":
         assert json.loads(body) == expected
     elif fmt == "ndjson":
@@ -217,6 +227,66 @@ async def test_range_is_half_open_with_status_filter(worker_client: Client, job_
     lines = (await download(worker_client, record)).decode().splitlines()
     assert [json.loads(line)["job_id"] for line in lines] == [made[0]["job_id"], made[2]["job_id"]]
     assert record["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("fmt", ["json", "ndjson", "csv"])
+async def test_range_export_with_label_status_and_prefix_filters(worker_client: Client, job_id: str, fmt: str) -> None:
+    start = stamp(datetime.now(UTC))
+    rows = [
+        ("a", {"branch": "main", "tool": "pytest"}, "failed"),
+        ("b", {"branch": "main", "tool": "jest"}, "cancelled"),
+        ("c", {"branch": "dev", "tool": "pytest"}, "failed"),
+        ("d", {"branch": "main", "tool": "go"}, "failed"),
+        ("e", {"tool": "pytest"}, "failed"),
+        ("f", {"branch": "main", "tool": "pytest"}, "succeeded"),
+    ]
+    for name, labels, status in rows:
+        await put(worker_client, f"{job_id}-{name}", {"n": name}, status, labels)
+    end = stamp(datetime.now(UTC) + timedelta(seconds=1))
+    body = {
+        "format": fmt,
+        "created_from": start,
+        "created_to": end,
+        "status": ["failed", "cancelled"],
+        "label": ["branch:main", "tool:pytest", "tool:jest", "branch:main"],
+        "job_id_prefix": job_id,
+    }
+    response = await worker_client.post("/v1/exports", json=body)
+    assert response.status_code == 202, response.text
+    queued = response.json()
+    assert queued["status"] == ["failed", "cancelled"]
+    assert queued["label"] == ["branch:main", "tool:pytest", "tool:jest"]
+    assert queued["job_id_prefix"] == job_id
+    record = await wait_done(worker_client, queued["export_id"])
+    assert record["state"] == "succeeded", record
+    assert record["label"] == queued["label"]
+    assert record["rows_written"] == 2
+    content = (await download(worker_client, record)).decode()
+    if fmt == "csv":
+        table = list(csv.reader(io.StringIO(content, newline="")))
+        assert [r[0] for r in table[1:]] == [f"{job_id}-a", f"{job_id}-b"]
+        assert table[0] == ["job_id", "status", "created_at", "n"]  # csv unchanged: no label columns
+        return
+    items = json.loads(content) if fmt == "json" else [json.loads(line) for line in content.splitlines()]
+    assert [i["job_id"] for i in items] == [f"{job_id}-a", f"{job_id}-b"]
+    assert [i["labels"] for i in items] == [rows[0][1], rows[1][1]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"label": ["Branch:main"]}, "label key"),
+        ({"label": [f"k{i}" for i in range(9)]}, "at most 8"),
+        ({"label": "branch:main"}, "label"),
+        ({"status": ["failed", "done"]}, "status"),
+        ({"job_id_prefix": "a b"}, "job_id_prefix"),
+    ],
+)
+async def test_bad_range_filters_are_400(client: Client, extra: dict[str, Any], fragment: str) -> None:
+    body = {"format": "json", "created_from": "2026-01-01T00:00:00Z", "created_to": "2026-02-01T00:00:00Z"}
+    response = await client.post("/v1/exports", json=body | extra)
+    assert response.status_code == 400, response.text
+    assert fragment in response.text
 
 
 async def test_empty_range(worker_client: Client) -> None:

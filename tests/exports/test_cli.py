@@ -164,3 +164,55 @@ def test_export_with_columns(database_url: str, tmp_path: Path, job_id: str) -> 
     )
     assert bad.returncode == 2
     assert "--columns: column 'a..b': has an empty key" in bad.stderr
+
+
+def test_import_with_labels_then_export_filtered(database_url: str, tmp_path: Path, job_id: str) -> None:
+    for tool in ("pytest", "jest"):
+        folder = tmp_path / tool
+        folder.mkdir()
+        for n in range(2):
+            (folder / f"{job_id}-{tool}-{n}.json").write_text(json.dumps({"tool": tool, "n": n}))
+        done = run(
+            database_url, tmp_path / "exports", "import", str(folder), "--label", f"tool={tool}", "--label", "ci=x:y"
+        )
+        assert done.returncode == 0, done.stderr
+    out = tmp_path / "filtered.ndjson"
+    done = run(
+        database_url,
+        tmp_path / "exports",
+        "export",
+        "--format",
+        "ndjson",
+        "--from",
+        "2020-01-01T00:00:00Z",
+        "--to",
+        "2999-01-01T00:00:00Z",
+        "--label",
+        "tool:jest",
+        "--label",
+        "ci:x:y",
+        "--status",
+        "succeeded",
+        "--job-id-prefix",
+        job_id,
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    items = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [i["job_id"] for i in items] == [f"{job_id}-jest-0", f"{job_id}-jest-1"]
+    assert all(i["labels"] == {"tool": "jest", "ci": "x:y"} for i in items)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["import", "--label", "Tool=x", "nothing.json"], "label key"),
+        (["import", "--label", "tool", "nothing.json"], "key=value"),
+        (["export", "--format", "json", "--from", "2020-01-01T00:00:00Z", "--label", "a b", "--out", "x"], "label key"),
+    ],
+)
+def test_bad_cli_labels_exit_2(database_url: str, tmp_path: Path, args: list[str], fragment: str) -> None:
+    done = run(database_url, tmp_path / "exports", *args)
+    assert done.returncode == 2, done.stderr
+    assert fragment in done.stderr

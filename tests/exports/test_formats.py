@@ -114,8 +114,8 @@ def test_json_single_is_one_object_in_key_order() -> None:
     out = export("json", [[row(b'{"a": 1}', job_id="j-1", status="failed")]], single=True)
     assert out.endswith(b"}\n")
     parsed = json.loads(out)
-    assert list(parsed) == ["job_id", "status", "created_at", "result"]
-    assert parsed == {"job_id": "j-1", "status": "failed", "created_at": TS, "result": {"a": 1}}
+    assert list(parsed) == ["job_id", "status", "created_at", "result", "labels"]
+    assert parsed == {"job_id": "j-1", "status": "failed", "created_at": TS, "result": {"a": 1}, "labels": {}}
 
 
 def test_json_range_is_one_array_across_chunks() -> None:
@@ -126,7 +126,7 @@ def test_json_range_is_one_array_across_chunks() -> None:
     parsed = json.loads(out)
     assert [item["job_id"] for item in parsed] == ["a", "b", "c", "d", "e"]
     assert [item["result"] for item in parsed] == [1, "x", None, [True], {}]
-    assert all(list(item) == ["job_id", "status", "created_at", "result"] for item in parsed)
+    assert all(list(item) == ["job_id", "status", "created_at", "result", "labels"] for item in parsed)
 
 
 def test_json_empty_range_is_empty_array() -> None:
@@ -153,15 +153,24 @@ def test_ndjson_one_line_per_row_across_chunks() -> None:
     parsed = [json.loads(line) for line in lines[:-1]]
     assert [item["job_id"] for item in parsed] == ["a", "b", "c"]
     assert [item["result"] for item in parsed] == [json.loads(PRETTY), 1, "x\ny"]
-    assert all(list(item) == ["job_id", "status", "created_at", "result"] for item in parsed)
+    assert all(list(item) == ["job_id", "status", "created_at", "result", "labels"] for item in parsed)
 
 
 def test_ndjson_minifies_pretty_result_without_touching_numbers() -> None:
     out = export("ndjson", [[row(PRETTY)]], single=True)
     assert out == (
         b'{"job_id":"job-1","status":"succeeded","created_at":"' + TS.encode() + b'",'
-        b'"result":{"name":"build","n":18446744073709551615,"steps":[1,2.50],"s":"a\\nb"}}\n'
+        b'"result":{"name":"build","n":18446744073709551615,"steps":[1,2.50],"s":"a\\nb"},"labels":{}}\n'
     )
+
+
+@pytest.mark.parametrize("fmt", ["json", "ndjson"])
+def test_labels_are_a_member_of_each_row(fmt: Format) -> None:
+    labels = {"branch": "main", "quote": 'a"b\\c', "colon": "x:y"}
+    labelled = ExportRow("job-1", "failed", TS, b"1", labels)
+    out = export(fmt, [[labelled, row("2", "job-2")]], single=False)
+    parsed = json.loads(out) if fmt == "json" else [json.loads(line) for line in out.splitlines()]
+    assert [item["labels"] for item in parsed] == [labels, {}]
 
 
 def test_ndjson_empty_range_is_empty() -> None:

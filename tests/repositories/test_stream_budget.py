@@ -31,7 +31,7 @@ async def test_chunks_end_at_the_byte_budget_and_lose_no_row(settings: Settings,
             ],
         )
 
-    async def read(conn: Connection) -> list[list[tuple[bytes, str]]]:
+    async def read(conn: Connection) -> list[list[tuple[bytes, str, str | None]]]:
         stream = JobResultStream(conn)
         return [chunk async for chunk in stream.chunks(start, start + timedelta(seconds=1), None, 500, BUDGET)]
 

@@ -15,6 +15,7 @@ from config.settings import DatabaseURL
 from tests.conftest import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "perf"))
+import filter_benchmark  # type: ignore[import-not-found]
 import run_perf  # type: ignore[import-not-found]
 
 
@@ -68,3 +69,29 @@ def test_k6_api_port_does_not_collide(tmp_path: Path) -> None:
         blocker.close()
     assert done.returncode == 0, done.stderr
     assert "address already in use" not in done.stderr + done.stdout
+
+
+def test_filter_benchmark_seeds_results_and_their_labels(server_url: str) -> None:
+    name = f"jr_perftest_{uuid.uuid4().hex[:8]}"
+    try:
+        url = filter_benchmark.prepare(server_url, name, 2000, False)
+        with connect(url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*), COUNT(DISTINCT job_id), SUM(status = 'failed') FROM job_results")
+            assert cur.fetchone() == (2000, 2000, 400)
+            cur.execute(
+                "SELECT l.label_key, COUNT(*), COUNT(DISTINCT l.label_value), SUM(l.created_at = r.created_at) "
+                "FROM job_result_labels l JOIN job_results r ON r.id = l.result_id GROUP BY l.label_key"
+            )
+            counts = {key: (int(n), int(values), int(same)) for key, n, values, same in cur.fetchall()}
+        assert counts == {
+            "branch": (2000, 10, 2000),
+            "env": (2000, 3, 2000),
+            "shard": (2000, 16, 2000),
+            "team": (2000, 13, 2000),
+            "tool": (2000, 7, 2000),
+        }
+        assert filter_benchmark.prepare(server_url, name, 2000, True) == url  # --reuse keeps it
+    finally:
+        admin = DatabaseURL.parse(server_url)
+        with connect(f"mysql://{admin.user}:{admin.password}@{admin.host}:{admin.port}/mysql") as conn:
+            conn.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
