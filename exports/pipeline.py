@@ -420,13 +420,14 @@ class ExportService:
             async with conn.cursor() as cur:
                 await cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
             stream = JobResultStream(conn)
+            now = utcnow()  # one clock for both passes: a result expiring in between is in neither or both
             columns: list[str] | None = None
             renew_at = asyncio.get_running_loop().time() + self._renew_every
             if export.format == "csv":
                 # Pass 1 (same snapshot): the union of the result columns, for the header row.
                 collector = CsvColumns(self.settings.csv_max_columns)
                 async for chunk in stream.chunks(
-                    params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
+                    params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes, now=now
                 ):
                     await asyncio.to_thread(_collect_columns, collector, chunk)
                     renew_at = await self._renew_if_due(export, 0, renew_at)
@@ -437,7 +438,7 @@ class ExportService:
             )
             await file.write(writer.begin())
             async for chunk in stream.chunks(
-                params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
+                params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes, now=now
             ):
                 count, data = await asyncio.to_thread(_encode_chunk, writer, chunk)
                 await file.write(data)

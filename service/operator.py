@@ -1,4 +1,4 @@
-"""Operator commands behind ``jobresults import``, ``export`` and ``keys``.
+"""Operator commands behind ``jobresults import``, ``export``, ``keys`` and ``purge``.
 
 They use the same validation and the same export pipeline as the API.
 """
@@ -9,6 +9,7 @@ import getpass
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import msgspec
@@ -22,6 +23,7 @@ from repositories.exports import Export, ExportParameters
 from repositories.job_results import JobResultMeta, JobResultRepository
 from service.auth import new_token
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON, check_document
+from service.purge import PassReport, PurgeBatch, PurgeRunner
 from service.schemas import JOB_ID_RULE, is_valid_job_id
 
 
@@ -167,5 +169,30 @@ async def revoke_key(settings: Settings, key_id: str) -> ApiKey:
     db = await Database.open(settings)
     try:
         return await db.run(lambda conn: ApiKeyRepository(conn).revoke(key_id))
+    finally:
+        await db.close()
+
+
+async def purge_dry_run(settings: Settings, limit: int) -> dict[str, tuple[PurgeBatch, datetime | None]]:
+    """What ``jobresults purge`` would delete now; deletes nothing.
+
+    Returns, per task, its first ``limit`` due items and when the oldest of them fell due (naive UTC).
+    """
+    db = await Database.open(settings)
+    try:
+        return await PurgeRunner(db, settings).dry_run(limit)
+    finally:
+        await db.close()
+
+
+async def purge_now(settings: Settings) -> PassReport:
+    """Run one purge pass in this process, under the same lease as the services' purge workers.
+
+    Raises:
+        LeaseHeld: a service process is running a pass right now.
+    """
+    db = await Database.open(settings)
+    try:
+        return await PurgeRunner(db, settings).run_pass()
     finally:
         await db.close()

@@ -25,6 +25,7 @@ from repositories.job_results import (
     JobResultRepository,
     PreconditionFailed,
     read_max_allowed_packet,
+    utcnow,
 )
 from service.json_fidelity import MAX_DEPTH, check_document, check_envelope_streaming
 from service.openapi import json_request_body
@@ -46,7 +47,10 @@ JSON = "application/json"
 _WRITE_DECODER = msgspec.json.Decoder(JobResultWrite)
 _CURSOR_DECODER = msgspec.json.Decoder(Cursor)
 _ENCODER = msgspec.json.Encoder()
-_WRITE_SHAPE = 'expected {"status": "succeeded" | "failed" | "cancelled", "result": <any JSON value>}'
+_WRITE_SHAPE = (
+    'expected {"status": "succeeded" | "failed" | "cancelled", "result": <any JSON value>, '
+    'optionally "retention_days": 1..3650 or "pinned": true}'
+)
 INLINE_CHECK_BYTES = 64 * 1024
 """Bodies up to this size are checked on the event loop (a few milliseconds at worst, whatever their
 shape); larger ones in a worker thread, by the streaming check, so the loop keeps serving."""
@@ -157,21 +161,17 @@ def _decode_large_write(body: bytes, max_packet: int) -> tuple[JobResultWrite, E
     text, members = check_envelope_streaming(body, max_depth=MAX_DEPTH + 1)
     if not members and not text.lstrip(" \t\n\r").startswith("{"):
         _invalid_body("Expected `object`")
-    for name in members:
-        if name not in ("status", "result"):
-            _invalid_body(f"Object contains unknown field `{name}`")
-    for name in ("status", "result"):
-        if name not in members:
-            _invalid_body(f"Object missing required field `{name}`")
-    start, end = members["status"]
-    token = text[start:end]
-    status = json.loads(token) if token.startswith('"') and len(token) <= 64 else None
-    if status not in ("succeeded", "failed", "cancelled"):
-        _invalid_body("Invalid enum value - at `status`" if token.startswith('"') else "Expected `str` - at `status`")
+    # The envelope without the document (small), decoded by the same struct as small bodies, so both
+    # paths accept and refuse the same fields with the same messages.
+    envelope = ",".join(
+        json.dumps(name) + ":" + ("null" if name == "result" else text[start:end])
+        for name, (start, end) in members.items()
+    )
+    fields = _decode_checked(("{" + envelope + "}").encode())
     start, end = members["result"]
     result = text[start:end]
     raw = body[start:end] if len(text) == len(body) else result.encode("utf-8")  # ASCII: same offsets
-    return JobResultWrite(status=status, result=msgspec.Raw(raw)), EscapedText(result)
+    return msgspec.structs.replace(fields, result=msgspec.Raw(raw)), EscapedText(result)
 
 
 def _invalid_body(detail: str) -> NoReturn:
@@ -218,7 +218,9 @@ class JobResultController(Controller):
         description=(
             "201 when created, 200 when replaced. `If-None-Match: *` creates only; `If-Match: <etag>` "
             "replaces only if unchanged (412 otherwise). 422 names the JSON path of a value that "
-            "cannot be stored faithfully."
+            "cannot be stored faithfully. A PUT replaces everything: `retention_days` (counted from this "
+            "write) or `pinned: true` apply only if given again, else the service default. An expired "
+            "result counts as absent: a PUT creates it anew (201, version 1)."
         ),
         responses={
             201: ResponseSpec(data_container=JobResult, description="Created"),
@@ -247,24 +249,37 @@ class JobResultController(Controller):
                 write, text = await asyncio.to_thread(_decode_large_write, body, max_packet)
         match_tags = entity_tags(if_match, weak=False)
         none_match_tags = entity_tags(if_none_match)
+        default_days: int | None = request.app.state.settings.result_retention_days
 
         async def unit(conn: Connection) -> tuple[JobResultMeta, bool]:
+            # One clock reading per attempt: expiry of the old row, the new expires_at and the timestamps.
+            now = utcnow()
             repo = JobResultRepository(conn)
+            expires_at = write.expires_at(now, default_days)
+
+            async def create() -> tuple[JobResultMeta, bool]:
+                return await repo.create(
+                    job_id, write.status, text, expires_at=expires_at, pinned=write.pinned, now=now
+                ), True
+
             if none_match_tags == "*":
-                return await repo.create(job_id, write.status, text), True
+                return await create()
             if match_tags is not None or none_match_tags:
                 try:
-                    current = await repo.lock_meta(job_id)
+                    current = await repo.lock_meta(job_id, now)
                 except JobResultNotFound:
                     if match_tags is not None:
                         raise PreconditionFailed(job_id) from None
-                    return await repo.create(job_id, write.status, text), True
+                    return await create()
                 if match_tags not in (None, "*") and etag_of(current) not in match_tags:
                     raise PreconditionFailed(job_id)
                 if isinstance(none_match_tags, set) and etag_of(current) in none_match_tags:
                     raise PreconditionFailed(job_id)
-                return await repo.replace(job_id, write.status, text), False
-            return await repo.upsert(job_id, write.status, text)
+                replaced = await repo.replace(
+                    job_id, write.status, text, expires_at=expires_at, pinned=write.pinned, now=now
+                )
+                return replaced, False
+            return await repo.upsert(job_id, write.status, text, expires_at=expires_at, pinned=write.pinned, now=now)
 
         meta, created = await db.run(emitting(unit, job_result_event))
         headers = {"ETag": etag_of(meta)}
@@ -278,7 +293,10 @@ class JobResultController(Controller):
         "/{job_id:str}",
         opt={"scope": "results:read"},
         summary="Read a job result",
-        description="`If-None-Match` with the current ETag gives 304. The result comes back as stored.",
+        description=(
+            "`If-None-Match` with the current ETag gives 304. The result comes back as stored. 404 once "
+            "it expired, even before the purge deleted it."
+        ),
         responses={304: ResponseSpec(data_container=None, description="Not Modified")}
         | problem_responses(400, 401, 403, 404, 429, 503),
     )
@@ -290,7 +308,7 @@ class JobResultController(Controller):
     ) -> Response[JobResult]:
         """The stored job result; its JSON passes through as stored, never decoded."""
         checked_job_id(job_id)
-        row = await db.run(lambda conn: JobResultRepository(conn).get(job_id), transaction=False)
+        row = await db.run(lambda conn: JobResultRepository(conn).get(job_id, utcnow()), transaction=False)
         etag = etag_of(row.meta)
         tags = entity_tags(if_none_match)
         if tags == "*" or (tags and etag in tags):
@@ -307,7 +325,8 @@ class JobResultController(Controller):
             "first, keyset-paginated: pass `next_cursor` back as `cursor`. Items carry metadata only "
             "unless `include=result`; then a page also ends before its documents would pass "
             "`JOBRESULTS_LIST_MAX_BYTES` (8 MiB by default) in total, though it always holds at least one "
-            "item, and `next_cursor` continues after its last item, so nothing is skipped."
+            "item, and `next_cursor` continues after its last item, so nothing is skipped. Expired "
+            "results are never listed."
         ),
         responses=problem_responses(400, 401, 403, 429, 503),
     )
@@ -331,10 +350,25 @@ class JobResultController(Controller):
         include: Annotated[
             Literal["result"] | None, QueryParameter(description="`result` adds each job's document.")
         ] = None,
+        pinned: Annotated[
+            Literal["true", "false"] | None,
+            QueryParameter(description="`true`: only pinned results; `false`: only results that are not pinned."),
+        ] = None,
+        expires_before: Annotated[
+            str | None,
+            QueryParameter(
+                description=(
+                    "Only results that expire before this time (RFC 3339 with offset); results that never "
+                    "expire are left out."
+                ),
+                format=OpenAPIFormat.DATE_TIME,
+            ),
+        ] = None,
     ) -> Response[JobResultPage]:
-        """A page of job results in ``[created_from, created_to)``."""
+        """A page of live job results in ``[created_from, created_to)``."""
         lower = parse_timestamp(created_from, "created_from")
         upper = parse_timestamp(created_to, "created_to")
+        expiring_before = parse_timestamp(expires_before, "expires_before")
         if lower is not None and upper is not None and lower >= upper:
             raise ApiError(400, "created_from must be earlier than created_to", slug="invalid-request")
         after = _decode_cursor(cursor) if cursor is not None else None
@@ -349,6 +383,9 @@ class JobResultController(Controller):
                 limit=limit,
                 include_result=include_result,
                 max_bytes=max_bytes,
+                pinned=None if pinned is None else pinned == "true",
+                expires_before=expiring_before,
+                now=utcnow(),
             ),
             transaction=False,
         )
@@ -359,6 +396,8 @@ class JobResultController(Controller):
                 created_at=format_timestamp(row.meta.created_at),
                 updated_at=format_timestamp(row.meta.updated_at),
                 etag=etag_of(row.meta),
+                expires_at=None if row.meta.expires_at is None else format_timestamp(row.meta.expires_at),
+                pinned=row.meta.pinned,
                 result=msgspec.Raw(row.result) if include_result else msgspec.UNSET,
             )
             for row in page
@@ -384,15 +423,16 @@ class JobResultController(Controller):
         match_tags = entity_tags(if_match, weak=False)
 
         async def unit(conn: Connection) -> None:
+            now = utcnow()
             repo = JobResultRepository(conn)
             if match_tags is not None:
                 try:
-                    current = await repo.lock_meta(job_id)
+                    current = await repo.lock_meta(job_id, now)
                 except JobResultNotFound:
                     raise PreconditionFailed(job_id) from None
                 if match_tags != "*" and etag_of(current) not in match_tags:
                     raise PreconditionFailed(job_id)
-            await repo.delete(job_id)
+            await repo.delete(job_id, now)
 
         await db.run(emitting(unit, lambda _: job_result_deleted(job_id)))
 
