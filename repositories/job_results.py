@@ -453,22 +453,17 @@ class JobResultRepository:
         beyond the budget is ever held. A page cut short this way closes the connection (the rest of
         the result set is never read).
         """
-        columns = _META_COLUMNS + (", result_data" if include_result else "")
-        where, params = range_filter(created_from, created_to, status, now=now)
-        params["limit"] = limit + 1
-        if pinned is not None:
-            where += " AND pinned = %(pinned)s"
-            params["pinned"] = pinned
-        if expires_before is not None:
-            where += " AND expires_at < %(expires_before)s"
-            params["expires_before"] = expires_before
-        if after is not None:
-            # Expanded form of (created_at, id) > (%s, %s): both engines use idx_created for it.
-            where += " AND (created_at > %(after_created)s OR (created_at = %(after_created)s AND id > %(after_id)s))"
-            params["after_created"] = after.created_at
-            params["after_id"] = after.id
-        sql = f"SELECT {columns} FROM job_results {ORDERED_BY_TIME}{where}"  # noqa: S608 - fixed fragments only
-        sql += " ORDER BY created_at, id LIMIT %(limit)s"
+        sql, params = list_query(
+            created_from=created_from,
+            created_to=created_to,
+            status=status,
+            after=after,
+            limit=limit,
+            include_result=include_result,
+            pinned=pinned,
+            expires_before=expires_before,
+            now=now,
+        )
         if include_result and max_bytes is not None:
             return await self._list_within(sql, params, limit, max_bytes)
         async with self.conn.cursor() as cur:
@@ -515,6 +510,41 @@ def _row(row: tuple[object, ...], include_result: bool) -> JobResultRow:
     document = row[1] if include_result else b""
     result = document.encode() if isinstance(document, str) else document
     return JobResultRow(meta=_meta(row), result=result)  # type: ignore[arg-type]
+
+
+def list_query(
+    *,
+    created_from: datetime | None,
+    created_to: datetime | None,
+    status: str | None,
+    after: Cursor | None,
+    limit: int,
+    include_result: bool,
+    pinned: bool | None = None,
+    expires_before: datetime | None = None,
+    now: datetime | None = None,
+) -> tuple[str, dict[str, object]]:
+    """The ``SELECT`` of :meth:`JobResultRepository.list` and its parameters (``LIMIT`` is ``limit + 1``).
+
+    It reads ``idx_created`` in order from the keyset position; every other condition (liveness,
+    ``status``, ``pinned``, ``expires_before``) is checked on the rows that scan reaches.
+    """
+    columns = _META_COLUMNS + (", result_data" if include_result else "")
+    where, params = range_filter(created_from, created_to, status, now=now)
+    params["limit"] = limit + 1
+    if pinned is not None:
+        where += " AND pinned = %(pinned)s"
+        params["pinned"] = pinned
+    if expires_before is not None:
+        where += " AND expires_at < %(expires_before)s"
+        params["expires_before"] = expires_before
+    if after is not None:
+        # Expanded form of (created_at, id) > (%s, %s): both engines use idx_created for it.
+        where += " AND (created_at > %(after_created)s OR (created_at = %(after_created)s AND id > %(after_id)s))"
+        params["after_created"] = after.created_at
+        params["after_id"] = after.id
+    sql = f"SELECT {columns} FROM job_results {ORDERED_BY_TIME}{where}"  # noqa: S608 - fixed fragments only
+    return sql + " ORDER BY created_at, id LIMIT %(limit)s", params
 
 
 SQL_EXPORT_COLUMNS = (
