@@ -9,7 +9,7 @@ import getpass
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -20,7 +20,7 @@ from exports.pipeline import ExportService
 from repositories.api_keys import ApiKey, ApiKeyRepository
 from repositories.database import Connection, Database
 from repositories.exports import Export, ExportParameters
-from repositories.job_results import JobResultMeta, JobResultRepository
+from repositories.job_results import JobResultMeta, JobResultRepository, utcnow
 from service.auth import new_token
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON, check_document
 from service.purge import PassReport, PurgeBatch, PurgeRunner
@@ -42,9 +42,13 @@ def _files(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
-def _upsert(job_id: str, status: str, text: str) -> Callable[[Connection], Awaitable[tuple[JobResultMeta, bool]]]:
+def _upsert(
+    job_id: str, status: str, text: str, default_days: int | None
+) -> Callable[[Connection], Awaitable[tuple[JobResultMeta, bool]]]:
     async def unit(conn: Connection) -> tuple[JobResultMeta, bool]:
-        return await JobResultRepository(conn).upsert(job_id, status, text)
+        now = utcnow()
+        expires_at = None if default_days is None else now + timedelta(days=default_days)
+        return await JobResultRepository(conn).upsert(job_id, status, text, expires_at=expires_at, now=now)
 
     return unit
 
@@ -53,7 +57,9 @@ async def import_files(settings: Settings, paths: list[Path], *, job_id: str | N
     """Store each JSON file as one job's result; the job id is the file name without its last suffix.
 
     Files are checked exactly as ``PUT /v1/job-results/{job_id}`` checks bodies (job id rule, size cap,
-    JSON fidelity); refused files are reported with the reason and nothing of them is stored.
+    JSON fidelity); refused files are reported with the reason and nothing of them is stored. Like a
+    PUT without ``retention_days``, each result expires after ``JOBRESULTS_RESULT_RETENTION_DAYS``
+    (if set), counted from its import.
     """
     report = ImportReport(imported=[], refused=[])
     files = list(_files(paths))
@@ -85,7 +91,7 @@ async def import_files(settings: Settings, paths: list[Path], *, job_id: str | N
                 report.refused.append((str(path), reason))
                 continue
             seen[name] = path
-            _meta, created = await db.run(_upsert(name, status, text))
+            _meta, created = await db.run(_upsert(name, status, text, settings.result_retention_days))
             report.imported.append((str(path), name, "created" if created else "replaced"))
     finally:
         await db.close()

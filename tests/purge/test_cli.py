@@ -74,3 +74,17 @@ def test_a_bad_limit_is_refused(url: str, tmp_path: Path) -> None:
     done = run(url, tmp_path, "--dry-run", "--limit", "0")
     assert done.returncode == 2
     assert "--limit" in done.stderr
+
+
+def test_import_applies_the_default_retention(url: str, tmp_path: Path) -> None:
+    document = tmp_path / "imported-1.json"
+    document.write_text('{"ok": true}')
+    env = service_env({"database_url": url, "exports_dir": tmp_path / "exports", "result_retention_days": 3})
+    done = subprocess.run(
+        [JOBRESULTS, "import", str(document)], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    with connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT TIMESTAMPDIFF(SECOND, updated_at, expires_at) FROM job_results WHERE job_id = 'imported-1'")
+        (seconds,) = cur.fetchone()
+    assert seconds == 3 * 86400
