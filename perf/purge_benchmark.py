@@ -5,12 +5,13 @@
    settings (2 workers, auth, rate limits in Redis, JSON logs) and its own purge worker off;
 2. runs one purge of ``--rows`` expired rows with no load (the purge alone);
 3. runs ``--pairs`` pairs of k6 rounds of the mix at ``--rate`` for ``--duration`` each, interleaved
-   ABBA (off, on, on, off, ...) so drift of the shared machine falls on both sides. Before each "on"
-   round ``--rows`` expired results are inserted (created 30 days ago, expired a day ago, a 1 KB
-   document each: outside the time range the mix lists and exports, as old results are); during the
-   round a :class:`service.purge.PurgeRunner` (the code of the service's purge worker and of
+   ABBA (off, on, on, off, ...) so drift of the shared machine falls on both sides. Before every round
+   ``--rows`` expired results are inserted (created 30 days ago, expired a day ago, a 1 KB document
+   each: outside the time range the mix lists and exports, as old results are), then the machine gets
+   ``--settle-s`` to calm down, so both kinds of round start from the same state. During an "on" round
+   a :class:`service.purge.PurgeRunner` (the code of the service's purge worker and of
    ``jobresults purge``, same batch size and pacing settings) purges them from this process until k6
-   ends. What is left is purged before the next round, unmeasured.
+   ends; in an "off" round they stay. What is left is purged after the round, unmeasured.
 
 Prints one JSON line per round and writes perf/results/purge-<time>.json.
 
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pymysql
+from prometheus_client import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -86,12 +89,17 @@ def count_due(url: str) -> int:
         conn.close()
 
 
+def purged_so_far() -> float:
+    """This process's ``jobresults_purge_rows_total`` (the runner counts each committed batch)."""
+    return REGISTRY.get_sample_value("jobresults_purge_rows_total", {"task": "job_results"}) or 0.0
+
+
 async def purge_until(settings: Settings, stop: asyncio.Event | None) -> tuple[int, float]:
-    """Purge passes until nothing is due or ``stop`` is set; returns (rows purged, seconds)."""
+    """One purge pass until nothing is due or ``stop`` is set; returns (rows purged, seconds)."""
     db = await Database.open(settings)
     runner = PurgeRunner(db, settings)
     started = time.perf_counter()
-    purged = 0
+    before = purged_so_far()
     try:
         task = asyncio.create_task(runner.run_pass())
         waits: set[asyncio.Future[Any]] = {task}
@@ -99,14 +107,12 @@ async def purge_until(settings: Settings, stop: asyncio.Event | None) -> tuple[i
             waits.add(asyncio.ensure_future(stop.wait()))
         done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         elapsed = time.perf_counter() - started
-        if task in done:
-            purged = task.result().purged["job_results"][0]
-        else:
+        if task not in done:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     finally:
         await db.close()
-    return purged, elapsed
+    return int(purged_so_far() - before), elapsed
 
 
 def k6_round(service: Service, ctx: tuple[Any, ...], rate: int, duration: str, label: str) -> dict[str, Any]:
@@ -163,6 +169,7 @@ def main() -> None:
     parser.add_argument("--duration", default="60s")
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--batch-rows", type=int, default=500)
+    parser.add_argument("--settle-s", type=float, default=15.0, help="pause after seeding, before a round")
     parser.add_argument("--pause-s", type=float, default=None, help="JOBRESULTS_PURGE_PAUSE_S (default: the service's)")
     args = parser.parse_args()
 
@@ -174,6 +181,7 @@ def main() -> None:
         overrides["purge_pause_s"] = args.pause_s
     settings = Settings.from_env({}, **overrides)
     service = Service(url, args.redis, "2", JOBRESULTS_PURGE_WORKER="false")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the service
     rounds: list[dict[str, Any]] = []
     try:
         seed_expired(url, "alone", args.rows)
@@ -184,13 +192,14 @@ def main() -> None:
         order = [("off", "on"), ("on", "off")] * ((args.pairs + 1) // 2)
         for index, kind in enumerate(kind for pair in order[: args.pairs] for kind in pair):
             label = f"{index}-{kind}"
+            seed_expired(url, f"r{index}", args.rows)
+            time.sleep(args.settle_s)
             if kind == "on":
-                seed_expired(url, f"r{index}", args.rows)
                 row = asyncio.run(on_round(service, ctx, settings, args.rate, args.duration, label))
-                asyncio.run(purge_until(settings, None))  # the rest, unmeasured
             else:
                 row = k6_round(service, ctx, args.rate, args.duration, label)
             row = {"round": label, **row, "left_due": count_due(url)}
+            asyncio.run(purge_until(settings, None))  # the rest, unmeasured
             rounds.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -199,6 +208,8 @@ def main() -> None:
     on = [r["p99_ms"] for r in rounds if r["round"].endswith("on")]
     summary = {
         "rows_per_round": args.rows,
+        "batch_rows": settings.purge_batch_rows,
+        "pause_s": settings.purge_pause_s,
         "rate": args.rate,
         "duration": args.duration,
         "purge_alone": alone,
