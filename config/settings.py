@@ -205,6 +205,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     webhooks_cache_ttl_s: Seconds = 5.0
     """``JOBRESULTS_WEBHOOKS_CACHE_TTL_S``: how long a process caches which event types have subscribers;
     a webhook created or changed through another process receives events after at most this long."""
+    result_retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] | None = None
+    """``JOBRESULTS_RESULT_RETENTION_DAYS``: days a result is kept after its last write when its PUT named
+    neither ``retention_days`` nor ``pinned`` (1..3650); unset keeps such results forever. The value in
+    force at a write sets that result's ``expires_at``; changing it later moves no stored expiry."""
+    purge_worker: bool = True
+    """``JOBRESULTS_PURGE_WORKER``: run the purge of expired results in this process's background worker
+    (one process of the deployment purges at a time, under a lease)."""
+    purge_interval_s: Seconds = 60.0
+    """``JOBRESULTS_PURGE_INTERVAL_S``: pause between two purge passes once nothing more is due."""
+    purge_batch_rows: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
+    """``JOBRESULTS_PURGE_BATCH_ROWS``: rows deleted per purge transaction (1..10000)."""
+    purge_pause_s: Annotated[float, msgspec.Meta(ge=0)] = 0.05
+    """``JOBRESULTS_PURGE_PAUSE_S``: pause between two batches while catching up, on top of one as long as
+    the batch itself took, so the purge uses at most half of one connection's time."""
     webhooks_retention_days: Positive = 7
     """``JOBRESULTS_WEBHOOKS_RETENTION_DAYS``: days settled events and delivery attempts are kept."""
 

@@ -511,6 +511,7 @@ class ExportService:
             async with conn.cursor() as cur:
                 await cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
             stream = JobResultStream(conn)
+            now = utcnow()  # one clock for both passes: a result expiring in between is in neither or both
             columns: list[str] | None = None
             # Chosen columns were checked when the export was requested; parsed again here.
             chosen = parse_columns(params.columns) if params.columns is not None else None
@@ -520,7 +521,7 @@ class ExportService:
                 # columns are the header already, so the rows are read once.
                 collector = CsvColumns(self.settings.csv_max_columns)
                 async for chunk in stream.chunks(
-                    params.created_from, params.created_to, None, chunk_rows, chunk_bytes, filters
+                    params.created_from, params.created_to, None, chunk_rows, chunk_bytes, filters, now=now
                 ):
                     await asyncio.to_thread(_collect_columns, collector, chunk)
                     renew_at = await self._renew_if_due(export, 0, renew_at)
@@ -536,7 +537,7 @@ class ExportService:
             )
             await file.write(writer.begin())
             async for chunk in stream.chunks(
-                params.created_from, params.created_to, None, chunk_rows, chunk_bytes, filters
+                params.created_from, params.created_to, None, chunk_rows, chunk_bytes, filters, now=now
             ):
                 count, data = await asyncio.to_thread(_encode_chunk, writer, chunk)
                 await file.write(data)

@@ -133,6 +133,17 @@ WEBHOOK_OLDEST_PENDING_AGE = Gauge(
     multiprocess_mode="livemax",
 )
 
+PURGE_ROWS = Counter("jobresults_purge_rows_total", "Rows (or records) the purge deleted, by task.", ["task"])
+PURGE_BYTES = Counter(
+    "jobresults_purge_bytes_total", "Bytes of data (documents, files) the purge deleted, by task.", ["task"]
+)
+PURGE_LAG = Gauge(
+    "jobresults_purge_lag_seconds",
+    "Seconds since the oldest item that is due and not purged yet fell due (0 when none), by task.",
+    ["task"],
+    multiprocess_mode="livemax",
+)
+
 
 def render() -> tuple[bytes, str]:
     """The current metrics in the Prometheus text format, and its content type.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import aiomysql
 import msgspec
@@ -30,7 +31,11 @@ class PreconditionFailed(Exception):
 
 
 class JobResultMeta(msgspec.Struct, frozen=True):
-    """A stored job result without its document. Timestamps are naive UTC ``datetime``."""
+    """A stored job result without its document. Timestamps are naive UTC ``datetime``.
+
+    ``expires_at`` is when the result stops being visible (None: never); a ``pinned`` result never
+    expires, so its ``expires_at`` is always None.
+    """
 
     id: int
     job_id: str
@@ -38,6 +43,8 @@ class JobResultMeta(msgspec.Struct, frozen=True):
     version: int
     created_at: datetime
     updated_at: datetime
+    expires_at: datetime | None = None
+    pinned: bool = False
 
 
 class JobResultRow(msgspec.Struct, frozen=True):
@@ -132,13 +139,23 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-_META_COLUMNS = "CONCAT_WS(' ', id, version, status, created_at, updated_at, job_id)"
-"""A row's metadata packed into one column: ``b"<id> <version> <status> <created> <updated> <job_id>"``.
+_META_COLUMNS = (
+    "CONCAT_WS(' ', id, version, status, pinned, created_at, updated_at, "
+    "COALESCE(REPLACE(expires_at, ' ', 'T'), '-'), job_id)"
+)
+"""A row's metadata packed into one column:
+``b"<id> <version> <status> <pinned> <created> <updated> <expires> <job_id>"``.
 
 Each column of a result set costs aiomysql's pure-Python protocol code a field-descriptor parse per
-query and a length-coded read per row, so one packed column costs less than six. Timestamps come as
-``YYYY-MM-DD HH:MM:SS.ffffff`` (``DATETIME(6)``); the job id goes last, so it is the rest of the string
-whatever it holds."""
+query and a length-coded read per row, so one packed column costs less than eight. Timestamps come as
+``YYYY-MM-DD HH:MM:SS.ffffff`` (``DATETIME(6)``); ``expires`` as ``YYYY-MM-DDTHH:MM:SS.ffffff`` or ``-``
+for never (``CONCAT_WS`` would skip a NULL); ``pinned`` as 0 or 1. The job id goes last, so it is the
+rest of the string whatever it holds."""
+
+LIVE = "(expires_at IS NULL OR expires_at > %(now)s)"
+"""The rows readers see at ``now`` (naive UTC, the service's clock): an expired row is gone for every
+reader and writer at once, whether or not the purge has deleted it yet. Expired means
+``expires_at <= now``, in :data:`SQL_DUE_IDS` too."""
 
 
 def _labels_column(id_column: str) -> str:
@@ -155,19 +172,33 @@ def _labels_column(id_column: str) -> str:
 
 
 _LABELS = _labels_column("job_results.id")
-SQL_GET = f"SELECT {_META_COLUMNS}, result_data, {_LABELS} FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
-SQL_GET_META = f"SELECT {_META_COLUMNS} FROM job_results WHERE job_id = %(job_id)s"  # noqa: S608
+SQL_GET = f"SELECT {_META_COLUMNS}, result_data, {_LABELS} FROM job_results WHERE job_id = %(job_id)s AND {LIVE}"  # noqa: S608
+SQL_GET_META = f"SELECT {_META_COLUMNS} FROM job_results WHERE job_id = %(job_id)s AND {LIVE}"  # noqa: S608
 SQL_INSERT = (
-    "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) "
-    "VALUES (%(job_id)s, %(status)s, %(result)s, 1, %(now)s, %(now)s)"
+    "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at, expires_at, pinned) "
+    "VALUES (%(job_id)s, %(status)s, %(result)s, 1, %(now)s, %(now)s, %(expires_at)s, %(pinned)s)"
 )
-SQL_INSERT_MANY = "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at) VALUES "
-_INSERT_ROW = "(%s, %s, %s, 1, %s, %s)"
+SQL_INSERT_MANY = (
+    "INSERT INTO job_results (job_id, status, result_data, version, created_at, updated_at, expires_at, pinned) VALUES "
+)
+_INSERT_ROW = "(%s, %s, %s, 1, %s, %s, %s, %s)"
 SQL_UPDATE = (
-    "UPDATE job_results SET status = %(status)s, result_data = %(result)s, "
-    "version = version + 1, updated_at = %(now)s WHERE job_id = %(job_id)s"
+    "UPDATE job_results SET status = %(status)s, result_data = %(result)s, "  # noqa: S608 - fixed fragments only
+    "version = version + 1, updated_at = %(now)s, expires_at = %(expires_at)s, pinned = %(pinned)s "
+    f"WHERE job_id = %(job_id)s AND {LIVE}"
 )
-SQL_DELETE = "DELETE FROM job_results WHERE job_id = %(job_id)s"
+SQL_DELETE = f"DELETE FROM job_results WHERE job_id = %(job_id)s AND {LIVE}"  # noqa: S608
+SQL_DELETE_EXPIRED = "DELETE FROM job_results WHERE job_id = %(job_id)s AND expires_at <= %(now)s"
+
+SQL_DUE_IDS = "SELECT id FROM job_results WHERE expires_at <= %(now)s ORDER BY expires_at, id LIMIT %(limit)s"
+"""Ids of expired rows, oldest expiry first: a range scan of ``idx_job_results_expires`` that reads the
+index only (``id`` is in it), so finding a batch costs no row reads and takes no locks."""
+SQL_DUE_ROWS = (
+    "SELECT id, job_id, LENGTH(result_data) FROM job_results WHERE expires_at <= %(now)s "
+    "ORDER BY expires_at, id LIMIT %(limit)s"
+)
+SQL_OLDEST_DUE = "SELECT MIN(expires_at) FROM job_results WHERE expires_at <= %(now)s"
+
 SQL_DELETE_LABELS = "DELETE FROM job_result_labels WHERE result_id = %(result_id)s"
 SQL_INSERT_LABELS = "INSERT INTO job_result_labels (result_id, label_key, label_value, created_at) VALUES "
 _LABELS_DECODER = msgspec.json.Decoder(dict[str, str])
@@ -184,7 +215,9 @@ def _meta(row: tuple[object, ...]) -> JobResultMeta:
     """Unpack :data:`_META_COLUMNS` (the row's first column; bytes, since ``job_id`` is binary)."""
     packed = row[0]
     text = packed.decode("utf-8") if isinstance(packed, bytes) else str(packed)
-    row_id, version, status, created_day, created_time, updated_day, updated_time, job_id = text.split(" ", 7)
+    (row_id, version, status, pinned, created_day, created_time, updated_day, updated_time, expires, job_id) = (
+        text.split(" ", 9)
+    )
     return JobResultMeta(
         id=int(row_id),
         job_id=job_id,
@@ -192,23 +225,58 @@ def _meta(row: tuple[object, ...]) -> JobResultMeta:
         version=int(version),
         created_at=datetime.fromisoformat(f"{created_day} {created_time}"),
         updated_at=datetime.fromisoformat(f"{updated_day} {updated_time}"),
+        expires_at=None if expires == "-" else datetime.fromisoformat(expires),
+        pinned=pinned == "1",
     )
 
 
+def _in_list(name: str, values: Sequence[object]) -> tuple[str, dict[str, object]]:
+    """``%(name0)s, %(name1)s, ...`` and its parameters: one placeholder per value.
+
+    PyMySQL (>= 1.1.1) refuses a tuple as one parameter.
+    """
+    params = {f"{name}{i}": value for i, value in enumerate(values)}
+    return ", ".join(f"%({key})s" for key in params), params
+
+
+class PurgedResult(msgspec.Struct, frozen=True):
+    """A job result the purge deleted (or, in a dry run, would delete): its id, job id and document size."""
+
+    id: int
+    job_id: str
+    bytes: int
+
+
+class NewJobResult(msgspec.Struct, frozen=True):
+    """One row for :meth:`JobResultRepository.create_many`: what :meth:`JobResultRepository.create` takes."""
+
+    job_id: str
+    status: str
+    result: Document
+    labels: Mapping[str, str] | None = None
+    expires_at: datetime | None = None
+    pinned: bool = False
+
+
 class JobResultRepository:
-    """Reads and writes ``job_results`` rows (and their labels) on one connection."""
+    """Reads and writes ``job_results`` rows (and their labels) on one connection.
+
+    Every method that takes ``now`` (naive UTC; None means the service's clock now, :func:`utcnow`)
+    sees only rows that have not expired at ``now`` (:data:`LIVE`). Pass one ``now`` to every call of
+    a unit so they agree.
+    """
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    async def get(self, job_id: str) -> JobResultRow:
-        """The job result with ``job_id`` and its labels; the document comes back as stored JSON text (bytes).
+    async def get(self, job_id: str, now: datetime | None = None) -> JobResultRow:
+        """The live job result with ``job_id`` and its labels; the document comes back as stored JSON text (bytes).
 
         Raises:
-            JobResultNotFound: no such job id.
+            JobResultNotFound: no such job id, or it expired.
         """
         async with self.conn.cursor() as cur:
-            await cur.execute(SQL_GET, {"job_id": job_id})
+            await cur.execute(SQL_GET, {"job_id": job_id, "now": now or utcnow()})
             row = await cur.fetchone()
         if row is None:
             raise JobResultNotFound(job_id)
@@ -219,88 +287,138 @@ class JobResultRepository:
             labels=_labels(row[2]),
         )
 
-    async def get_meta(self, job_id: str) -> JobResultMeta:
+    async def get_meta(self, job_id: str, now: datetime | None = None) -> JobResultMeta:
         """The job result's metadata, without its document.
 
         Raises:
-            JobResultNotFound: no such job id.
+            JobResultNotFound: no such job id, or it expired.
         """
-        return await self._meta_query(SQL_GET_META, job_id)
+        return await self._meta_query(SQL_GET_META, job_id, now)
 
-    async def lock_meta(self, job_id: str) -> JobResultMeta:
+    async def lock_meta(self, job_id: str, now: datetime | None = None) -> JobResultMeta:
         """The job result's metadata, row-locked (``FOR UPDATE``) until the transaction ends.
 
         Raises:
-            JobResultNotFound: no such job id.
+            JobResultNotFound: no such job id, or it expired.
         """
-        return await self._meta_query(SQL_GET_META + " FOR UPDATE", job_id)
+        return await self._meta_query(SQL_GET_META + " FOR UPDATE", job_id, now)
 
-    async def _meta_query(self, sql: str, job_id: str) -> JobResultMeta:
+    async def _meta_query(self, sql: str, job_id: str, now: datetime | None) -> JobResultMeta:
         async with self.conn.cursor() as cur:
-            await cur.execute(sql, {"job_id": job_id})
+            await cur.execute(sql, {"job_id": job_id, "now": now or utcnow()})
             row = await cur.fetchone()
         if row is None:
             raise JobResultNotFound(job_id)
         return _meta(row)
 
     async def create(
-        self, job_id: str, status: str, result: Document, labels: Mapping[str, str] | None = None
+        self,
+        job_id: str,
+        status: str,
+        result: Document,
+        labels: Mapping[str, str] | None = None,
+        *,
+        expires_at: datetime | None = None,
+        pinned: bool = False,
+        now: datetime | None = None,
     ) -> JobResultMeta:
         """Insert a new job result with ``labels`` (checked by the caller); ``result`` is checked JSON text.
 
+        ``expires_at`` (naive UTC, None: never) and ``pinned`` are stored as given (a pinned result
+        has none). A row of ``job_id`` that expired at ``now`` but is not purged yet counts as absent:
+        it is deleted and the new result takes its place with a new id, so no ETag of the old one
+        ever matches it.
+
         Raises:
-            JobResultExists: the job id is taken (MySQL error 1062).
+            JobResultExists: the job id is taken by a live result (MySQL error 1062).
         """
-        now = utcnow()
+        now = now or utcnow()
+        params = {
+            "job_id": job_id,
+            "status": status,
+            "result": _document(result),
+            "now": now,
+            "expires_at": expires_at,
+            "pinned": pinned,
+        }
         async with self.conn.cursor() as cur:
-            try:
-                await cur.execute(
-                    SQL_INSERT, {"job_id": job_id, "status": status, "result": _document(result), "now": now}
-                )
-            except pymysql.err.IntegrityError as exc:
-                if error_code(exc) == ER_DUP_ENTRY:
+            for attempt in range(2):
+                try:
+                    await cur.execute(SQL_INSERT, params)
+                    break
+                except pymysql.err.IntegrityError as exc:
+                    if error_code(exc) != ER_DUP_ENTRY:
+                        raise
+                if attempt or not await cur.execute(SQL_DELETE_EXPIRED, {"job_id": job_id, "now": now}):
                     raise JobResultExists(job_id) from None
-                raise
             row_id = cur.lastrowid
-        meta = JobResultMeta(id=row_id, job_id=job_id, status=status, version=1, created_at=now, updated_at=now)
+        meta = JobResultMeta(
+            id=row_id,
+            job_id=job_id,
+            status=status,
+            version=1,
+            created_at=now,
+            updated_at=now,
+            expires_at=expires_at,
+            pinned=pinned,
+        )
         if labels:
             await self._insert_labels(meta, labels)
         return meta
 
-    async def create_many(self, rows: Sequence[tuple[str, str, Document]]) -> builtins.list[JobResultMeta]:
-        """Insert new job results ``(job_id, status, result)`` with one multi-row ``INSERT``, in order.
+    async def create_many(self, rows: Sequence[NewJobResult]) -> builtins.list[JobResultMeta]:
+        """Insert new job results with one multi-row ``INSERT`` (and one for all their labels), in order.
 
         The same rows as :meth:`create` would write one by one (version 1, one timestamp for all), in
-        two round trips whatever their number: the ``INSERT``, then one read of the new rows' ids. The
-        caller keeps the statement under the server's ``max_allowed_packet``.
+        three round trips whatever their number: the ``INSERT``, one read of the new rows' ids, and the
+        labels' ``INSERT``. The caller keeps the statement under the server's ``max_allowed_packet``.
 
         Raises:
-            JobResultExists: one of the job ids is taken (1062); the statement inserted nothing.
+            JobResultExists: one of the job ids is taken (1062, an expired row not yet purged
+                included); the statement inserted nothing.
         """
         now = utcnow()
         params: builtins.list[object] = []
-        for job_id, status, result in rows:
-            params += (job_id, status, _document(result), now, now)
+        for row in rows:
+            params += (row.job_id, row.status, _document(row.result), now, now, row.expires_at, row.pinned)
         sql = SQL_INSERT_MANY + ", ".join([_INSERT_ROW] * len(rows))
         async with self.conn.cursor() as cur:
             try:
                 await cur.execute(sql, params)
             except pymysql.err.IntegrityError as exc:
                 if error_code(exc) == ER_DUP_ENTRY:
-                    raise JobResultExists(rows[0][0]) from None
+                    raise JobResultExists(rows[0].job_id) from None
                 raise
             await cur.execute(
                 f"SELECT id, job_id FROM job_results WHERE job_id IN ({', '.join(['%s'] * len(rows))})",  # noqa: S608
-                [job_id for job_id, _, _ in rows],
+                [row.job_id for row in rows],
             )
             ids = {
                 (job_id.decode() if isinstance(job_id, bytes) else job_id): row_id
                 for row_id, job_id in await cur.fetchall()
             }
-        return [
-            JobResultMeta(id=ids[job_id], job_id=job_id, status=status, version=1, created_at=now, updated_at=now)
-            for job_id, status, _ in rows
+        metas = [
+            JobResultMeta(
+                id=ids[row.job_id],
+                job_id=row.job_id,
+                status=row.status,
+                version=1,
+                created_at=now,
+                updated_at=now,
+                expires_at=row.expires_at,
+                pinned=row.pinned,
+            )
+            for row in rows
         ]
+        labelled = [(meta, row.labels) for meta, row in zip(metas, rows, strict=True) if row.labels]
+        if labelled:
+            values: builtins.list[object] = []
+            for meta, labels in labelled:
+                for key, value in labels.items():
+                    values += (meta.id, key, value, meta.created_at)
+            async with self.conn.cursor() as cur:
+                await cur.execute(SQL_INSERT_LABELS + ", ".join(["(%s, %s, %s, %s)"] * (len(values) // 4)), values)
+        return metas
 
     async def existing(self, job_ids: builtins.list[str]) -> set[str]:
         """Which of ``job_ids`` have a job result (a plain read: no lock is taken)."""
@@ -314,21 +432,39 @@ class JobResultRepository:
             return {job_id.decode() if isinstance(job_id, bytes) else job_id for (job_id,) in await cur.fetchall()}
 
     async def replace(
-        self, job_id: str, status: str, result: Document, labels: Mapping[str, str] | None = None
+        self,
+        job_id: str,
+        status: str,
+        result: Document,
+        labels: Mapping[str, str] | None = None,
+        *,
+        expires_at: datetime | None = None,
+        pinned: bool = False,
+        now: datetime | None = None,
     ) -> JobResultMeta:
-        """Replace an existing job result and all its labels (None or empty: none), bumping its version.
+        """Replace a live job result and all its labels (None or empty: none), bumping its version.
 
         Returns the new metadata.
 
+        Everything is replaced: the status, the document, ``expires_at`` and ``pinned``.
+
         Raises:
-            JobResultNotFound: no such job id.
+            JobResultNotFound: no such job id, or it expired.
         """
-        params = {"job_id": job_id, "status": status, "result": _document(result), "now": utcnow()}
+        now = now or utcnow()
+        params = {
+            "job_id": job_id,
+            "status": status,
+            "result": _document(result),
+            "now": now,
+            "expires_at": expires_at,
+            "pinned": pinned,
+        }
         async with self.conn.cursor() as cur:
             changed = await cur.execute(SQL_UPDATE, params)
         if not changed:
             raise JobResultNotFound(job_id)
-        meta = await self.get_meta(job_id)
+        meta = await self.get_meta(job_id, now)
         async with self.conn.cursor() as cur:
             await cur.execute(SQL_DELETE_LABELS, {"result_id": meta.id})
         if labels:
@@ -346,35 +482,105 @@ class JobResultRepository:
             await cur.execute(SQL_INSERT_LABELS + ", ".join(rows), params)
 
     async def upsert(
-        self, job_id: str, status: str, result: Document, labels: Mapping[str, str] | None = None
+        self,
+        job_id: str,
+        status: str,
+        result: Document,
+        labels: Mapping[str, str] | None = None,
+        *,
+        expires_at: datetime | None = None,
+        pinned: bool = False,
+        now: datetime | None = None,
     ) -> tuple[JobResultMeta, bool]:
         """Create or replace (labels included); returns the stored metadata and True when the row is new.
 
         INSERT comes first: a new job takes no gap lock, so concurrent uploads of new jobs do not
         deadlock under REPEATABLE READ. A concurrent delete between the two statements makes the
-        UPDATE miss; that is reported as :class:`JobResultNotFound` only if it repeats.
+        UPDATE miss; that is reported as :class:`JobResultNotFound` only if it repeats. An expired
+        row counts as absent (see :meth:`create`).
         """
+        now = now or utcnow()
         for _ in range(2):
             try:
-                return await self.create(job_id, status, result, labels), True
+                return await self.create(
+                    job_id, status, result, labels, expires_at=expires_at, pinned=pinned, now=now
+                ), True
             except JobResultExists:
                 pass
             try:
-                return await self.replace(job_id, status, result, labels), False
+                return await self.replace(
+                    job_id, status, result, labels, expires_at=expires_at, pinned=pinned, now=now
+                ), False
             except JobResultNotFound:
                 continue
         raise JobResultNotFound(job_id)
 
-    async def delete(self, job_id: str) -> None:
+    async def delete(self, job_id: str, now: datetime | None = None) -> None:
         """Delete the job result (its labels go with it: ``ON DELETE CASCADE``).
 
         Raises:
-            JobResultNotFound: no such job id.
+            JobResultNotFound: no such job id, or it expired (the purge deletes that row).
         """
         async with self.conn.cursor() as cur:
-            deleted = await cur.execute(SQL_DELETE, {"job_id": job_id})
+            deleted = await cur.execute(SQL_DELETE, {"job_id": job_id, "now": now or utcnow()})
         if not deleted:
             raise JobResultNotFound(job_id)
+
+    # --- the purge ----------------------------------------------------------------------------------
+
+    async def due_ids(self, now: datetime, limit: int) -> builtins.list[int]:
+        """Ids of up to ``limit`` rows expired at ``now``, oldest expiry first (a plain, lock-free read)."""
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_DUE_IDS, {"now": now, "limit": limit})
+            return [int(row[0]) for row in await cur.fetchall()]
+
+    async def due_rows(self, now: datetime, limit: int) -> builtins.list[PurgedResult]:
+        """Up to ``limit`` rows expired at ``now``, oldest expiry first, with their sizes (a plain read)."""
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_DUE_ROWS, {"now": now, "limit": limit})
+            return [_purged(row) for row in await cur.fetchall()]
+
+    async def delete_expired(
+        self, ids: Sequence[int], now: datetime, *, max_bytes: int | None = None
+    ) -> builtins.list[PurgedResult]:
+        """Delete those of ``ids`` that are still expired at ``now``; returns what was deleted.
+
+        Run it inside a transaction: the rows are row-locked by primary key (``FOR UPDATE``) and checked
+        again, so a result replaced since its id was read (a new ``expires_at``) is left alone, then
+        deleted by primary key. No range or gap is locked. With ``max_bytes``, the deletion stops
+        before the row whose document would bring the total past it (the first row always goes);
+        the rest stay for the next batch.
+        """
+        if not ids:
+            return []
+        placeholders, params = _in_list("id", ids)
+        params["now"] = now
+        sql = (
+            f"SELECT id, job_id, LENGTH(result_data) FROM job_results "  # noqa: S608 - placeholders only
+            f"WHERE id IN ({placeholders}) AND expires_at <= %(now)s ORDER BY id FOR UPDATE"
+        )
+        async with self.conn.cursor() as cur:
+            await cur.execute(sql, params)
+            doomed = [_purged(row) for row in await cur.fetchall()]
+            if max_bytes is not None:
+                total = 0
+                for kept, row in enumerate(doomed):
+                    total += row.bytes
+                    if kept and total > max_bytes:
+                        doomed = doomed[:kept]
+                        break
+            if doomed:
+                placeholders, params = _in_list("id", [row.id for row in doomed])
+                await cur.execute(f"DELETE FROM job_results WHERE id IN ({placeholders})", params)  # noqa: S608
+        return doomed
+
+    async def oldest_due(self, now: datetime) -> datetime | None:
+        """The earliest ``expires_at`` of a row expired at ``now`` and not purged yet; None if none."""
+        async with self.conn.cursor() as cur:
+            await cur.execute(SQL_OLDEST_DUE, {"now": now})
+            row = await cur.fetchone()
+        value = row[0] if row else None
+        return value if isinstance(value, datetime) else None
 
     async def list(
         self,
@@ -387,8 +593,11 @@ class JobResultRepository:
         include_result: bool,
         max_bytes: int | None = None,
         filters: ResultFilter | None = None,
+        pinned: bool | None = None,
+        expires_before: datetime | None = None,
+        now: datetime | None = None,
     ) -> tuple[list[JobResultRow], bool]:
-        """A page of job results with ``created_from <= created_at < created_to``, oldest first.
+        """A page of live job results with ``created_from <= created_at < created_to``, oldest first.
 
         Keyset pagination on ``(created_at, id)``: rows strictly after ``after``. Returns at most
         ``limit`` rows and whether more rows follow the last one. ``result`` is empty bytes unless
@@ -398,6 +607,10 @@ class JobResultRepository:
         index (a label with values), by ``idx_status_created`` (statuses), or by ``idx_created``, and
         reads that index in keyset order, so a page stops after ``limit + 1`` matching rows.
 
+        ``pinned`` keeps only pinned (True) or unpinned (False) results, ``expires_before`` only those
+        with ``expires_at < expires_before`` (never those that never expire); rows expired at ``now``
+        are never listed. These three are conditions on the rows the driving index reaches.
+
         With ``include_result`` and ``max_bytes``, the page also stops before the row whose document
         would bring the documents' total above ``max_bytes`` (bytes of JSON text), though never before
         its first row: the rows are read one by one from a server-side cursor, so at most one document
@@ -405,7 +618,17 @@ class JobResultRepository:
         the result set is never read).
         """
         where = _merged(filters, status)
-        sql, params = page_query(created_from, created_to, where, after, limit + 1, include_result)
+        sql, params = page_query(
+            created_from,
+            created_to,
+            where,
+            after,
+            limit + 1,
+            include_result,
+            pinned=pinned,
+            expires_before=expires_before,
+            now=now,
+        )
         if include_result and max_bytes is not None:
             return await self._list_within(sql, params, limit, max_bytes)
         async with self.conn.cursor() as cur:
@@ -439,6 +662,15 @@ class JobResultRepository:
             total += len(item.result)
 
 
+def _purged(row: tuple[Any, ...]) -> PurgedResult:
+    job_id = row[1]
+    return PurgedResult(
+        id=int(row[0]),
+        job_id=job_id.decode("utf-8") if isinstance(job_id, bytes) else str(job_id),
+        bytes=int(row[2] or 0),
+    )
+
+
 def _row(row: tuple[object, ...], include_result: bool) -> JobResultRow:
     document = row[1] if include_result else b""
     result = document.encode() if isinstance(document, str) else document
@@ -455,7 +687,10 @@ def _merged(filters: ResultFilter | None, status: str | None) -> ResultFilter:
     return msgspec.structs.replace(where, statuses=(status,))
 
 
-_META_R = "CONCAT_WS(' ', r.id, r.version, r.status, r.created_at, r.updated_at, r.job_id)"
+_META_R = (
+    "CONCAT_WS(' ', r.id, r.version, r.status, r.pinned, r.created_at, r.updated_at, "
+    "COALESCE(REPLACE(r.expires_at, ' ', 'T'), '-'), r.job_id)"
+)
 """:data:`_META_COLUMNS` of the table aliased ``r``."""
 
 
@@ -514,6 +749,22 @@ def _conditions(
     return out
 
 
+def _live(sql: _Sql, table: str, now: datetime | None) -> str:
+    """:data:`LIVE` for the rows of ``table`` (an alias or name), at ``now`` (default: the clock now)."""
+    at = sql.add(now or utcnow())
+    return f"({table}.expires_at IS NULL OR {table}.expires_at > {at})"
+
+
+def _lifecycle(sql: _Sql, table: str, pinned: bool | None, expires_before: datetime | None) -> list[str]:
+    """The listing's ``pinned`` and ``expires_before`` conditions on ``table`` (residual, not index ranges)."""
+    out = []
+    if pinned is not None:
+        out.append(f"{table}.pinned = {sql.add(pinned)}")
+    if expires_before is not None:
+        out.append(f"{table}.expires_at < {sql.add(expires_before)}")
+    return out
+
+
 def driving_term(where: ResultFilter) -> LabelTerm | None:
     """The label term whose index range drives a page query: a key with values, the fewest values first.
 
@@ -530,6 +781,10 @@ def page_query(
     after: Cursor | None,
     limit: int,
     include_result: bool,
+    *,
+    pinned: bool | None = None,
+    expires_before: datetime | None = None,
+    now: datetime | None = None,
 ) -> tuple[str, dict[str, object]]:
     """The SQL of one listing page (at most ``limit`` rows in keyset order) and its parameters.
 
@@ -559,6 +814,7 @@ def page_query(
                 conds.append(f"r.status IN ({', '.join(sql.add(s) for s in where.statuses)})")
             if prefix is not None:
                 conds.append(f"r.job_id LIKE {sql.add(prefix)}")
+            conds += [_live(sql, "r", now), *_lifecycle(sql, "r", pinned, expires_before)]
             joins = _label_joins(sql, (term for term in where.labels if term is not driver), "d.result_id")
             branches.append(
                 "SELECT d.created_at AS created_at, d.result_id AS id "  # noqa: S608
@@ -573,6 +829,7 @@ def page_query(
             conds += _conditions(sql, created_from, created_to, after, "r.created_at", "r.id")
             if prefix is not None:
                 conds.append(f"r.job_id LIKE {sql.add(prefix)}")
+            conds += [_live(sql, "r", now), *_lifecycle(sql, "r", pinned, expires_before)]
             joins = _label_joins(sql, where.labels, "r.id")
             where_sql = f" WHERE {' AND '.join(conds)}" if conds else ""
             branches.append(
@@ -613,17 +870,21 @@ def range_filter(
     created_to: datetime | None,
     status: str | None,
     filters: ResultFilter | None = None,
+    *,
+    now: datetime | None = None,
 ) -> tuple[str, dict[str, object]]:
     """What follows ``FROM job_results FORCE INDEX (idx_created)`` for ``created_from <= created_at < created_to``.
 
     Label joins (each term on the labels' primary key, ``eq_ref``) and a ``WHERE`` clause (possibly
     empty): ``status`` and ``filters`` narrow the range (statuses as ``IN``, the prefix as ``LIKE``), for
     a scan of ``job_results`` in ``idx_created`` order. Columns of ``job_results`` must be qualified.
+    Only rows live at ``now`` (:data:`LIVE`; default: the service's clock now).
     """
     where = _merged(filters, status)
     sql = _Sql()
     joins = _label_joins(sql, where.labels, "job_results.id")
     conds = _conditions(sql, created_from, created_to, None, "job_results.created_at", "job_results.id")
+    conds.append(_live(sql, "job_results", now))
     if where.statuses:
         conds.append(f"job_results.status IN ({', '.join(sql.add(s) for s in where.statuses)})")
     if where.job_id_prefix:
@@ -649,9 +910,11 @@ class JobResultStream:
         created_to: datetime | None,
         status: str | None,
         filters: ResultFilter | None = None,
+        *,
+        now: datetime | None = None,
     ) -> int:
-        """Number of rows in the range that pass ``status`` and ``filters``."""
-        where, params = range_filter(created_from, created_to, status, filters)
+        """Number of rows in the range live at ``now`` that pass ``status`` and ``filters``."""
+        where, params = range_filter(created_from, created_to, status, filters, now=now)
         async with self.conn.cursor() as cur:
             await cur.execute(f"SELECT COUNT(*) FROM job_results {ORDERED_BY_TIME}{where}", params)  # noqa: S608
             row = await cur.fetchone()
@@ -665,15 +928,18 @@ class JobResultStream:
         chunk_rows: int,
         chunk_bytes: int = 8 * 1024**2,
         filters: ResultFilter | None = None,
+        *,
+        now: datetime | None = None,
     ) -> AsyncIterator[list[tuple[bytes, str, str | None]]]:
         """Yield lists of ``(b"<job_id> <status> <created_at>", result_json_text, labels_json)``, oldest first.
 
         ``labels_json`` is a JSON object, or None when the job has no labels. A list ends after
         ``chunk_rows`` rows, or after the row that brings its documents' length (characters of JSON
         text) to ``chunk_bytes``: 500 rows of 15 MB documents are never held at once. ``status`` and
-        ``filters`` narrow the rows as in :func:`range_filter`.
+        ``filters`` narrow the rows as in :func:`range_filter`; only rows live at ``now`` (pass the same
+        ``now`` to every pass over one export, so they read the same rows).
         """
-        where, params = range_filter(created_from, created_to, status, filters)
+        where, params = range_filter(created_from, created_to, status, filters, now=now)
         sql = (
             f"SELECT {SQL_EXPORT_COLUMNS} FROM job_results {ORDERED_BY_TIME}{where} "  # noqa: S608
             "ORDER BY job_results.created_at, job_results.id"

@@ -30,10 +30,12 @@ from service.controllers.exports import ExportController, JobExportController
 from service.controllers.health import healthz, metrics, readyz
 from service.controllers.job_results import JobResultController
 from service.controllers.webhooks import WebhookController
+from service.export_purge import purge_tasks
 from service.idempotency import IdempotencyKeys
 from service.methods import HeadMiddleware, allow_table
 from service.openapi import APP_STATIC_DIR, SWAGGER_STATIC_PATH, RawJSONSchemaPlugin, openapi_config, swagger_static_dir
 from service.problems import EXCEPTION_HANDLERS
+from service.purge import PurgeRunner
 from service.query import check_query
 from service.rate_limit import RateLimiter, UnroutedRateLimitMiddleware, parse_networks
 from service.security_headers import SecurityHeadersMiddleware
@@ -114,6 +116,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.webhooks = webhooks
         if settings.webhooks_worker:
             webhooks.start()
+        purge = PurgeRunner(db, settings, tasks=purge_tasks(exports.store, settings))
+        app.state.purge = purge
+        if settings.purge_worker:
+            purge.start()
         # Everything built so far (modules, routes, pools) lives as long as the process: collect once,
         # then move it out of the cycle collector's reach (gc.freeze, Python docs), so a full collection
         # scans only what requests allocated since, which keeps gen-2 pauses short.
@@ -122,6 +128,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             yield
         finally:
+            await purge.stop()
             await exports.stop()
             await waits.stop()
             await idempotency.close()

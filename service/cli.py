@@ -1,4 +1,4 @@
-"""``jobresults``: the operator's command line (migrate, serve, import, export, openapi)."""
+"""``jobresults``: the operator's command line (migrate, serve, import, export, keys, purge, openapi)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ def _settings() -> Settings:
     except SettingsError as exc:
         print(f"jobresults: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
+    return int(value)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -305,6 +311,43 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Run one purge pass now, or with ``--dry-run`` list what it would delete (deleting nothing)."""
+    import asyncio
+
+    from observability.logging import configure_logging
+    from service.operator import purge_dry_run, purge_now
+    from service.purge import LeaseHeld
+    from service.schemas import format_timestamp
+
+    settings = _settings()
+    configure_logging("warning")
+    if args.dry_run:
+        for name, (batch, oldest) in asyncio.run(purge_dry_run(settings, args.limit)).items():
+            for item in batch.items:
+                print(f"{name}: {item}")
+            more = " or more (raise --limit to list them)" if batch.rows >= args.limit else ""
+            since = f", the oldest due since {format_timestamp(oldest)}" if oldest is not None else ""
+            print(f"{name}: {batch.rows}{more} would be purged, {batch.bytes} bytes{since}")
+        print("dry run: nothing was deleted")
+        return 0
+    try:
+        report = asyncio.run(purge_now(settings))
+    except LeaseHeld:
+        print(
+            "jobresults: a purge pass is running in a service process right now (it holds the purge lease); "
+            "try again when it is done",
+            file=sys.stderr,
+        )
+        return 1
+    for name, (rows, size) in report.purged.items():
+        print(f"{name}: purged {rows}, {size} bytes")
+    if report.lease_lost:
+        print("jobresults: the purge lease was taken over before the pass finished", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jobresults`` command."""
     parser = argparse.ArgumentParser(prog="jobresults", description="Job Result Service operator commands.")
@@ -364,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     revoke = keys_sub.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
     keys.set_defaults(func=cmd_keys)
+    purge = sub.add_parser("purge", help="delete what has expired now (one pass), or list it with --dry-run")
+    purge.add_argument("--dry-run", action="store_true", help="list what would be purged; delete nothing")
+    purge.add_argument(
+        "--limit", type=_positive, default=1000, help="with --dry-run: most items listed per kind (default 1000)"
+    )
+    purge.set_defaults(func=cmd_purge)
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.add_argument("--out", help="write to this file instead of stdout")
     openapi.set_defaults(func=cmd_openapi)

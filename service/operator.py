@@ -1,4 +1,4 @@
-"""Operator commands behind ``jobresults import``, ``export`` and ``keys``.
+"""Operator commands behind ``jobresults import``, ``export``, ``keys`` and ``purge``.
 
 They use the same validation and the same export pipeline as the API.
 """
@@ -9,6 +9,7 @@ import getpass
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -17,12 +18,15 @@ from tqdm import tqdm
 from config.settings import Settings
 from exports.columns import ColumnSelection
 from exports.pipeline import ExportService
+from exports.store import open_store
 from repositories.api_keys import ApiKey, ApiKeyRepository
 from repositories.database import Connection, Database
 from repositories.exports import Export, ExportParameters
-from repositories.job_results import JobResultMeta, JobResultRepository
+from repositories.job_results import JobResultMeta, JobResultRepository, utcnow
 from service.auth import new_token
+from service.export_purge import purge_tasks
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON, check_document
+from service.purge import PassReport, PurgeBatch, PurgeRunner
 from service.schemas import JOB_ID_RULE, is_valid_job_id
 
 
@@ -42,10 +46,12 @@ def _files(paths: Iterable[Path]) -> Iterator[Path]:
 
 
 def _upsert(
-    job_id: str, status: str, text: str, labels: dict[str, str]
+    job_id: str, status: str, text: str, labels: dict[str, str], default_days: int | None
 ) -> Callable[[Connection], Awaitable[tuple[JobResultMeta, bool]]]:
     async def unit(conn: Connection) -> tuple[JobResultMeta, bool]:
-        return await JobResultRepository(conn).upsert(job_id, status, text, labels)
+        now = utcnow()
+        expires_at = None if default_days is None else now + timedelta(days=default_days)
+        return await JobResultRepository(conn).upsert(job_id, status, text, labels, expires_at=expires_at, now=now)
 
     return unit
 
@@ -63,7 +69,9 @@ async def import_files(
     Files are checked exactly as ``PUT /v1/job-results/{job_id}`` checks bodies (job id rule, size cap,
     JSON fidelity); refused files are reported with the reason and nothing of them is stored. Every
     file gets ``labels`` (checked by the caller, see ``service/labels.py``), replacing any it had, as a
-    PUT does.
+    PUT does. Like a PUT without
+    ``retention_days``, each result expires after ``JOBRESULTS_RESULT_RETENTION_DAYS`` (if set),
+    counted from its import.
     """
     report = ImportReport(imported=[], refused=[])
     files = list(_files(paths))
@@ -95,7 +103,7 @@ async def import_files(
                 report.refused.append((str(path), reason))
                 continue
             seen[name] = path
-            _meta, created = await db.run(_upsert(name, status, text, labels or {}))
+            _meta, created = await db.run(_upsert(name, status, text, labels or {}, settings.result_retention_days))
             report.imported.append((str(path), name, "created" if created else "replaced"))
     finally:
         await db.close()
@@ -182,5 +190,30 @@ async def revoke_key(settings: Settings, key_id: str) -> ApiKey:
     db = await Database.open(settings)
     try:
         return await db.run(lambda conn: ApiKeyRepository(conn).revoke(key_id))
+    finally:
+        await db.close()
+
+
+async def purge_dry_run(settings: Settings, limit: int) -> dict[str, tuple[PurgeBatch, datetime | None]]:
+    """What ``jobresults purge`` would delete now; deletes nothing.
+
+    Returns, per task, its first ``limit`` due items and when the oldest of them fell due (naive UTC).
+    """
+    db = await Database.open(settings)
+    try:
+        return await PurgeRunner(db, settings, tasks=purge_tasks(open_store(settings), settings)).dry_run(limit)
+    finally:
+        await db.close()
+
+
+async def purge_now(settings: Settings) -> PassReport:
+    """Run one purge pass in this process, under the same lease as the services' purge workers.
+
+    Raises:
+        LeaseHeld: a service process is running a pass right now.
+    """
+    db = await Database.open(settings)
+    try:
+        return await PurgeRunner(db, settings, tasks=purge_tasks(open_store(settings), settings)).run_pass()
     finally:
         await db.close()

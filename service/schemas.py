@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 import msgspec
 
 from repositories.job_results import JobResultMeta
 
+MAX_RETENTION_DAYS = 3650
+"""Longest retention a result or the service default may have (days; 10 years)."""
 JOB_ID_RULE = "job_id must be 1 to 128 characters from A-Z a-z 0-9 . _ : - and start with a letter or digit"
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
@@ -18,6 +20,16 @@ Timestamp = Annotated[
     msgspec.Meta(
         description="RFC 3339 timestamp in UTC with microseconds, e.g. 2026-11-29T14:01:46.123456Z",
         examples=["2026-11-29T14:01:46.123456Z"],
+    ),
+]
+ExpiresAt = Annotated[
+    str | None,
+    msgspec.Meta(
+        description=(
+            "When the result expires (RFC 3339 UTC); null: never. From then on it is gone for every "
+            "reader, before the purge deletes it."
+        ),
+        examples=["2026-12-29T14:01:46.123456Z"],
     ),
 ]
 JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=JOB_ID_PATTERN.pattern)]
@@ -56,13 +68,52 @@ def etag_of(meta: JobResultMeta) -> str:
     return f'"{meta.id:x}.{meta.version}"'
 
 
+RetentionDays = Annotated[
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=MAX_RETENTION_DAYS,
+        description=(
+            "Days this result is kept, counted from this write (1..3650); without it, the service's "
+            "default (`JOBRESULTS_RESULT_RETENTION_DAYS`, by default forever) at the time of this write."
+        ),
+    ),
+]
+
+
 class JobResultWrite(msgspec.Struct, forbid_unknown_fields=True):
-    """Body of ``PUT /v1/job-results/{job_id}``."""
+    """Body of ``PUT /v1/job-results/{job_id}``: a full replace, so a field left out takes its default.
+
+    ``retention_days`` and ``pinned: true`` exclude each other (400 when both are given).
+    """
 
     status: Literal["succeeded", "failed", "cancelled"]
     result: AnyJSON
     labels: Labels = msgspec.field(default_factory=dict)
     """Replaces all the job's labels; absent means none (service/labels.py checks the rules)."""
+    retention_days: RetentionDays | None = None
+    pinned: Annotated[
+        bool,
+        msgspec.Meta(description="`true` keeps the result until it is deleted or written again without it."),
+    ] = False
+
+    def __post_init__(self) -> None:
+        """Refuse ``retention_days`` together with ``pinned: true`` (msgspec turns it into a 400)."""
+        if self.pinned and self.retention_days is not None:
+            raise ValueError("give `retention_days` or `pinned: true`, not both: a pinned result never expires")
+
+    def expires_at(self, now: datetime, default_days: int | None) -> datetime | None:
+        """When a result written at ``now`` (naive UTC) with this body expires; None for never.
+
+        Retention counts from the write (as GitHub's artifact retention does), so every write restarts
+        the clock: ``now + retention_days``, else ``now + default_days``; never when pinned or when
+        neither is set. The default in force at the write applies; a later change of it does not move
+        the expiry of results already stored.
+        """
+        if self.pinned:
+            return None
+        days = self.retention_days if self.retention_days is not None else default_days
+        return None if days is None else now + timedelta(days=days)
 
 
 class JobResult(msgspec.Struct):
@@ -73,6 +124,8 @@ class JobResult(msgspec.Struct):
     result: AnyJSON
     created_at: Timestamp
     updated_at: Timestamp
+    expires_at: ExpiresAt
+    pinned: bool
     labels: Labels = msgspec.field(default_factory=dict)
 
     @classmethod
@@ -84,6 +137,8 @@ class JobResult(msgspec.Struct):
             result=result if isinstance(result, msgspec.Raw) else msgspec.Raw(result),
             created_at=format_timestamp(meta.created_at),
             updated_at=format_timestamp(meta.updated_at),
+            expires_at=None if meta.expires_at is None else format_timestamp(meta.expires_at),
+            pinned=meta.pinned,
             labels=labels or {},
         )
 
@@ -96,6 +151,8 @@ class JobResultSummary(msgspec.Struct, omit_defaults=True):
     created_at: Timestamp
     updated_at: Timestamp
     etag: str
+    expires_at: ExpiresAt
+    pinned: bool
     labels: Labels
     result: AnyJSON | msgspec.UnsetType = msgspec.UNSET
 

@@ -80,6 +80,14 @@ def job_result_deleted(job_id: str) -> Event:
     return ("job_result.deleted", {"job_id": job_id})
 
 
+def job_result_expired(job_id: str) -> Event:
+    """The event of a result the purge deleted once it expired.
+
+    ``job_result.deleted`` with ``data`` ``{"job_id", "reason": "expired"}``.
+    """
+    return ("job_result.deleted", {"job_id": job_id, "reason": "expired"})
+
+
 def export_event(
     export: Export,
     *,

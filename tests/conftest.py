@@ -116,6 +116,7 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         export_poll_s=0.1,
         export_worker=False,
         webhooks_worker=False,
+        purge_worker=False,
         # Rate limits have their own tests; the rest of the suite must not trip over 10/s.
         rate_limit_per_ip="100000/second",
     )
@@ -198,10 +199,17 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
 def server(servers: Servers, database_url: str) -> Server:
     """A running ``jobresults serve`` on the session database: 2 Granian workers sharing Redis, info logs.
 
-    Like the session app it runs no export or webhook worker (tests of the workers use databases of their own).
+    Like the session app it runs no export, webhook or purge worker (tests of the workers use databases of
+    their own).
     """
     return servers.start(
-        database_url, workers=2, redis_url=REDIS_URL, log_level="info", export_worker=False, webhooks_worker=False
+        database_url,
+        workers=2,
+        redis_url=REDIS_URL,
+        log_level="info",
+        export_worker=False,
+        webhooks_worker=False,
+        purge_worker=False,
     )
 
 

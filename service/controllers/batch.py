@@ -12,6 +12,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -19,7 +20,15 @@ from litestar import Request, post
 from litestar.di import NamedDependency
 
 from repositories.database import Connection, Database
-from repositories.job_results import Document, EscapedText, JobResultExists, JobResultMeta, JobResultRepository
+from repositories.job_results import (
+    Document,
+    EscapedText,
+    JobResultExists,
+    JobResultMeta,
+    JobResultRepository,
+    NewJobResult,
+    utcnow,
+)
 from repositories.job_results import PreconditionFailed as StoredPreconditionFailed
 from service.controllers.job_results import (
     _ESCAPED_BYTES,
@@ -317,7 +326,7 @@ def _written(item: CheckedItem, meta: JobResultMeta, created: bool) -> BatchItem
     )
 
 
-MULTI_ROW_FIELDS = ("status", "result")
+MULTI_ROW_FIELDS = ("status", "result", "labels", "retention_days", "pinned")
 """The PUT body fields :meth:`JobResultRepository.create_many` stores. While the PUT body has exactly
 these, new rows without a condition are inserted with multi-row statements; a PUT body with more
 fields sends every item through :func:`store_write` (correct, one round trip or more per item) until
@@ -329,7 +338,7 @@ MULTI_ROW_ROWS = 500
 
 
 async def _create_new_rows(
-    repo: JobResultRepository, fresh: list[CheckedItem], max_packet: int | None
+    repo: JobResultRepository, fresh: list[CheckedItem], max_packet: int | None, now: datetime, default_days: int | None
 ) -> dict[int, tuple[JobResultMeta, bool]]:
     """Insert ``fresh`` (items without a condition whose job id was not stored) with multi-row ``INSERT``s.
 
@@ -349,7 +358,19 @@ async def _create_new_rows(
         chunk = fresh[start:end]
         start = end
         try:
-            metas = await repo.create_many([(item.job_id, item.write.status, item.document) for item in chunk])
+            metas = await repo.create_many(
+                [
+                    NewJobResult(
+                        job_id=item.job_id,
+                        status=item.write.status,
+                        result=item.document,
+                        labels=item.write.labels,
+                        expires_at=item.write.expires_at(now, default_days),
+                        pinned=item.write.pinned,
+                    )
+                    for item in chunk
+                ]
+            )
         except JobResultExists:
             continue
         done.update((item.index, (meta, True)) for item, meta in zip(chunk, metas, strict=True))
@@ -392,11 +413,15 @@ async def post_job_results_batch(request: Request[Any, Any, Any], db: NamedDepen
     # (no deadlock between them); the answer keeps the request's order.
     in_id_order = sorted(checked, key=lambda item: item.job_id)
 
+    default_days: int | None = request.app.state.settings.result_retention_days
+
     async def unit(conn: Connection) -> list[tuple[CheckedItem, JobResultMeta, bool]]:
+        now = utcnow()  # one clock reading per attempt, for every item
         repo = JobResultRepository(conn)
         plain = [item for item in in_id_order if item.match_tags is None and item.none_match_tags is None]
         taken = await repo.existing([item.job_id for item in plain]) if len(plain) > 1 else set()
-        done = await _create_new_rows(repo, [item for item in plain if item.job_id not in taken], max_packet)
+        fresh = [item for item in plain if item.job_id not in taken]
+        done = await _create_new_rows(repo, fresh, max_packet, now, default_days)
         for item in in_id_order:
             if item.index in done:
                 continue
@@ -409,6 +434,8 @@ async def post_job_results_batch(request: Request[Any, Any, Any], db: NamedDepen
                     item.match_tags,
                     item.none_match_tags,
                     likely_exists=item.job_id in taken,
+                    default_days=default_days,
+                    now=now,
                 )
             except (StoredPreconditionFailed, JobResultExists):
                 raise BatchPreconditionFailed(item) from None

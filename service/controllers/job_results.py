@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import json
+from datetime import datetime
 from typing import Annotated, Any, Literal, NoReturn
 
 import msgspec
@@ -27,6 +28,7 @@ from repositories.job_results import (
     JobResultRepository,
     PreconditionFailed,
     read_max_allowed_packet,
+    utcnow,
 )
 from service.json_fidelity import MAX_DEPTH, check_document, check_envelope_streaming
 from service.labels import MAX_FILTER_TERMS, build_filter, check_labels
@@ -52,10 +54,8 @@ _CURSOR_DECODER = msgspec.json.Decoder(Cursor)
 _ENCODER = msgspec.json.Encoder()
 _WRITE_SHAPE = (
     'expected {"status": "succeeded" | "failed" | "cancelled", "result": <any JSON value>, '
-    '"labels": {<key>: <string>, ...} (optional)}'
+    '"labels": {<key>: <string>, ...} (optional), optionally "retention_days": 1..3650 or "pinned": true}'
 )
-_LABELS_DECODER = msgspec.json.Decoder(dict[str, str])
-_WRITE_MEMBERS = ("status", "result", "labels")
 INLINE_CHECK_BYTES = 64 * 1024
 """Bodies up to this size are checked on the event loop (a few milliseconds at worst, whatever their
 shape); larger ones in a worker thread, by the streaming check, so the loop keeps serving."""
@@ -175,29 +175,18 @@ def _decode_large_write(body: bytes, max_packet: int) -> tuple[JobResultWrite, E
     text, members = check_envelope_streaming(body, max_depth=MAX_DEPTH + 1)
     if not members and not text.lstrip(" \t\n\r").startswith("{"):
         _invalid_body("Expected `object`")
-    for name in members:
-        if name not in _WRITE_MEMBERS:
-            _invalid_body(f"Object contains unknown field `{name}`")
-    for name in ("status", "result"):
-        if name not in members:
-            _invalid_body(f"Object missing required field `{name}`")
-    start, end = members["status"]
-    token = text[start:end]
-    status = json.loads(token) if token.startswith('"') and len(token) <= 64 else None
-    if status not in ("succeeded", "failed", "cancelled"):
-        _invalid_body("Invalid enum value - at `status`" if token.startswith('"') else "Expected `str` - at `status`")
+    # The envelope without the document (small), decoded by the same struct as small bodies, so both
+    # paths accept and refuse the same fields with the same messages.
+    envelope = ",".join(
+        json.dumps(name) + ":" + ("null" if name == "result" else text[start:end])
+        for name, (start, end) in members.items()
+    )
+    fields = _decode_checked(("{" + envelope + "}").encode())
+    _check_labels(fields.labels)
     start, end = members["result"]
     result = text[start:end]
     raw = body[start:end] if len(text) == len(body) else result.encode("utf-8")  # ASCII: same offsets
-    labels: dict[str, str] = {}
-    if "labels" in members:
-        start, end = members["labels"]
-        try:
-            labels = _LABELS_DECODER.decode(text[start:end])
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            _invalid_body(f"{exc} - at `labels`")
-        _check_labels(labels)
-    return JobResultWrite(status=status, result=msgspec.Raw(raw), labels=labels), EscapedText(result)
+    return msgspec.structs.replace(fields, result=msgspec.Raw(raw)), EscapedText(result)
 
 
 def _invalid_body(detail: str) -> NoReturn:
@@ -243,6 +232,8 @@ async def store_write(
     none_match_tags: Tags = None,
     *,
     likely_exists: bool = False,
+    default_days: int | None = None,
+    now: datetime | None = None,
 ) -> tuple[JobResultMeta, bool]:
     """Store one checked write inside a unit of work: ``(meta, created)``. PUT and batch items use it.
 
@@ -250,31 +241,46 @@ async def store_write(
     ``match_tags`` replaces only if the current ETag is among them (RFC 9110 section 13.1.1); other
     ``none_match_tags`` replace only if it is not. The decision is taken under the row lock.
     ``likely_exists`` (an unconditional write to a job id just seen stored) tries the UPDATE first,
-    saving the INSERT that would fail.
+    saving the INSERT that would fail. ``now`` (naive UTC; default: the clock now) is the write's one
+    clock reading: which rows have expired, the timestamps, and the new ``expires_at`` (from
+    ``write``, else ``default_days``: ``JOBRESULTS_RESULT_RETENTION_DAYS``). An expired row that the
+    purge has not deleted yet counts as absent.
 
     Raises:
         PreconditionFailed, JobResultExists: the condition does not hold (412).
     """
+    now = now or utcnow()
+    expires_at = write.expires_at(now, default_days)
     if none_match_tags == "*":
-        return await repo.create(job_id, write.status, text, write.labels), True
+        return await repo.create(
+            job_id, write.status, text, write.labels, expires_at=expires_at, pinned=write.pinned, now=now
+        ), True
     if match_tags is not None or none_match_tags:
         try:
-            current = await repo.lock_meta(job_id)
+            current = await repo.lock_meta(job_id, now)
         except JobResultNotFound:
             if match_tags is not None:
                 raise PreconditionFailed(job_id) from None
-            return await repo.create(job_id, write.status, text, write.labels), True
+            return await repo.create(
+                job_id, write.status, text, write.labels, expires_at=expires_at, pinned=write.pinned, now=now
+            ), True
         if match_tags not in (None, "*") and etag_of(current) not in match_tags:
             raise PreconditionFailed(job_id)
         if isinstance(none_match_tags, set) and etag_of(current) in none_match_tags:
             raise PreconditionFailed(job_id)
-        return await repo.replace(job_id, write.status, text, write.labels), False
+        return await repo.replace(
+            job_id, write.status, text, write.labels, expires_at=expires_at, pinned=write.pinned, now=now
+        ), False
     if likely_exists:
         try:
-            return await repo.replace(job_id, write.status, text, write.labels), False
+            return await repo.replace(
+                job_id, write.status, text, write.labels, expires_at=expires_at, pinned=write.pinned, now=now
+            ), False
         except JobResultNotFound:
-            pass  # deleted since it was seen: create it
-    return await repo.upsert(job_id, write.status, text, write.labels)
+            pass  # deleted (or expired) since it was seen: create it
+    return await repo.upsert(
+        job_id, write.status, text, write.labels, expires_at=expires_at, pinned=write.pinned, now=now
+    )
 
 
 class JobResultController(Controller):
@@ -292,7 +298,9 @@ class JobResultController(Controller):
             "201 when created, 200 when replaced. `If-None-Match: *` creates only; `If-Match: <etag>` "
             "replaces only if unchanged (412 otherwise). 422 names the JSON path of a value that "
             "cannot be stored faithfully. `labels` replaces all the job's labels (none when absent); "
-            "a label that breaks a rule is 400 `invalid-labels` naming it."
+            "a label that breaks a rule is 400 `invalid-labels` naming it. A PUT replaces everything: "
+            "`retention_days` (counted from this write) or `pinned: true` apply only if given again, else "
+            "the service default. An expired result counts as absent: a PUT creates it anew (201, version 1)."
         ),
         responses={
             201: ResponseSpec(data_container=JobResult, description="Created"),
@@ -321,9 +329,21 @@ class JobResultController(Controller):
                 write, text = await asyncio.to_thread(_decode_large_write, body, max_packet)
         match_tags = entity_tags(if_match, weak=False)
         none_match_tags = entity_tags(if_none_match)
+        default_days: int | None = request.app.state.settings.result_retention_days
 
         async def unit(conn: Connection) -> tuple[JobResultMeta, bool]:
-            return await store_write(JobResultRepository(conn), job_id, write, text, match_tags, none_match_tags)
+            # One clock reading per attempt: expiry of the old row, the new expires_at and the timestamps.
+            now = utcnow()
+            return await store_write(
+                JobResultRepository(conn),
+                job_id,
+                write,
+                text,
+                match_tags,
+                none_match_tags,
+                now=now,
+                default_days=default_days,
+            )
 
         meta, created = await db.run(emitting(unit, job_result_event))
         headers = {"ETag": etag_of(meta)}
@@ -339,7 +359,10 @@ class JobResultController(Controller):
         "/{job_id:str}",
         opt={"scope": "results:read"},
         summary="Read a job result",
-        description="`If-None-Match` with the current ETag gives 304. The result comes back as stored.",
+        description=(
+            "`If-None-Match` with the current ETag gives 304. The result comes back as stored. 404 once "
+            "it expired, even before the purge deleted it."
+        ),
         responses={304: ResponseSpec(data_container=None, description="Not Modified")}
         | problem_responses(400, 401, 403, 404, 429, 503),
     )
@@ -351,7 +374,7 @@ class JobResultController(Controller):
     ) -> Response[JobResult]:
         """The stored job result; its JSON passes through as stored, never decoded."""
         checked_job_id(job_id)
-        row = await db.run(lambda conn: JobResultRepository(conn).get(job_id), transaction=False)
+        row = await db.run(lambda conn: JobResultRepository(conn).get(job_id, utcnow()), transaction=False)
         etag = etag_of(row.meta)
         tags = entity_tags(if_none_match)
         if tags == "*" or (tags and etag in tags):
@@ -371,7 +394,7 @@ class JobResultController(Controller):
             "item, and `next_cursor` continues after its last item, so nothing is skipped. Filters (all "
             "ANDed): `label=key:value` (repeatable; values of one key ORed, split at the first `:`), "
             "`label=key` (the label exists), `status` (repeatable, ORed), `job_id_prefix`. At most 8 label "
-            "keys and 32 label terms."
+            "keys and 32 label terms. Expired results are never listed."
         ),
         responses=problem_responses(400, 401, 403, 429, 503),
     )
@@ -409,11 +432,26 @@ class JobResultController(Controller):
         job_id_prefix: Annotated[
             str | None, QueryParameter(description="Only job ids starting with this (1 to 128 job id characters).")
         ] = None,
+        pinned: Annotated[
+            Literal["true", "false"] | None,
+            QueryParameter(description="`true`: only pinned results; `false`: only results that are not pinned."),
+        ] = None,
+        expires_before: Annotated[
+            str | None,
+            QueryParameter(
+                description=(
+                    "Only results that expire before this time (RFC 3339 with offset); results that never "
+                    "expire are left out."
+                ),
+                format=OpenAPIFormat.DATE_TIME,
+            ),
+        ] = None,
     ) -> Response[JobResultPage]:
-        """A page of job results in ``[created_from, created_to)`` that pass the filters."""
+        """A page of live job results in ``[created_from, created_to)`` that pass the filters."""
         filters = build_filter(label, status, job_id_prefix)
         lower = parse_timestamp(created_from, "created_from")
         upper = parse_timestamp(created_to, "created_to")
+        expiring_before = parse_timestamp(expires_before, "expires_before")
         if lower is not None and upper is not None and lower >= upper:
             raise ApiError(400, "created_from must be earlier than created_to", slug="invalid-request")
         after = _decode_cursor(cursor) if cursor is not None else None
@@ -429,6 +467,9 @@ class JobResultController(Controller):
                 limit=limit,
                 include_result=include_result,
                 max_bytes=max_bytes,
+                pinned=None if pinned is None else pinned == "true",
+                expires_before=expiring_before,
+                now=utcnow(),
             ),
             transaction=False,
         )
@@ -440,6 +481,8 @@ class JobResultController(Controller):
                 updated_at=format_timestamp(row.meta.updated_at),
                 etag=etag_of(row.meta),
                 labels=row.labels,
+                expires_at=None if row.meta.expires_at is None else format_timestamp(row.meta.expires_at),
+                pinned=row.meta.pinned,
                 result=msgspec.Raw(row.result) if include_result else msgspec.UNSET,
             )
             for row in page
@@ -471,15 +514,16 @@ class JobResultController(Controller):
         cascaded: list[Export] = []
 
         async def unit(conn: Connection) -> None:
+            now = utcnow()
             repo = JobResultRepository(conn)
             if match_tags is not None:
                 try:
-                    current = await repo.lock_meta(job_id)
+                    current = await repo.lock_meta(job_id, now)
                 except JobResultNotFound:
                     raise PreconditionFailed(job_id) from None
                 if match_tags != "*" and etag_of(current) not in match_tags:
                     raise PreconditionFailed(job_id)
-            await repo.delete(job_id)
+            await repo.delete(job_id, now)
             # In the same unit: the job's exports are deleted with it (files go after the COMMIT).
             cascaded[:] = await ExportRepository(conn).delete_job_exports(job_id, retention=exports.retention)
 

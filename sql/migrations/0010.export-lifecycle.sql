@@ -1,4 +1,4 @@
--- depends: 0008.create-webhooks
+-- depends: 0009.result-retention
 -- Export lifecycle (issue 14): expiry, deletion, cancellation, the cascade from a deleted job.
 -- job_id: the job of a single-job export (NULL for range exports), so deleting a job finds its
 --   exports by index (the same VARBINARY as job_results.job_id: byte comparison on both engines).

@@ -1,4 +1,4 @@
--- depends: 0008.create-webhooks
+-- depends: 0010.export-lifecycle
 -- Labels of job results (issue 15): one row per (result, key), replaced with the result in the same
 -- transaction, deleted with it (ON DELETE CASCADE, so every path that deletes results drops its labels).
 -- created_at is a copy of job_results.created_at (which never changes after the insert), so a filter

@@ -1,4 +1,4 @@
--- depends: 0008.create-webhooks
+-- depends: 0011.create-job-result-labels
 -- Idempotency keys of export POSTs (Stripe's semantics): one row per (owner, key), where owner is the
 -- requester (key:<api key id>, or ip:<address> without authentication). A request claims its key by
 -- INSERT in a unit of its own (a duplicate-key error means another request has it, on any Galera node);

@@ -6,6 +6,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from litestar.testing import AsyncTestClient
 
 from config.settings import Settings
 from repositories.database import Database
-from repositories.job_results import JobResultExists, JobResultRepository
+from repositories.job_results import JobResultExists, JobResultRepository, NewJobResult
 from repositories.webhooks import EVENT_TYPES
 from service.controllers.batch import MULTI_ROW_FIELDS
 from service.controllers.job_results import store_write
@@ -441,15 +442,24 @@ async def test_create_many_inserts_every_row_or_none(db: Database, database_url:
     await db.run(lambda conn: JobResultRepository(conn).create(taken, "failed", "1"))
     with pytest.raises(JobResultExists):
         await db.run(
-            lambda conn: JobResultRepository(conn).create_many([(first, "succeeded", "2"), (taken, "succeeded", "3")])
+            lambda conn: JobResultRepository(conn).create_many(
+                [NewJobResult(first, "succeeded", "2"), NewJobResult(taken, "succeeded", "3")]
+            )
         )
     assert count_stored(database_url, [first]) == 0
-    rows = [(first, "succeeded", "[2]"), (second, "cancelled", '{"x": 3}')]
+    expires = datetime(2099, 1, 2, 3, 4, 5, 678901)
+    rows = [
+        NewJobResult(first, "succeeded", "[2]", labels={"branch": "main", "tool": "x"}, expires_at=expires),
+        NewJobResult(second, "cancelled", '{"x": 3}', pinned=True),
+    ]
     metas = await db.run(lambda conn: JobResultRepository(conn).create_many(rows))
-    for meta, (job_id, status, _) in zip(metas, rows, strict=True):
-        stored = await db.run(lambda conn, job_id=job_id: JobResultRepository(conn).get_meta(job_id))  # type: ignore[misc]
-        assert stored == meta
-        assert (meta.job_id, meta.status, meta.version) == (job_id, status, 1)
+    for meta, row in zip(metas, rows, strict=True):
+        stored = await db.run(lambda conn, job_id=row.job_id: JobResultRepository(conn).get(job_id))  # type: ignore[misc]
+        assert stored.meta == meta
+        assert (meta.job_id, meta.status, meta.version) == (row.job_id, row.status, 1)
+        # Every field a PUT stores is stored by the multi-row path too.
+        assert (stored.meta.expires_at, stored.meta.pinned) == (row.expires_at, row.pinned)
+        assert stored.labels == (row.labels or {})
 
 
 async def test_a_job_seen_stored_but_deleted_since_is_created(db: Database) -> None:

@@ -1,6 +1,6 @@
 """Export lifecycle through the API: expiry (410, listed as expired), DELETE, cancellation, the job cascade.
 
-The purge task (``exports/purge.py``) is tested by calling it directly, on a database of its own (a
+The purge task (``service/export_purge.py``) is tested by calling it directly, on a database of its own (a
 purge at a far ``now`` would otherwise touch the other tests' exports).
 """
 
@@ -19,11 +19,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from config.settings import Settings, SettingsError
-from exports.purge import ExportPurge
 from exports.store import ExportStore, open_store
 from repositories.database import Database
 from repositories.job_results import utcnow
 from service.app import create_app
+from service.export_purge import ExportPurge
 from tests.conftest import connect, fresh_database, make_token
 
 Client = AsyncTestClient[Litestar]

@@ -14,11 +14,11 @@ import pytest
 from obstore.store import S3Store
 
 from config.settings import Settings
-from exports.purge import ExportPurge
 from exports.store import open_store
 from repositories.database import Database
 from repositories.job_results import utcnow
 from service.app import create_app
+from service.export_purge import ExportPurge
 from tests.exports.test_cancellation import seed_rows
 from tests.exports.test_lifecycle import set_expiry
 from tests.exports.test_s3_store import (  # noqa: F401 - fixtures used by name

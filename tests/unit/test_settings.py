@@ -51,6 +51,12 @@ def test_reads_prefixed_variables() -> None:
         ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_REDIS_URL": "localhost:6379"}, "JOBRESULTS_REDIS_URL"),
         ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_REDIS_URL": "redis://h:port/0"}, "JOBRESULTS_REDIS_URL"),
         ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_REDIS_URL": "redis://h:6379/x"}, "JOBRESULTS_REDIS_URL"),
+        *(
+            ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_RESULT_RETENTION_DAYS": days}, "RESULT_RETENTION_DAYS")
+            for days in ("0", "3651", "30d", "", "-1")
+        ),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_PURGE_BATCH_ROWS": "0"}, "JOBRESULTS_PURGE_BATCH_ROWS"),
+        ({"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_PURGE_INTERVAL_S": "0"}, "JOBRESULTS_PURGE_INTERVAL_S"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -64,6 +70,20 @@ def test_cli_exits_non_zero_naming_the_variable() -> None:
     done = subprocess.run([JOBRESULTS, "migrate"], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "JOBRESULTS_POOL_MAX_SIZE" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_result_retention_defaults_to_forever_and_takes_days() -> None:
+    assert Settings.from_env({"JOBRESULTS_DATABASE_URL": URL}).result_retention_days is None
+    env = {"JOBRESULTS_DATABASE_URL": URL, "JOBRESULTS_RESULT_RETENTION_DAYS": "90"}
+    assert Settings.from_env(env).result_retention_days == 90
+
+
+def test_serve_with_a_bad_retention_exits_2_naming_it() -> None:
+    env = service_env({"database_url": URL, "result_retention_days": "0", "port": "0"})
+    done = subprocess.run([JOBRESULTS, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "JOBRESULTS_RESULT_RETENTION_DAYS" in done.stderr
     assert "Traceback" not in done.stderr
 
 

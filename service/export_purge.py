@@ -1,8 +1,7 @@
 """The purge task of exports: files and records of expired and deleted exports, in small batches.
 
-It follows the purge runner's task protocol (:class:`PurgeTask`, from the retention work of issue 14:
-``service/purge.py`` runs every task under one lease per deployment). Each row says when the purge has
-work on it (``exports.purge_at``, indexed, see migration 0010):
+A :class:`service.purge.PurgeTask`: ``service/purge.py`` runs every task under one lease per
+deployment. Each row says when the purge has work on it (``exports.purge_at``, indexed, see migration 0010):
 
 * a finished export (succeeded, failed, cancelled, deleted) at its ``expires_at``: its file or object
   goes first, then its record, in a unit that also queues ``export.expired`` for an export that had
@@ -20,48 +19,18 @@ export that was just expiring) wins, and the row is looked at again in a later b
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Protocol
+from datetime import datetime, timedelta
 
 import structlog
 
+from config.settings import Settings
 from exports.store import ExportStore, StoreError, download_name
 from repositories.database import Connection, Database
 from repositories.exports import Export, ExportRepository
+from service.purge import JobResultPurgeTask, PurgeBatch, PurgeTask
 from service.webhook_events import emitting, export_expired
 
 log = structlog.get_logger("jobresults.purge")
-
-
-@dataclass
-class PurgeBatch:
-    """What one batch removed (or, in a dry run, would remove).
-
-    Attributes:
-        rows: rows handled: records deleted, plus deleted exports whose file was removed (their
-            record stays until it expires).
-        bytes: bytes of the files and objects removed.
-        items: one line per row, e.g. ``export 3f2a...: expired succeeded export, file 1234 bytes``.
-    """
-
-    rows: int = 0
-    bytes: int = 0
-    items: list[str] = field(default_factory=list)
-
-
-class PurgeTask(Protocol):
-    """One kind of data the purge runner removes in batches (``service/purge.py``)."""
-
-    name: str
-
-    async def purge_batch(self, db: Database, now: datetime, limit: int, *, dry_run: bool) -> PurgeBatch:
-        """Remove at most ``limit`` rows due at ``now`` (naive UTC); with ``dry_run``, only say what would go."""
-        ...
-
-    async def oldest_due(self, db: Database, now: datetime) -> datetime | None:
-        """When the oldest row due at ``now`` became due (the purge lag), or None if none is due."""
-        ...
 
 
 class ExportPurge:
@@ -83,15 +52,15 @@ class ExportPurge:
         in a later batch. Never raises for one export's store failure; database errors propagate.
         """
         due = await db.run(lambda conn: ExportRepository(conn).due_for_purge(now, limit), transaction=False)
-        batch = PurgeBatch()
+        rows = size_total = 0
+        items: list[str] = []
         for export in due:
             record_goes = export.expires_at is None or export.expires_at <= now
             size = (export.bytes or 0) if export.stored_key else 0
             what = _describe(export, now, record_goes, size)
             if dry_run:
-                batch.rows += 1
-                batch.bytes += size
-                batch.items.append(what)
+                rows, size_total = rows + 1, size_total + size
+                items.append(what)
                 continue
             try:
                 await self._remove_file(export)
@@ -103,10 +72,9 @@ class ExportPurge:
                     continue  # changed meanwhile (e.g. deleted): due again, looked at in a later batch
             else:
                 await db.run(_file_removed_unit(export), transaction=False)
-            batch.rows += 1
-            batch.bytes += size
-            batch.items.append(what)
-        return batch
+            rows, size_total = rows + 1, size_total + size
+            items.append(what)
+        return PurgeBatch(rows=rows, bytes=size_total, items=items)
 
     async def _remove_file(self, export: Export) -> None:
         key = export.stored_key
@@ -137,3 +105,13 @@ def _describe(export: Export, now: datetime, record_goes: bool, size: int) -> st
     file = f"file {size} bytes" if export.stored_key else "no file"
     action = "record and file" if record_goes else "file (record kept until it expires)"
     return f"export {export.export_id}: {state} {export.kind} export, {file}; removes {action}"
+
+
+def purge_tasks(store: ExportStore, settings: Settings) -> list[PurgeTask]:
+    """Everything the purge deletes, in pass order.
+
+    Expired job results (their single-job exports marked deleted with them), then exports' files and
+    records (in ``store``).
+    """
+    retention = timedelta(days=settings.export_retention_days)
+    return [JobResultPurgeTask(export_retention=retention), ExportPurge(store)]
