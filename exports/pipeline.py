@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import secrets
 import socket
+import struct
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pymysql
 import structlog
 
@@ -130,8 +134,63 @@ def _encode_chunk(writer: FormatWriter, chunk: Sequence[tuple[Any, ...]]) -> tup
     return len(rows), writer.encode(rows)
 
 
-def _collect_columns(columns: CsvColumns, chunk: Sequence[tuple[Any, ...]]) -> None:
-    columns.add([_export_row(*row) for row in chunk])
+_FRAME = struct.Struct("<Q")
+_SPOOL_ENCODE = msgspec.msgpack.Encoder().encode
+_SPOOL_DECODE = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
+
+
+class CsvSpool:
+    """Pass 1 of a full CSV range export: collects the columns and keeps the rows it read.
+
+    The rows of each chunk are appended to an anonymous temporary file (``tempfile.TemporaryFile``:
+    it has no name and vanishes when closed or when the process dies) as one length-prefixed msgpack
+    frame, so pass 2 reads them back chunk by chunk instead of reading the database a second time.
+    The file is in ``directory`` (the local exports directory) or the system's temporary directory;
+    it holds about as many bytes as the documents. :meth:`close` it.
+    """
+
+    def __init__(self, columns: CsvColumns, directory: str | None) -> None:
+        self.columns = columns
+        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - closed by close()
+
+    def close(self) -> None:
+        """Close (and so remove) the file."""
+        self._file.close()
+
+    def add(self, chunk: Sequence[tuple[Any, ...]]) -> None:
+        """Collect the columns of one chunk and append it to the file (blocking).
+
+        Raises:
+            StorageFull: the disk is full.
+            CsvTooWide: see :meth:`CsvColumns.add_results`.
+        """
+        self.columns.add_results([row[1] for row in chunk])  # (meta, result): the result alone decides
+        frame = _SPOOL_ENCODE(chunk)
+        try:
+            self._file.write(_FRAME.pack(len(frame)))
+            self._file.write(frame)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StorageFull(STORAGE_FULL_MESSAGE) from exc
+            raise
+
+    def rewind(self) -> None:
+        """Flush and go back to the first chunk (blocking)."""
+        self._file.flush()
+        self._file.seek(0)
+
+    def next_chunk(self) -> list[tuple[Any, ...]] | None:
+        """The next chunk as :meth:`add` got it, or None after the last one (blocking)."""
+        head = self._file.read(_FRAME.size)
+        if not head:
+            return None
+        return _SPOOL_DECODE(self._file.read(_FRAME.unpack(head)[0]))
+
+
+def _encode_spooled(writer: FormatWriter, spool: CsvSpool) -> tuple[int, bytes] | None:
+    """Read one chunk back from the spool and encode it (blocking): ``(rows, bytes)``, None at the end."""
+    chunk = spool.next_chunk()
+    return None if chunk is None else _encode_chunk(writer, chunk)
 
 
 def _encode_single(
@@ -428,6 +487,7 @@ class ExportService:
         params = export.parameters
         chunk_rows, chunk_bytes = self.settings.export_chunk_rows, self.settings.export_chunk_bytes
         file: ExportWriter | None = None
+        spool: CsvSpool | None = None
         rows_written = 0
         conn: Connection = await self.db.acquire()
         try:
@@ -439,15 +499,19 @@ class ExportService:
             chosen = parse_columns(params.columns) if params.columns is not None else None
             renew_at = asyncio.get_running_loop().time() + self._renew_every
             if export.format == "csv" and chosen is None:
-                # Pass 1 (same snapshot): the union of the result columns, for the header row. Chosen
-                # columns are the header already, so the rows are read once.
-                collector = CsvColumns(self.settings.csv_max_columns)
+                # Pass 1: the union of the result columns, for the header row; the rows are kept in
+                # a spool file, so the database is read once. Chosen columns are the header already.
+                spool = CsvSpool(
+                    CsvColumns(self.settings.csv_max_columns),
+                    str(self.directory) if self.store.kind == "local" else None,
+                )
                 async for chunk in stream.chunks(
                     params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
                 ):
-                    await asyncio.to_thread(_collect_columns, collector, chunk)
+                    await asyncio.to_thread(spool.add, chunk)
                     renew_at = await self._renew_if_due(export, 0, renew_at)
-                columns = collector.columns()
+                await asyncio.to_thread(spool.rewind)
+                columns = spool.columns.columns()
             writer = make_writer(
                 export.format,  # type: ignore[arg-type]
                 single=False,
@@ -458,16 +522,17 @@ class ExportService:
                 export.export_id, max(export.attempts, 1), writer.extension, export.compression, self.owner
             )
             await file.write(writer.begin())
-            async for chunk in stream.chunks(
-                params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
-            ):
-                count, data = await asyncio.to_thread(_encode_chunk, writer, chunk)
-                await file.write(data)
-                _check_size(file, self.settings.export_max_bytes)
-                rows_written += count
-                if progress is not None:
-                    progress(rows_written)
-                renew_at = await self._renew_if_due(export, rows_written, renew_at)
+            if spool is not None:
+                while (encoded := await asyncio.to_thread(_encode_spooled, writer, spool)) is not None:
+                    rows_written = await self._written(export, file, encoded, rows_written, progress)
+                    renew_at = await self._renew_if_due(export, rows_written, renew_at)
+            else:
+                async for chunk in stream.chunks(
+                    params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
+                ):
+                    encoded = await asyncio.to_thread(_encode_chunk, writer, chunk)
+                    rows_written = await self._written(export, file, encoded, rows_written, progress)
+                    renew_at = await self._renew_if_due(export, rows_written, renew_at)
             await file.write(writer.end())
             await conn.commit()
         except BaseException:
@@ -477,8 +542,27 @@ class ExportService:
             raise
         finally:
             self.db.release(conn)
+            if spool is not None:
+                spool.close()
         size = await self._finish(export, file, writer.extension, rows_written)
         return rows_written, size
+
+    async def _written(
+        self,
+        export: Export,
+        file: ExportWriter,
+        encoded: tuple[int, bytes],
+        rows_written: int,
+        progress: Callable[[int], None] | None,
+    ) -> int:
+        """Write one encoded chunk and check the size limit; returns the rows written so far."""
+        count, data = encoded
+        await file.write(data)
+        _check_size(file, self.settings.export_max_bytes)
+        rows_written += count
+        if progress is not None:
+            progress(rows_written)
+        return rows_written
 
     async def _renew_if_due(self, export: Export, rows_written: int, renew_at: float) -> float:
         now = asyncio.get_running_loop().time()
