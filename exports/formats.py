@@ -319,7 +319,9 @@ class CsvColumns:
         decode = self._decoder.decode
         seen, tree = self._seen, self._tree
         for result in results:
-            value = decode(result)
+            # A long str is decoded several times faster as bytes (15 MB: 7 against 30 ms or more,
+            # in one call holding the GIL); the encode is a copy for ASCII text.
+            value = decode(result.encode("utf-8") if type(result) is str and len(result) > 65536 else result)
             if type(value) is dict and value:
                 _collect(value, tree, None, seen)
             else:

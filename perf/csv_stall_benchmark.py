@@ -33,7 +33,8 @@ START = datetime(2001, 1, 1)
 
 def document(i: int, size: int) -> str:
     """A result with one ``size``-character string that needs quoting (commas, quotes, line breaks)."""
-    text = ('lorem "ipsum", dolor\r\n' * (size // 22 + 1))[:size]
+    text = (("lorem ipsum, dolor " * 52)[:996] + '"\r\n,' * 1) * (size // 1000 + 1)
+    text = text[:size]  # a quote, a line break and a comma every 1,000 characters: JSON 0.3 % longer
     return json.dumps({"log": text, "n": i, "tool": {"name": "x"}}, separators=(",", ":"))
 
 
