@@ -343,7 +343,7 @@ def csv_columns_of(rows: Sequence[ExportRow]) -> list[str]:
 
 LARGE_ROW_BYTES = 1 << 20
 """A row whose stored result has at least this many bytes is quoted in pieces (:func:`_csv_bytes`)."""
-PIECE_CHARS = 1 << 20
+PIECE_CHARS = 1 << 18
 """Most characters the :mod:`csv` module quotes in one call for a large row, and most bytes of stored
 results whose rows are quoted in one ``writerows`` call: each call holds the GIL for a bounded time."""
 

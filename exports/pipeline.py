@@ -24,9 +24,10 @@ import socket
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import msgspec
 import pymysql
@@ -51,6 +52,8 @@ from service.schemas import format_timestamp
 from service.webhook_events import emitting, export_event
 
 log = structlog.get_logger("jobresults.exports")
+T = TypeVar("T")
+R = TypeVar("R")
 
 STORAGE_FULL_MESSAGE = "not enough storage for the export file"
 INTERNAL_ERROR_MESSAGE = "the export failed because of an internal error"
@@ -165,7 +168,10 @@ class CsvSpool:
             CsvTooWide: see :meth:`CsvColumns.add_results`.
         """
         self.columns.add_results([row[1] for row in chunk])  # (meta, result): the result alone decides
-        frame = _SPOOL_ENCODE(chunk)
+        # Results as bytes: msgpack then reads them back as a copy, not as one long UTF-8 decode.
+        frame = _SPOOL_ENCODE(
+            [(meta, result.encode("utf-8") if type(result) is str else result, *rest) for meta, result, *rest in chunk]
+        )
         try:
             self._file.write(_FRAME.pack(len(frame)))
             self._file.write(frame)
@@ -185,6 +191,30 @@ class CsvSpool:
         if not head:
             return None
         return _SPOOL_DECODE(self._file.read(_FRAME.unpack(head)[0]))
+
+
+async def _in_threads(chunks: AsyncIterator[T], work: Callable[[T], R]) -> AsyncGenerator[R, None]:
+    """``work(chunk)`` for each chunk, in order, each in a worker thread while the next chunk is read.
+
+    The database produces the next rows while this process converts the last ones, so waiting for
+    the server overlaps with our own work; at most two chunks are held. One ``work`` runs at a time
+    (writers keep state across chunks). Closing the generator waits for a running ``work`` to end.
+    """
+    pending: asyncio.Future[R] | None = None
+    try:
+        async for chunk in chunks:
+            previous = pending
+            if previous is not None:
+                # Shielded: a cancelled wait leaves the future running, and `finally` waits for it.
+                result = await asyncio.shield(previous)
+            pending = asyncio.ensure_future(asyncio.to_thread(work, chunk))
+            if previous is not None:
+                yield result
+        if pending is not None:
+            yield await asyncio.shield(pending)
+    finally:
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])
 
 
 def _encode_spooled(writer: FormatWriter, spool: CsvSpool) -> tuple[int, bytes] | None:
@@ -505,11 +535,10 @@ class ExportService:
                     CsvColumns(self.settings.csv_max_columns),
                     str(self.directory) if self.store.kind == "local" else None,
                 )
-                async for chunk in stream.chunks(
-                    params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
-                ):
-                    await asyncio.to_thread(spool.add, chunk)
-                    renew_at = await self._renew_if_due(export, 0, renew_at)
+                chunks = stream.chunks(params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes)
+                async with contextlib.aclosing(_in_threads(chunks, spool.add)) as added:
+                    async for _ in added:
+                        renew_at = await self._renew_if_due(export, 0, renew_at)
                 await asyncio.to_thread(spool.rewind)
                 columns = spool.columns.columns()
             writer = make_writer(
@@ -527,12 +556,11 @@ class ExportService:
                     rows_written = await self._written(export, file, encoded, rows_written, progress)
                     renew_at = await self._renew_if_due(export, rows_written, renew_at)
             else:
-                async for chunk in stream.chunks(
-                    params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes
-                ):
-                    encoded = await asyncio.to_thread(_encode_chunk, writer, chunk)
-                    rows_written = await self._written(export, file, encoded, rows_written, progress)
-                    renew_at = await self._renew_if_due(export, rows_written, renew_at)
+                chunks = stream.chunks(params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes)
+                async with contextlib.aclosing(_in_threads(chunks, partial(_encode_chunk, writer))) as encoded_chunks:
+                    async for encoded in encoded_chunks:
+                        rows_written = await self._written(export, file, encoded, rows_written, progress)
+                        renew_at = await self._renew_if_due(export, rows_written, renew_at)
             await file.write(writer.end())
             await conn.commit()
         except BaseException:
