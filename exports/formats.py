@@ -21,7 +21,9 @@ that order.
 ``csv`` (``text/csv; charset=utf-8``, RFC 4180)
     Written by Python's :mod:`csv` module (``excel`` dialect): fields separated by ``,``, quoted
     with ``"`` only when they hold ``,``, ``"``, CR or LF (inner ``"`` doubled), records ending in
-    CRLF; UTF-8 without a byte order mark. Header: ``job_id``, ``status``, ``created_at``, then the
+    CRLF; UTF-8 without a byte order mark. A record of a large row is handed to :mod:`csv` in pieces
+    of at most :data:`PIECE_CHARS` characters (:func:`_csv_bytes`); the bytes are the same.
+    Header: ``job_id``, ``status``, ``created_at``, then the
     result columns sorted by code point (:class:`CsvColumns`). A result column is the path of a
     value in the result:
 

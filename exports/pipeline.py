@@ -7,9 +7,11 @@ The unit is retried from BEGIN on transient errors (see :mod:`repositories.datab
 
 Range export: a row in ``exports`` (state ``queued``) that the background worker of some service
 process (:meth:`ExportService.start`) claims with a lease, streams from a server-side cursor in chunks,
-and finishes. Chunks are converted, encoded and written in a worker thread, so the event loop is never
-held by export work for longer than the interpreter's GIL switch interval (5 ms). A worker that dies stops renewing its
-lease; once the lease expires, another worker claims the export and starts it again.
+and finishes. Chunks are converted and encoded in a worker thread while the next chunk is read
+(:func:`_in_threads`), in C calls that each cover a bounded amount of text, so export encoding never
+holds the event loop for long. A csv export without chosen columns reads the database once: pass 1
+collects the columns and keeps the rows in a :class:`CsvSpool`, pass 2 encodes from it. A worker that
+dies stops renewing its lease; once the lease expires, another worker claims the export and starts it again.
 """
 
 from __future__ import annotations
