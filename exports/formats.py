@@ -485,6 +485,93 @@ def _fill(
             record[entry[1]] = _cell(value, _ENCODE)
 
 
+def _flat(
+    obj: dict[str, Any],
+    node: dict[str, list[Any]],
+    parent: str | None,
+    ids: list[int],
+    cells: list[Any],
+    paths: list[str],
+) -> None:
+    """Append the column ids and cells of a non-empty object, in document order.
+
+    ``node`` caches each key's ``[path, column id or None, children]``; a new leaf path gets the next id
+    (its index in ``paths``). Integers become their text here (the spool's msgpack holds 64 bits at most).
+    """
+    for key, value in obj.items():
+        entry = node.get(key)
+        if entry is None:
+            entry = node[key] = _path_entry(parent, key)
+        kind = type(value)
+        if kind is dict and value:
+            _flat(value, entry[2], entry[0], ids, cells, paths)
+            continue
+        column = entry[1]
+        if column is None:
+            column = entry[1] = len(paths)
+            paths.append(entry[0])
+        ids.append(column)
+        if kind is str:
+            cells.append("'" + value if value and value[0] in FORMULA_STARTS else value)
+        elif kind is int:
+            cells.append(str(value))
+        elif kind is dict:
+            cells.append("{}")
+        else:
+            cells.append(_cell(value, _ENCODE))
+
+
+class CsvFlattener:
+    """Pass 1 of a full CSV range export that keeps each row's cells for pass 2.
+
+    :meth:`flatten` gives a row's column ids and cell texts (ids number the columns in the order they
+    were first seen); after the last row, :meth:`columns` gives the header's result columns and
+    :meth:`positions` each id's place in a record, for :meth:`CsvWriter.encode_flat`. Cells follow
+    the module's rules exactly as :class:`CsvWriter` writes them. ``max_columns`` as in :class:`CsvColumns`.
+    """
+
+    def __init__(self, max_columns: int = DEFAULT_MAX_COLUMNS) -> None:
+        self._decode = _decoder().decode
+        self._tree: dict[str, list[Any]] = {}
+        self._paths: list[str] = []
+        self._max_columns = max_columns
+
+    def flatten(self, result: bytes | str) -> tuple[list[int], list[Any]]:
+        """``(column ids, cells)`` of one stored result (JSON text).
+
+        Raises:
+            msgspec.DecodeError: the result is not JSON.
+            CsvTooWide: the columns seen so far pass ``max_columns``.
+        """
+        value = self._decode(result.encode("utf-8") if type(result) is str and len(result) > 65536 else result)
+        ids: list[int] = []
+        cells: list[Any] = []
+        if type(value) is dict and value:
+            _flat(value, self._tree, None, ids, cells, self._paths)
+        else:
+            # The root's column is the top-level key "result"'s column too.
+            entry = self._tree.get(ROOT_COLUMN)
+            if entry is None:
+                entry = self._tree[ROOT_COLUMN] = _path_entry(None, ROOT_COLUMN)
+            if entry[1] is None:
+                entry[1] = len(self._paths)
+                self._paths.append(ROOT_COLUMN)
+            ids.append(entry[1])
+            cells.append(_cell(value, _ENCODE))
+        if len(self._paths) > self._max_columns:
+            raise CsvTooWide(self._max_columns)
+        return ids, cells
+
+    def columns(self) -> list[str]:
+        """The result columns seen so far, sorted by code point (the fixed three not included)."""
+        return sorted(self._paths)
+
+    def positions(self) -> list[int]:
+        """Column id -> position in a record (the three fixed columns first), for :meth:`columns`."""
+        rank = {path: position for position, path in enumerate(sorted(self._paths), start=3)}
+        return [rank[path] for path in self._paths]
+
+
 def _paths_of(value: Any) -> set[str]:
     """The result columns of one decoded result."""
     seen: set[str] = set()
@@ -592,6 +679,31 @@ class CsvWriter:
                 record[target] = record[source]
             records.append(record)
             weights.append(len(row.result))
+        return _csv_bytes(records, weights)
+
+    def encode_flat(self, rows: Sequence[Sequence[Any]], positions: Sequence[int]) -> bytes:
+        """One CSV record per row flattened by :class:`CsvFlattener` (a range export's pass 2).
+
+        ``rows``: ``(job_id, status, created_at, column ids, cells, weight)`` each, ``weight`` the length
+        of the stored result; ``positions``: :meth:`CsvFlattener.positions`, for the columns this
+        writer was made with (:meth:`CsvFlattener.columns`).
+        """
+        if not rows:
+            return b""
+        self._guard.take(len(rows))
+        blank = self._blank
+        records: list[list[Any]] = []
+        weights: list[int] = []
+        place = positions.__getitem__
+        for job_id, status, created_at, ids, cells, weight in rows:
+            record = blank.copy()
+            record[0] = "'" + job_id if job_id and job_id[0] in FORMULA_STARTS else job_id
+            record[1] = "'" + status if status and status[0] in FORMULA_STARTS else status
+            record[2] = created_at
+            for position, cell in zip(map(place, ids), cells, strict=True):
+                record[position] = cell
+            records.append(record)
+            weights.append(weight)
         return _csv_bytes(records, weights)
 
     def end(self) -> bytes:

@@ -38,7 +38,7 @@ import structlog
 from config.settings import Settings
 from exports.columns import ColumnSelection, parse_columns
 from exports.files import StorageFull, temp_files
-from exports.formats import CsvColumns, CsvTooWide, ExportRow, FormatWriter, make_writer
+from exports.formats import CsvFlattener, CsvTooWide, CsvWriter, ExportRow, FormatWriter, make_writer
 from exports.store import ExportStore, ExportWriter, StoreError, download_name, open_store
 from observability.metrics import EXPORT_BYTES, EXPORT_DURATION, EXPORT_ROWS, EXPORTS
 from repositories.database import CommitOutcomeUnknown, Connection, Database, DatabaseUnavailable
@@ -145,17 +145,18 @@ _SPOOL_DECODE = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
 
 
 class CsvSpool:
-    """Pass 1 of a full CSV range export: collects the columns and keeps the rows it read.
+    """Pass 1 of a full CSV range export: flattens the rows it reads, collecting the columns, and keeps them.
 
-    The rows of each chunk are appended to an anonymous temporary file (``tempfile.TemporaryFile``:
-    it has no name and vanishes when closed or when the process dies) as one length-prefixed msgpack
-    frame, so pass 2 reads them back chunk by chunk instead of reading the database a second time.
-    The file is in ``directory`` (the local exports directory) or the system's temporary directory;
-    it holds about as many bytes as the documents. :meth:`close` it.
+    Each chunk's rows, flattened by a :class:`CsvFlattener` to ``(job_id, status, created_at, column
+    ids, cells, weight)``, are appended to an anonymous temporary file (``tempfile.TemporaryFile``: it
+    has no name and vanishes when closed or when the process dies) as one length-prefixed msgpack
+    frame, so pass 2 reads them back chunk by chunk, neither reading the database nor decoding the
+    documents a second time. The file is in ``directory`` (the local exports directory) or the
+    system's temporary directory; it holds about as many bytes as the CSV. :meth:`close` it.
     """
 
-    def __init__(self, columns: CsvColumns, directory: str | None) -> None:
-        self.columns = columns
+    def __init__(self, flattener: CsvFlattener, directory: str | None) -> None:
+        self.flattener = flattener
         self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - closed by close()
 
     def close(self) -> None:
@@ -163,17 +164,19 @@ class CsvSpool:
         self._file.close()
 
     def add(self, chunk: Sequence[tuple[Any, ...]]) -> None:
-        """Collect the columns of one chunk and append it to the file (blocking).
+        """Flatten one chunk of :meth:`JobResultStream.chunks` rows and append it to the file (blocking).
 
         Raises:
             StorageFull: the disk is full.
-            CsvTooWide: see :meth:`CsvColumns.add_results`.
+            CsvTooWide: see :meth:`CsvFlattener.flatten`.
+            msgspec.DecodeError: a stored result is not JSON.
         """
-        self.columns.add_results([row[1] for row in chunk])  # (meta, result): the result alone decides
-        # Results as bytes: msgpack then reads them back as a copy, not as one long UTF-8 decode.
-        frame = _SPOOL_ENCODE(
-            [(meta, result.encode("utf-8") if type(result) is str else result, *rest) for meta, result, *rest in chunk]
-        )
+        flatten = self.flattener.flatten
+        rows = []
+        for meta, result, *_ in chunk:
+            job_id, status, created_at = (meta.decode("ascii") if isinstance(meta, bytes) else meta).split(" ")
+            rows.append((job_id, status, created_at, *flatten(result), len(result)))
+        frame = _SPOOL_ENCODE(rows)
         try:
             self._file.write(_FRAME.pack(len(frame)))
             self._file.write(frame)
@@ -219,10 +222,10 @@ async def _in_threads(chunks: AsyncIterator[T], work: Callable[[T], R]) -> Async
             await asyncio.wait([pending])
 
 
-def _encode_spooled(writer: FormatWriter, spool: CsvSpool) -> tuple[int, bytes] | None:
+def _encode_spooled(writer: CsvWriter, spool: CsvSpool, positions: list[int]) -> tuple[int, bytes] | None:
     """Read one chunk back from the spool and encode it (blocking): ``(rows, bytes)``, None at the end."""
     chunk = spool.next_chunk()
-    return None if chunk is None else _encode_chunk(writer, chunk)
+    return None if chunk is None else (len(chunk), writer.encode_flat(chunk, positions))
 
 
 def _encode_single(
@@ -534,7 +537,7 @@ class ExportService:
                 # Pass 1: the union of the result columns, for the header row; the rows are kept in
                 # a spool file, so the database is read once. Chosen columns are the header already.
                 spool = CsvSpool(
-                    CsvColumns(self.settings.csv_max_columns),
+                    CsvFlattener(self.settings.csv_max_columns),
                     str(self.directory) if self.store.kind == "local" else None,
                 )
                 chunks = stream.chunks(params.created_from, params.created_to, params.status, chunk_rows, chunk_bytes)
@@ -542,7 +545,7 @@ class ExportService:
                     async for _ in added:
                         renew_at = await self._renew_if_due(export, 0, renew_at)
                 await asyncio.to_thread(spool.rewind)
-                columns = spool.columns.columns()
+                columns = spool.flattener.columns()
             writer = make_writer(
                 export.format,  # type: ignore[arg-type]
                 single=False,
@@ -554,7 +557,9 @@ class ExportService:
             )
             await file.write(writer.begin())
             if spool is not None:
-                while (encoded := await asyncio.to_thread(_encode_spooled, writer, spool)) is not None:
+                assert isinstance(writer, CsvWriter)
+                positions = spool.flattener.positions()
+                while (encoded := await asyncio.to_thread(_encode_spooled, writer, spool, positions)) is not None:
                     rows_written = await self._written(export, file, encoded, rows_written, progress)
                     renew_at = await self._renew_if_due(export, rows_written, renew_at)
             else:

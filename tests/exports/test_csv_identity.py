@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from exports import formats
 from exports.columns import parse_columns
-from exports.formats import CsvColumns, ExportRow, make_writer
+from exports.formats import CsvColumns, CsvFlattener, CsvWriter, ExportRow, make_writer
+from exports.pipeline import CsvSpool, _encode_spooled
 from tests.conftest import REALDATA
 from tests.exports.csv_reference import lines, reference_csv
 
@@ -33,6 +34,25 @@ def writer_csv(chunks: list[list[ExportRow]], max_columns: int = formats.DEFAULT
         collector.add_results([row.result for row in chunk])
     writer = make_writer("csv", single=False, csv_columns=collector.columns())
     return writer.begin() + b"".join(writer.encode(chunk) for chunk in chunks) + writer.end()
+
+
+def spooled_csv(chunks: list[list[ExportRow]], max_columns: int = formats.DEFAULT_MAX_COLUMNS) -> bytes:
+    """A full CSV range export the way the pipeline runs it: pass 1 flattens into a spool, pass 2 writes."""
+    spool = CsvSpool(CsvFlattener(max_columns), None)
+    try:
+        for chunk in chunks:
+            # As the stream gives them: b"<job_id> <status> <created_at>" and the JSON text as str.
+            spool.add([(f"{r.job_id} {r.status} {r.created_at}".encode(), r.result.decode()) for r in chunk])
+        spool.rewind()
+        writer = CsvWriter(single=False, columns=spool.flattener.columns())
+        parts = [writer.begin()]
+        positions = spool.flattener.positions()
+        while (encoded := _encode_spooled(writer, spool, positions)) is not None:
+            parts.append(encoded[1])
+        parts.append(writer.end())
+        return b"".join(parts)
+    finally:
+        spool.close()
 
 
 def rewritten(data: bytes) -> bytes:
@@ -85,6 +105,7 @@ def test_generated_documents_give_the_reference_bytes(documents: list[tuple[Any,
     out = writer_csv(chunks)
     assert out == reference_csv(chunks)
     assert rewritten(out) == out
+    assert spooled_csv(chunks) == out
 
 
 @settings(max_examples=100, deadline=None)
@@ -114,6 +135,14 @@ def test_all_real_documents_in_one_range_give_the_reference_bytes() -> None:
     out = writer_csv(chunks)
     assert out == reference_csv(chunks)
     assert rewritten(out) == out
+    assert spooled_csv(chunks) == out
+
+
+def test_spooled_columns_are_bounded() -> None:
+    rows = [ExportRow("j", "succeeded", TS, b'{"a": 1, "b": {"c": 2}}'), ExportRow("k", "failed", TS, b'{"d": 3}')]
+    assert spooled_csv([rows], max_columns=3) == reference_csv([rows])
+    with pytest.raises(formats.CsvTooWide):
+        spooled_csv([rows], max_columns=2)
 
 
 @pytest.mark.skipif(not REAL_FILES, reason=f"no real data at {REALDATA}")
@@ -181,8 +210,10 @@ def test_a_fifteen_mb_cell_is_quoted_in_bounded_calls(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(formats, "_csv_text", counting)
     out = writer_csv([rows])
+    spooled = spooled_csv([rows])
     monkeypatch.undo()
     assert out == reference_csv([rows])
+    assert spooled == out
     assert len(sizes) > 15
     assert max(sizes) <= formats.PIECE_CHARS + 100
 
