@@ -10,7 +10,7 @@ process (:meth:`ExportService.start`) claims with a lease, streams from a server
 and finishes. Chunks are converted and encoded in a worker thread while the next chunk is read
 (:func:`_in_threads`), in C calls that each cover a bounded amount of text, so export encoding never
 holds the event loop for long. A csv export without chosen columns reads the database once: pass 1
-collects the columns and keeps the rows in a :class:`CsvSpool`, pass 2 encodes from it. A worker that
+flattens the rows into a :class:`CsvSpool`, collecting the columns; pass 2 writes the records from it. A worker that
 dies stops renewing its lease; once the lease expires, another worker claims the export and starts it again.
 """
 
