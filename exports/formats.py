@@ -21,7 +21,9 @@ that order; json and ndjson then add ``labels``, the job's labels as an object (
 ``csv`` (``text/csv; charset=utf-8``, RFC 4180)
     Written by Python's :mod:`csv` module (``excel`` dialect): fields separated by ``,``, quoted
     with ``"`` only when they hold ``,``, ``"``, CR or LF (inner ``"`` doubled), records ending in
-    CRLF; UTF-8 without a byte order mark. Header: ``job_id``, ``status``, ``created_at``, then the
+    CRLF; UTF-8 without a byte order mark. A record of a large row is handed to :mod:`csv` in pieces
+    of at most :data:`PIECE_CHARS` characters (:func:`_csv_bytes`); the bytes are the same.
+    Header: ``job_id``, ``status``, ``created_at``, then the
     result columns sorted by code point (:class:`CsvColumns`). A result column is the path of a
     value in the result:
 
@@ -69,7 +71,8 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -267,14 +270,27 @@ class NdjsonWriter:
         return b""
 
 
-def _collect_paths(obj: dict[str, Any], prefix: str, out: set[str]) -> None:
+def _path_entry(parent: str | None, key: str) -> list[Any]:
+    """A new node of a path tree: ``[path, mark, children]`` for ``key`` under the path ``parent``."""
+    if "." in key or "\\" in key:
+        key = _escape_key(key)
+    return [key if parent is None else parent + "." + key, None, {}]
+
+
+def _collect(obj: dict[str, Any], node: dict[str, list[Any]], parent: str | None, seen: set[str]) -> None:
+    """Add the result columns of a non-empty object to ``seen``; ``node`` caches each key's path.
+
+    A node's mark is True once its path was added, so a path seen before costs one dict lookup.
+    """
     for key, value in obj.items():
-        if "." in key or "\\" in key:
-            key = _escape_key(key)
+        entry = node.get(key)
+        if entry is None:
+            entry = node[key] = _path_entry(parent, key)
         if type(value) is dict and value:
-            _collect_paths(value, prefix + key + ".", out)
-        else:
-            out.add(prefix + key)
+            _collect(value, entry[2], entry[0], seen)
+        elif entry[1] is None:
+            entry[1] = True
+            seen.add(entry[0])
 
 
 class CsvColumns:
@@ -287,6 +303,7 @@ class CsvColumns:
     def __init__(self, max_columns: int = DEFAULT_MAX_COLUMNS) -> None:
         self._decoder = _decoder()
         self._seen: set[str] = set()
+        self._tree: dict[str, list[Any]] = {}
         self._max_columns = max_columns
 
     def add(self, rows: Sequence[ExportRow]) -> None:
@@ -296,12 +313,23 @@ class CsvColumns:
             msgspec.DecodeError: a stored result is not JSON.
             CsvTooWide: the columns seen so far pass ``max_columns``.
         """
+        self.add_results([row.result for row in rows])
+
+    def add_results(self, results: Iterable[bytes | str]) -> None:
+        """Add the result columns of stored results (JSON text, as bytes or str).
+
+        Raises:
+            msgspec.DecodeError: a stored result is not JSON.
+            CsvTooWide: the columns seen so far pass ``max_columns``.
+        """
         decode = self._decoder.decode
-        seen = self._seen
-        for row in rows:
-            value = decode(row.result)
+        seen, tree = self._seen, self._tree
+        for result in results:
+            # A long str is decoded several times faster as bytes (15 MB: 7 against 30 ms or more,
+            # in one call holding the GIL); the encode is a copy for ASCII text.
+            value = decode(result.encode("utf-8") if type(result) is str and len(result) > 65536 else result)
             if type(value) is dict and value:
-                _collect_paths(value, "", seen)
+                _collect(value, tree, None, seen)
             else:
                 seen.add(ROOT_COLUMN)
             if len(seen) > self._max_columns:
@@ -319,6 +347,245 @@ def csv_columns_of(rows: Sequence[ExportRow]) -> list[str]:
     return collector.columns()
 
 
+LARGE_ROW_BYTES = 1 << 20
+"""A row whose stored result has at least this many bytes is quoted in pieces (:func:`_csv_bytes`)."""
+PIECE_CHARS = 1 << 18
+"""Most characters the :mod:`csv` module quotes in one call for a large row, and most bytes of stored
+results whose rows are quoted in one ``writerows`` call: each call holds the GIL for a bounded time."""
+
+
+def _csv_text(records: Sequence[Sequence[Any]]) -> str:
+    """``records`` as RFC 4180 text by :mod:`csv` (``excel`` dialect), each ending in CRLF."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(records)
+    return buffer.getvalue()
+
+
+def _csv_fields(fields: list[Any]) -> str:
+    """Several consecutive fields of one record as :mod:`csv` writes them within the record."""
+    if len(fields) == 1 and fields[0] == "":
+        return ""  # csv writes a record of one empty field as '""'; inside a record it is empty
+    return _csv_text([fields])[:-2]
+
+
+def _csv_large_field(text: str, out: list[bytes]) -> None:
+    """Append the UTF-8 bytes of one long field, as :mod:`csv` writes it, to ``out`` in pieces.
+
+    The :mod:`csv` module quotes a field when any of its characters needs it and doubles each ``"``
+    in it, character by character, so quoting the field's slices one by one gives the same text:
+    the field is quoted if a slice was, and each slice contributes its text without the quotes.
+    Between slices the GIL is offered to other threads (``time.sleep(0)``).
+    """
+    pieces: list[str] = []
+    quoted = False
+    for start in range(0, len(text), PIECE_CHARS):
+        piece = _csv_text([[text[start : start + PIECE_CHARS]]])[:-2]
+        if piece[:1] == '"':
+            quoted = True
+            piece = piece[1:-1]
+        pieces.append(piece)
+        time.sleep(0)
+    if quoted:
+        out.append(b'"')
+    for piece in pieces:
+        out.append(piece.encode("utf-8"))
+        time.sleep(0)
+    if quoted:
+        out.append(b'"')
+
+
+def _csv_large_record(record: Sequence[Any], out: list[bytes]) -> None:
+    """Append one record with long fields to ``out``, in pieces of at most :data:`PIECE_CHARS`."""
+    group: list[Any] = []
+    size = 0
+    first = True
+
+    def flush() -> None:
+        nonlocal first, size
+        if not first:
+            out.append(b",")
+        out.append(_csv_fields(group).encode("utf-8"))
+        first = False
+        group.clear()
+        size = 0
+        time.sleep(0)
+
+    for field in record:
+        length = len(field) if type(field) is str else 0
+        if length > PIECE_CHARS:
+            if group:
+                flush()
+            if not first:
+                out.append(b",")
+            _csv_large_field(field, out)
+            first = False
+            continue
+        if group and size + length > PIECE_CHARS:
+            flush()
+        group.append(field)
+        size += length
+    if group:
+        flush()
+    out.append(b"\r\n")
+
+
+def _csv_bytes(records: Sequence[Sequence[Any]], weights: Sequence[int]) -> bytes:
+    """UTF-8 bytes of ``records`` as the :mod:`csv` module (``excel`` dialect) writes them.
+
+    ``weights[i]`` bounds the characters of ``records[i]`` (the length of its stored result). Rows
+    are quoted by ``writerows`` in batches of at most :data:`PIECE_CHARS` of weight; a row weighing
+    :data:`LARGE_ROW_BYTES` or more is quoted field by field and long fields slice by slice
+    (:func:`_csv_large_record`), so no single call holds the GIL for long (a 15 MB cell took about
+    140 ms in one ``writerows``) and the bytes are those of one ``writerows`` call.
+    """
+    out: list[bytes] = []
+    start = 0
+    batch = 0
+    for i, weight in enumerate(weights):
+        if weight >= LARGE_ROW_BYTES:
+            if start < i:
+                out.append(_csv_text(records[start:i]).encode("utf-8"))
+            _csv_large_record(records[i], out)
+            start, batch = i + 1, 0
+            continue
+        batch += weight
+        if batch >= PIECE_CHARS:
+            out.append(_csv_text(records[start : i + 1]).encode("utf-8"))
+            start, batch = i + 1, 0
+    if start < len(records):
+        out.append(_csv_text(records[start:]).encode("utf-8"))
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _fill(
+    obj: dict[str, Any],
+    node: dict[str, list[Any]],
+    parent: str | None,
+    record: list[Any],
+    index: dict[str, int],
+) -> None:
+    """Put the cells of a non-empty object into ``record`` at their columns' positions.
+
+    ``node`` caches each key's ``[path, position, children]`` (position None: not a column, which
+    makes the assignment raise ``TypeError``). Integers stay ``int``: :mod:`csv` writes ``str(n)``.
+    """
+    for key, value in obj.items():
+        entry = node.get(key)
+        if entry is None:
+            entry = node[key] = _path_entry(parent, key)
+            entry[1] = index.get(entry[0])
+        kind = type(value)
+        # The common kinds inline, in order of frequency; the rest as in _cell.
+        if kind is str:
+            record[entry[1]] = "'" + value if value and value[0] in FORMULA_STARTS else value
+        elif kind is dict:
+            if value:
+                _fill(value, entry[2], entry[0], record, index)
+            else:
+                record[entry[1]] = "{}"
+        elif kind is int:
+            record[entry[1]] = value
+        else:
+            record[entry[1]] = _cell(value, _ENCODE)
+
+
+def _flat(
+    obj: dict[str, Any],
+    node: dict[str, list[Any]],
+    parent: str | None,
+    ids: list[int],
+    cells: list[Any],
+    paths: list[str],
+) -> None:
+    """Append the column ids and cells of a non-empty object, in document order.
+
+    ``node`` caches each key's ``[path, column id or None, children]``; a new leaf path gets the next id
+    (its index in ``paths``). Integers become their text here (the spool's msgpack holds 64 bits at most).
+    """
+    for key, value in obj.items():
+        entry = node.get(key)
+        if entry is None:
+            entry = node[key] = _path_entry(parent, key)
+        kind = type(value)
+        if kind is dict and value:
+            _flat(value, entry[2], entry[0], ids, cells, paths)
+            continue
+        column = entry[1]
+        if column is None:
+            column = entry[1] = len(paths)
+            paths.append(entry[0])
+        ids.append(column)
+        if kind is str:
+            cells.append("'" + value if value and value[0] in FORMULA_STARTS else value)
+        elif kind is int:
+            cells.append(str(value))
+        elif kind is dict:
+            cells.append("{}")
+        else:
+            cells.append(_cell(value, _ENCODE))
+
+
+class CsvFlattener:
+    """Pass 1 of a full CSV range export that keeps each row's cells for pass 2.
+
+    :meth:`flatten` gives a row's column ids and cell texts (ids number the columns in the order they
+    were first seen); after the last row, :meth:`columns` gives the header's result columns and
+    :meth:`positions` each id's place in a record, for :meth:`CsvWriter.encode_flat`. Cells follow
+    the module's rules exactly as :class:`CsvWriter` writes them. ``max_columns`` as in :class:`CsvColumns`.
+    """
+
+    def __init__(self, max_columns: int = DEFAULT_MAX_COLUMNS) -> None:
+        self._decode = _decoder().decode
+        self._tree: dict[str, list[Any]] = {}
+        self._paths: list[str] = []
+        self._max_columns = max_columns
+
+    def flatten(self, result: bytes | str) -> tuple[list[int], list[Any]]:
+        """``(column ids, cells)`` of one stored result (JSON text).
+
+        Raises:
+            msgspec.DecodeError: the result is not JSON.
+            CsvTooWide: the columns seen so far pass ``max_columns``.
+        """
+        value = self._decode(result.encode("utf-8") if type(result) is str and len(result) > 65536 else result)
+        ids: list[int] = []
+        cells: list[Any] = []
+        if type(value) is dict and value:
+            _flat(value, self._tree, None, ids, cells, self._paths)
+        else:
+            # The root's column is the top-level key "result"'s column too.
+            entry = self._tree.get(ROOT_COLUMN)
+            if entry is None:
+                entry = self._tree[ROOT_COLUMN] = _path_entry(None, ROOT_COLUMN)
+            if entry[1] is None:
+                entry[1] = len(self._paths)
+                self._paths.append(ROOT_COLUMN)
+            ids.append(entry[1])
+            cells.append(_cell(value, _ENCODE))
+        if len(self._paths) > self._max_columns:
+            raise CsvTooWide(self._max_columns)
+        return ids, cells
+
+    def columns(self) -> list[str]:
+        """The result columns seen so far, sorted by code point (the fixed three not included)."""
+        return sorted(self._paths)
+
+    def positions(self) -> list[int]:
+        """Column id -> position in a record (the three fixed columns first), for :meth:`columns`."""
+        rank = {path: position for position, path in enumerate(sorted(self._paths), start=3)}
+        return [rank[path] for path in self._paths]
+
+
+def _paths_of(value: Any) -> set[str]:
+    """The result columns of one decoded result."""
+    seen: set[str] = set()
+    if type(value) is dict and value:
+        _collect(value, {}, None, seen)
+    else:
+        seen.add(ROOT_COLUMN)
+    return seen
+
+
 class CsvWriter:
     """``csv``: RFC 4180 with a header row; see the module docstring for columns and cells."""
 
@@ -330,9 +597,12 @@ class CsvWriter:
             raise ValueError("a CSV range export needs csv_columns (collect them first with CsvColumns)")
         self._guard = _SingleGuard(single)
         self._decoder = _decoder()
-        self._encoder = msgspec.json.Encoder()
         self._columns: list[str] | None = None
-        self._column_set: frozenset[str] = frozenset()
+        self._index: dict[str, int] = {}
+        self._copies: list[tuple[int, int]] = []
+        self._tree: dict[str, list[Any]] = {}
+        self._blank: list[Any] = []
+        self._root = 0
         self._max_columns = max_columns
         if columns is not None:
             self._set_columns(columns)
@@ -344,7 +614,18 @@ class CsvWriter:
             # full header list, not result columns.
             names = names[3:]
         self._columns = names
-        self._column_set = frozenset(names)
+        # Record positions: the three fixed columns first. A repeated name keeps its last position
+        # (the rows then leave the others empty).
+        self._index = {name: position for position, name in enumerate(names, start=3)}
+        # A name given twice gets the same cell at each of its positions.
+        self._copies = [
+            (self._index[name], position)
+            for position, name in enumerate(names, start=3)
+            if self._index[name] != position
+        ]
+        self._tree = {}
+        self._blank = [""] * (3 + len(names))
+        self._root = self._index.get(ROOT_COLUMN, -1)
 
     def _header(self) -> list[str]:
         assert self._columns is not None
@@ -354,7 +635,7 @@ class CsvWriter:
         """The header line; for a single job without given columns, it comes with the row instead."""
         if self._columns is None:
             return b""
-        return self._lines([self._header()])
+        return _csv_text([self._header()]).encode("utf-8")
 
     def encode(self, rows: Sequence[ExportRow]) -> bytes:
         """One CSV record per row.
@@ -368,26 +649,66 @@ class CsvWriter:
         if not rows:
             return b""
         self._guard.take(len(rows))
-        records: list[list[str]] = []
-        flatten = self._flatten
+        records: list[Sequence[Any]] = []
+        weights: list[int] = []
+        decode = self._decoder.decode
         if self._columns is None:
-            cells = flatten(rows[0].result)
+            cells = _paths_of(decode(rows[0].result))
             if len(cells) > self._max_columns:
                 raise CsvTooWide(self._max_columns)
             self._set_columns(sorted(cells))
             records.append(self._header())
-        columns = self._columns
-        column_set = self._column_set
-        assert columns is not None
+            weights.append(0)
+        blank, tree, index, root, copies = self._blank, self._tree, self._index, self._root, self._copies
         for row in rows:
-            cells = flatten(row.result)
-            if not column_set.issuperset(cells):
-                unknown = sorted(set(cells) - column_set)
-                raise ValueError(f"job {row.job_id!r} has result columns not in csv_columns: {unknown[:5]}")
-            record = [_neutralise(row.job_id), _neutralise(row.status), row.created_at]
-            record.extend([cells.get(column, "") for column in columns])
+            value = decode(row.result)
+            record = blank.copy()
+            job_id, status = row.job_id, row.status
+            record[0] = "'" + job_id if job_id and job_id[0] in FORMULA_STARTS else job_id
+            record[1] = "'" + status if status and status[0] in FORMULA_STARTS else status
+            record[2] = row.created_at
+            try:
+                if type(value) is dict and value:
+                    _fill(value, tree, None, record, index)
+                elif root >= 0:
+                    record[root] = _cell(value, _ENCODE)
+                else:
+                    raise TypeError(ROOT_COLUMN)
+            except TypeError:
+                unknown = sorted(_paths_of(value) - index.keys())
+                if not unknown:
+                    raise
+                raise ValueError(f"job {row.job_id!r} has result columns not in csv_columns: {unknown[:5]}") from None
+            for source, target in copies:
+                record[target] = record[source]
             records.append(record)
-        return self._lines(records)
+            weights.append(len(row.result))
+        return _csv_bytes(records, weights)
+
+    def encode_flat(self, rows: Sequence[Sequence[Any]], positions: Sequence[int]) -> bytes:
+        """One CSV record per row flattened by :class:`CsvFlattener` (a range export's pass 2).
+
+        ``rows``: ``(job_id, status, created_at, column ids, cells, weight)`` each, ``weight`` the length
+        of the stored result; ``positions``: :meth:`CsvFlattener.positions`, for the columns this
+        writer was made with (:meth:`CsvFlattener.columns`).
+        """
+        if not rows:
+            return b""
+        self._guard.take(len(rows))
+        blank = self._blank
+        records: list[list[Any]] = []
+        weights: list[int] = []
+        place = positions.__getitem__
+        for job_id, status, created_at, ids, cells, weight in rows:
+            record = blank.copy()
+            record[0] = "'" + job_id if job_id and job_id[0] in FORMULA_STARTS else job_id
+            record[1] = "'" + status if status and status[0] in FORMULA_STARTS else status
+            record[2] = created_at
+            for position, cell in zip(map(place, ids), cells, strict=True):
+                record[position] = cell
+            records.append(record)
+            weights.append(weight)
+        return _csv_bytes(records, weights)
 
     def end(self) -> bytes:
         """Nothing.
@@ -397,42 +718,6 @@ class CsvWriter:
         """
         self._guard.finish()
         return b""
-
-    @staticmethod
-    def _lines(records: list[list[str]]) -> bytes:
-        buffer = io.StringIO()
-        csv.writer(buffer).writerows(records)
-        return buffer.getvalue().encode("utf-8")
-
-    def _flatten(self, raw: bytes) -> dict[str, str]:
-        """Result column -> cell text of one stored result."""
-        value = self._decoder.decode(raw)
-        out: dict[str, str] = {}
-        if type(value) is dict and value:
-            _flatten_object(value, "", out, self._encoder.encode)
-        else:
-            out[ROOT_COLUMN] = _cell(value, self._encoder.encode)
-        return out
-
-
-def _flatten_object(obj: dict[str, Any], prefix: str, out: dict[str, str], encode: Callable[[Any], bytes]) -> None:
-    """Add the cells of a non-empty object at ``prefix`` to ``out`` (nesting is at most 64 deep)."""
-    for key, value in obj.items():
-        if "." in key or "\\" in key:
-            key = _escape_key(key)
-        kind = type(value)
-        # The common kinds inline, in order of frequency; the rest as in _cell.
-        if kind is str:
-            out[prefix + key] = "'" + value if value and value[0] in FORMULA_STARTS else value
-        elif kind is dict:
-            if value:
-                _flatten_object(value, prefix + key + ".", out, encode)
-            else:
-                out[prefix + key] = "{}"
-        elif kind is int:
-            out[prefix + key] = str(value)
-        else:
-            out[prefix + key] = _cell(value, encode)
 
 
 def _cell(value: Any, encode: Callable[[Any], bytes]) -> str:
@@ -674,7 +959,7 @@ class ChosenCsvWriter:
 
     def begin(self) -> bytes:
         """The header line."""
-        return CsvWriter._lines([[*FIXED_COLUMNS, *map(_neutralise, self._columns.columns)]])
+        return _csv_text([[*FIXED_COLUMNS, *map(_neutralise, self._columns.columns)]]).encode("utf-8")
 
     def _cells(self, raw: bytes) -> dict[tuple[str, ...], str]:
         out: dict[tuple[str, ...], str] = {}
@@ -707,7 +992,7 @@ class ChosenCsvWriter:
                 else:
                     record.append(cells.get(path, ""))
             records.append(record)
-        return CsvWriter._lines(records)
+        return _csv_bytes(records, [len(row.result) for row in rows])
 
     def end(self) -> bytes:
         """Nothing.

@@ -8,23 +8,29 @@ The unit is retried from BEGIN on transient errors (see :mod:`repositories.datab
 
 Range export: a row in ``exports`` (state ``queued``) that the background worker of some service
 process (:meth:`ExportService.start`) claims with a lease, streams from a server-side cursor in chunks,
-and finishes. Chunks are converted, encoded and written in a worker thread, so the event loop is never
-held by export work for longer than the interpreter's GIL switch interval (5 ms). A worker that dies stops renewing its
-lease; once the lease expires, another worker claims the export and starts it again.
+and finishes. Chunks are converted and encoded in a worker thread while the next chunk is read
+(:func:`_in_threads`), in C calls that each cover a bounded amount of text, so export encoding never
+holds the event loop for long. A csv export without chosen columns reads the database once: pass 1
+flattens the rows into a :class:`CsvSpool`, collecting the columns; pass 2 writes the records from it. A worker that
+dies stops renewing its lease; once the lease expires, another worker claims the export and starts it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import secrets
 import socket
+import struct
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import msgspec
 import pymysql
@@ -33,7 +39,7 @@ import structlog
 from config.settings import Settings
 from exports.columns import ColumnSelection, parse_columns
 from exports.files import StorageFull, temp_files
-from exports.formats import CsvColumns, CsvTooWide, ExportRow, FormatWriter, make_writer
+from exports.formats import CsvFlattener, CsvTooWide, CsvWriter, ExportRow, FormatWriter, make_writer
 from exports.store import ExportStore, ExportWriter, StoreError, download_name, open_store
 from observability.metrics import EXPORT_BYTES, EXPORT_DELETIONS, EXPORT_DURATION, EXPORT_ROWS, EXPORTS
 from repositories.database import CommitOutcomeUnknown, Connection, Database, DatabaseUnavailable
@@ -58,6 +64,8 @@ from service.schemas import format_timestamp
 from service.webhook_events import emitting, export_event
 
 log = structlog.get_logger("jobresults.exports")
+T = TypeVar("T")
+R = TypeVar("R")
 
 STORAGE_FULL_MESSAGE = "not enough storage for the export file"
 INTERNAL_ERROR_MESSAGE = "the export failed because of an internal error"
@@ -160,8 +168,93 @@ def _encode_chunk(writer: FormatWriter, chunk: Sequence[tuple[Any, ...]]) -> tup
     return len(rows), writer.encode(rows)
 
 
-def _collect_columns(columns: CsvColumns, chunk: Sequence[tuple[Any, ...]]) -> None:
-    columns.add([_export_row(*row) for row in chunk])
+_FRAME = struct.Struct("<Q")
+_SPOOL_ENCODE = msgspec.msgpack.Encoder().encode
+_SPOOL_DECODE = msgspec.msgpack.Decoder(list[tuple[Any, ...]]).decode
+
+
+class CsvSpool:
+    """Pass 1 of a full CSV range export: flattens the rows it reads, collecting the columns, and keeps them.
+
+    Each chunk's rows, flattened by a :class:`CsvFlattener` to ``(job_id, status, created_at, column
+    ids, cells, weight)``, are appended to an anonymous temporary file (``tempfile.TemporaryFile``: it
+    has no name and vanishes when closed or when the process dies) as one length-prefixed msgpack
+    frame, so pass 2 reads them back chunk by chunk, neither reading the database nor decoding the
+    documents a second time. The file is in ``directory`` (the local exports directory) or the
+    system's temporary directory; it holds about as many bytes as the CSV. :meth:`close` it.
+    """
+
+    def __init__(self, flattener: CsvFlattener, directory: str | None) -> None:
+        self.flattener = flattener
+        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - closed by close()
+
+    def close(self) -> None:
+        """Close (and so remove) the file."""
+        self._file.close()
+
+    def add(self, chunk: Sequence[tuple[Any, ...]]) -> None:
+        """Flatten one chunk of :meth:`JobResultStream.chunks` rows and append it to the file (blocking).
+
+        Raises:
+            StorageFull: the disk is full.
+            CsvTooWide: see :meth:`CsvFlattener.flatten`.
+            msgspec.DecodeError: a stored result is not JSON.
+        """
+        flatten = self.flattener.flatten
+        rows = []
+        for meta, result, *_ in chunk:
+            job_id, status, created_at = (meta.decode("ascii") if isinstance(meta, bytes) else meta).split(" ")
+            rows.append((job_id, status, created_at, *flatten(result), len(result)))
+        frame = _SPOOL_ENCODE(rows)
+        try:
+            self._file.write(_FRAME.pack(len(frame)))
+            self._file.write(frame)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StorageFull(STORAGE_FULL_MESSAGE) from exc
+            raise
+
+    def rewind(self) -> None:
+        """Flush and go back to the first chunk (blocking)."""
+        self._file.flush()
+        self._file.seek(0)
+
+    def next_chunk(self) -> list[tuple[Any, ...]] | None:
+        """The next chunk as :meth:`add` got it, or None after the last one (blocking)."""
+        head = self._file.read(_FRAME.size)
+        if not head:
+            return None
+        return _SPOOL_DECODE(self._file.read(_FRAME.unpack(head)[0]))
+
+
+async def _in_threads(chunks: AsyncIterator[T], work: Callable[[T], R]) -> AsyncGenerator[R, None]:
+    """``work(chunk)`` for each chunk, in order, each in a worker thread while the next chunk is read.
+
+    The database produces the next rows while this process converts the last ones, so waiting for
+    the server overlaps with our own work; at most two chunks are held. One ``work`` runs at a time
+    (writers keep state across chunks). Closing the generator waits for a running ``work`` to end.
+    """
+    pending: asyncio.Future[R] | None = None
+    try:
+        async for chunk in chunks:
+            previous = pending
+            if previous is not None:
+                # Shielded: a cancelled wait leaves the future running, and `finally` waits for it.
+                result = await asyncio.shield(previous)
+            pending = asyncio.ensure_future(asyncio.to_thread(work, chunk))
+            if previous is not None:
+                yield result
+        if pending is not None:
+            yield await asyncio.shield(pending)
+    finally:
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])
+
+
+def _encode_spooled(writer: CsvWriter, spool: CsvSpool, positions: list[int]) -> tuple[int, bytes] | None:
+    """Read one chunk back from the spool and encode it (blocking): ``(rows, bytes)``, None at the end."""
+    chunk = spool.next_chunk()
+    return None if chunk is None else (len(chunk), writer.encode_flat(chunk, positions))
 
 
 def _encode_single(
@@ -505,6 +598,7 @@ class ExportService:
         filters = filter_of(params)
         chunk_rows, chunk_bytes = self.settings.export_chunk_rows, self.settings.export_chunk_bytes
         file: ExportWriter | None = None
+        spool: CsvSpool | None = None
         rows_written = 0
         conn: Connection = await self.db.acquire()
         try:
@@ -517,15 +611,20 @@ class ExportService:
             chosen = parse_columns(params.columns) if params.columns is not None else None
             renew_at = asyncio.get_running_loop().time() + self._renew_every
             if export.format == "csv" and chosen is None:
-                # Pass 1 (same snapshot): the union of the result columns, for the header row. Chosen
-                # columns are the header already, so the rows are read once.
-                collector = CsvColumns(self.settings.csv_max_columns)
-                async for chunk in stream.chunks(
+                # Pass 1: the union of the result columns, for the header row; the rows are kept in
+                # a spool file, so the database is read once. Chosen columns are the header already.
+                spool = CsvSpool(
+                    CsvFlattener(self.settings.csv_max_columns),
+                    str(self.directory) if self.store.kind == "local" else None,
+                )
+                chunks = stream.chunks(
                     params.created_from, params.created_to, None, chunk_rows, chunk_bytes, filters, now=now
-                ):
-                    await asyncio.to_thread(_collect_columns, collector, chunk)
-                    renew_at = await self._renew_if_due(export, 0, renew_at)
-                columns = collector.columns()
+                )
+                async with contextlib.aclosing(_in_threads(chunks, spool.add)) as added:
+                    async for _ in added:
+                        renew_at = await self._renew_if_due(export, 0, renew_at)
+                await asyncio.to_thread(spool.rewind)
+                columns = spool.flattener.columns()
             writer = make_writer(
                 export.format,  # type: ignore[arg-type]
                 single=False,
@@ -536,16 +635,20 @@ class ExportService:
                 export.export_id, max(export.attempts, 1), writer.extension, export.compression, self.owner
             )
             await file.write(writer.begin())
-            async for chunk in stream.chunks(
-                params.created_from, params.created_to, None, chunk_rows, chunk_bytes, filters, now=now
-            ):
-                count, data = await asyncio.to_thread(_encode_chunk, writer, chunk)
-                await file.write(data)
-                _check_size(file, self.settings.export_max_bytes)
-                rows_written += count
-                if progress is not None:
-                    progress(rows_written)
-                renew_at = await self._renew_if_due(export, rows_written, renew_at)
+            if spool is not None:
+                assert isinstance(writer, CsvWriter)
+                positions = spool.flattener.positions()
+                while (encoded := await asyncio.to_thread(_encode_spooled, writer, spool, positions)) is not None:
+                    rows_written = await self._written(export, file, encoded, rows_written, progress)
+                    renew_at = await self._renew_if_due(export, rows_written, renew_at)
+            else:
+                chunks = stream.chunks(
+                    params.created_from, params.created_to, None, chunk_rows, chunk_bytes, filters, now=now
+                )
+                async with contextlib.aclosing(_in_threads(chunks, partial(_encode_chunk, writer))) as encoded_chunks:
+                    async for encoded in encoded_chunks:
+                        rows_written = await self._written(export, file, encoded, rows_written, progress)
+                        renew_at = await self._renew_if_due(export, rows_written, renew_at)
             await file.write(writer.end())
             await conn.commit()
         except BaseException:
@@ -555,8 +658,27 @@ class ExportService:
             raise
         finally:
             self.db.release(conn)
+            if spool is not None:
+                spool.close()
         size = await self._finish(export, file, writer.extension, rows_written)
         return rows_written, size
+
+    async def _written(
+        self,
+        export: Export,
+        file: ExportWriter,
+        encoded: tuple[int, bytes],
+        rows_written: int,
+        progress: Callable[[int], None] | None,
+    ) -> int:
+        """Write one encoded chunk and check the size limit; returns the rows written so far."""
+        count, data = encoded
+        await file.write(data)
+        _check_size(file, self.settings.export_max_bytes)
+        rows_written += count
+        if progress is not None:
+            progress(rows_written)
+        return rows_written
 
     async def _renew_if_due(self, export: Export, rows_written: int, renew_at: float) -> float:
         now = asyncio.get_running_loop().time()
