@@ -15,6 +15,7 @@ import structlog
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
+from litestar.enums import MediaType
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
@@ -250,9 +251,16 @@ def _visible_to(request: Request[Any, Any, Any]) -> str | None:
     return None
 
 
+def _not_found(export_id: str) -> ApiError:
+    """404 ``export-not-found``; the id is echoed only when it has the form of one (no arbitrary input)."""
+    if EXPORT_ID.fullmatch(export_id):
+        return ApiError(404, f"no export with id {export_id!r}", slug="export-not-found")
+    return ApiError(404, "no such export: export ids are 32 lowercase hexadecimal characters", slug="export-not-found")
+
+
 async def _get_export(db: Database, export_id: str, request: Request[Any, Any, Any]) -> Export:
     """The export, or 404 if it does not exist or (visibility ``own``) another key requested it."""
-    not_found = ApiError(404, f"no export with id {export_id!r}", slug="export-not-found")
+    not_found = _not_found(export_id)
     if not EXPORT_ID.fullmatch(export_id):
         raise not_found
     try:
@@ -268,7 +276,7 @@ async def _get_export(db: Database, export_id: str, request: Request[Any, Any, A
 async def _delete_or_cancel(
     request: Request[Any, Any, Any], exports: ExportService, export_id: str, *, cancel_only: bool
 ) -> Export:
-    not_found = ApiError(404, f"no export with id {export_id!r}", slug="export-not-found")
+    not_found = _not_found(export_id)
     if not EXPORT_ID.fullmatch(export_id):
         raise not_found
     try:
@@ -691,7 +699,10 @@ class ExportController(Controller):
                 raise _store_failed(exc) from None
             # The URL is a bearer secret: it goes in Location only, never into a log line.
             redirect: Response[bytes] = Response(
-                content=b"", status_code=302, headers={"Location": url, "ETag": etag, "Cache-Control": "no-store"}
+                content=b"",
+                status_code=302,
+                headers={"Location": url, "ETag": etag, "Cache-Control": "no-store"},
+                media_type=MediaType.TEXT,  # an empty body, not JSON
             )
             return redirect
         try:

@@ -348,6 +348,20 @@ async def test_unknown_export_is_404(client: Client) -> None:
         assert response.headers["content-type"] == "application/problem+json"
 
 
+async def test_a_404_echoes_only_ids_of_the_export_id_form(client: Client) -> None:
+    """An export id of the right form is named; any other input is not echoed back (size, markup)."""
+    well_formed = "0" * 32
+    assert well_formed in (await client.get(f"/v1/exports/{well_formed}")).json()["detail"]
+    hostile = "x" * 4000 + "<script>"
+    for method, path in (("GET", f"/v1/exports/{hostile}"), ("DELETE", f"/v1/exports/{hostile}")):
+        response = await client.request(method, path)
+        assert response.status_code == 404
+        detail = response.json()["detail"]
+        assert "xxxx" not in detail
+        assert "<script>" not in detail
+        assert "32 lowercase hexadecimal characters" in detail
+
+
 async def test_content_is_409_until_finished(client: Client) -> None:
     """The session app runs no export worker: a range export stays queued."""
     response = await client.post(

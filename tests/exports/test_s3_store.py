@@ -267,6 +267,8 @@ async def test_redirect_mode_answers_a_presigned_url_for_the_public_endpoint(
     async for client in started(create_app(settings), token):
         response = await client.get(record["content_url"], follow_redirects=False)
         assert response.status_code == 302, response.text
+        assert not response.content
+        assert response.headers["content-type"].startswith("text/plain")  # an empty body, not JSON
         location = response.headers["location"]
         assert location.startswith(f"{public}/{BUCKET}/{PREFIX}{record['export_id']}/1.json?")
         assert "X-Amz-Expires=90" in location
