@@ -73,14 +73,13 @@ import csv
 import io
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import msgspec
 
 from exports.columns import ColumnSelection, PathNode, raw_members
+from repositories.domain import FORMATS, Format
 
-Format = Literal["json", "ndjson", "csv"]
-FORMATS: tuple[Format, ...] = ("json", "ndjson", "csv")
 """Export formats accepted by :func:`make_writer`."""
 FIXED_COLUMNS: tuple[str, str, str] = ("job_id", "status", "created_at")
 """The first three CSV columns, in this order, before the result columns."""

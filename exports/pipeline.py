@@ -43,25 +43,18 @@ from exports.formats import CsvFlattener, CsvTooWide, CsvWriter, ExportRow, Form
 from exports.store import ExportStore, ExportWriter, StoreError, download_name, open_store
 from observability.metrics import EXPORT_BYTES, EXPORT_DELETIONS, EXPORT_DURATION, EXPORT_ROWS, EXPORTS
 from repositories.database import CommitOutcomeUnknown, Connection, Database, DatabaseUnavailable
-from repositories.exports import (
+from repositories.domain import (
     FINISHED_STATES,
     PENDING_STATES,
-    Export,
-    ExportNotFound,
-    ExportParameters,
-    ExportRepository,
-    filter_of,
-    lock_job_shared,
-)
-from repositories.job_results import (
+    Compression,
+    Format,
     JobResultNotFound,
-    JobResultRepository,
-    JobResultRow,
-    JobResultStream,
+    format_timestamp,
     utcnow,
 )
-from service.schemas import format_timestamp
-from service.webhook_events import emitting, export_event
+from repositories.exports import Export, ExportNotFound, ExportParameters, ExportRepository, filter_of, lock_job_shared
+from repositories.job_results import JobResultRepository, JobResultRow, JobResultStream
+from repositories.webhook_events import emitting, export_event
 
 log = structlog.get_logger("jobresults.exports")
 T = TypeVar("T")
@@ -258,7 +251,7 @@ def _encode_spooled(writer: CsvWriter, spool: CsvSpool, positions: list[int]) ->
 
 
 def _encode_single(
-    fmt: str, row: ExportRow, max_columns: int, columns: ColumnSelection | None = None
+    fmt: Format, row: ExportRow, max_columns: int, columns: ColumnSelection | None = None
 ) -> tuple[str, bytes]:
     """The whole file of a single-job export (blocking): ``(extension, bytes)``.
 
@@ -266,7 +259,7 @@ def _encode_single(
         CsvTooWide: a CSV of the result would have more than ``max_columns`` result columns (only
             when ``columns`` is None).
     """
-    writer = make_writer(fmt, single=True, max_columns=max_columns, columns=columns)  # type: ignore[arg-type]
+    writer = make_writer(fmt, single=True, max_columns=max_columns, columns=columns)
     return writer.extension, writer.begin() + writer.encode([row]) + writer.end()
 
 
@@ -322,8 +315,8 @@ class ExportService:
     async def export_job(
         self,
         job_id: str,
-        fmt: str,
-        compression: str,
+        fmt: Format,
+        compression: Compression,
         requested_by: str | None,
         columns: ColumnSelection | None = None,
         *,
@@ -411,8 +404,8 @@ class ExportService:
     async def enqueue_range(
         self,
         parameters: ExportParameters,
-        fmt: str,
-        compression: str,
+        fmt: Format,
+        compression: Compression,
         requested_by: str | None,
         *,
         on_recorded: RecordedHook | None = None,
@@ -459,8 +452,8 @@ class ExportService:
     async def run_now(
         self,
         parameters: ExportParameters,
-        fmt: str,
-        compression: str,
+        fmt: Format,
+        compression: Compression,
         requested_by: str | None,
         *,
         progress: Callable[[int], None] | None = None,
@@ -626,7 +619,7 @@ class ExportService:
                 await asyncio.to_thread(spool.rewind)
                 columns = spool.flattener.columns()
             writer = make_writer(
-                export.format,  # type: ignore[arg-type]
+                export.format,
                 single=False,
                 csv_columns=columns,
                 columns=chosen,

@@ -27,12 +27,13 @@ import structlog
 
 from config.settings import Settings
 from observability.metrics import EXPORT_WAIT_POLLS, EXPORT_WAIT_WAKEUPS, EXPORT_WAITERS
+from repositories import domain
 from repositories.database import Connection, Database
 from repositories.exports import ExportRepository
 
 log = structlog.get_logger("jobresults.export_waits")
 
-PENDING_STATES = frozenset({"queued", "running"})
+PENDING_STATES = frozenset(domain.PENDING_STATES)
 """States an export can leave; every other state (succeeded, failed, and any added later) is final."""
 POLL_BATCH = 1000
 """Export ids read by one poll query at most."""

@@ -7,7 +7,7 @@ from datetime import datetime
 import msgspec
 
 from repositories.database import Connection
-from repositories.job_results import utcnow
+from repositories.domain import utcnow
 
 
 class ApiKeyNotFound(Exception):

@@ -13,20 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from repositories.database import Connection
-from repositories.job_results import JobResultNotFound, LabelTerm, ResultFilter, utcnow
-
-ExportState = Literal["queued", "running", "succeeded", "failed", "cancelled", "deleted"]
-"""States as stored. ``expired`` is not stored: a succeeded export past ``expires_at`` reads as expired."""
-PENDING_STATES = ("queued", "running")
-"""States a DELETE (or ``/cancel``) cancels."""
-FINISHED_STATES = ("succeeded", "failed")
-"""States a DELETE deletes (file and all)."""
-ExportKind = Literal["job", "range"]
+from repositories.domain import (
+    Compression,
+    ExportKind,
+    ExportState,
+    Format,
+    JobResultNotFound,
+    StoredExportState,
+    utcnow,
+)
+from repositories.job_results import LabelTerm, ResultFilter
 
 
 class ExportNotFound(Exception):
@@ -90,11 +91,11 @@ class Export(msgspec.Struct, frozen=True):
 
     id: int
     export_id: str
-    kind: str
-    format: str
-    compression: str
+    kind: ExportKind
+    format: Format
+    compression: Compression
     parameters: ExportParameters
-    state: str
+    state: StoredExportState
     rows_written: int
     bytes: int | None
     sha256: str | None
@@ -114,7 +115,7 @@ class Export(msgspec.Struct, frozen=True):
     purge_at: datetime | None = None
     """When the purge next has work on it (see migration 0010); None: nothing to do."""
 
-    def visible_state(self, now: datetime) -> str:
+    def visible_state(self, now: datetime) -> ExportState:
         """The state clients see at ``now`` (naive UTC): ``expired`` for a succeeded export past ``expires_at``.
 
         Computed at read time, so expiry is enforced before the purge has removed anything.
@@ -243,10 +244,10 @@ class ExportRepository:
         *,
         export_id: str,
         kind: ExportKind,
-        format: str,
-        compression: str,
+        format: Format,
+        compression: Compression,
         parameters: ExportParameters,
-        state: ExportState,
+        state: StoredExportState,
         requested_by: str | None,
         rows_written: int = 0,
         bytes: int | None = None,
@@ -373,8 +374,8 @@ class ExportRepository:
         self,
         *,
         export_id: str,
-        format: str,
-        compression: str,
+        format: Format,
+        compression: Compression,
         parameters: ExportParameters,
         requested_by: str | None,
         max_pending: int,

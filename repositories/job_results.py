@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
 import aiomysql
 import msgspec
 import pymysql
 
 from repositories.database import ER_DUP_ENTRY, Connection, SQLText, error_code, escape_text
-
-
-class JobResultNotFound(Exception):
-    """No job result has this job id."""
+from repositories.domain import JobResultNotFound, JobStatus, utcnow
 
 
 class JobResultExists(Exception):
@@ -39,12 +36,17 @@ class JobResultMeta(msgspec.Struct, frozen=True):
 
     id: int
     job_id: str
-    status: str
+    status: JobStatus
     version: int
     created_at: datetime
     updated_at: datetime
     expires_at: datetime | None = None
     pinned: bool = False
+
+
+def etag_of(meta: JobResultMeta) -> str:
+    """Strong entity tag of a stored job result: changes on every write, and on delete + re-create."""
+    return f'"{meta.id:x}.{meta.version}"'
 
 
 class JobResultRow(msgspec.Struct, frozen=True):
@@ -134,11 +136,6 @@ async def read_max_allowed_packet(conn: Connection) -> int:
     return int(row[0])
 
 
-def utcnow() -> datetime:
-    """Current UTC time as a naive ``datetime`` (the form ``DATETIME(6)`` columns hold)."""
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
 _META_COLUMNS = (
     "CONCAT_WS(' ', id, version, status, pinned, created_at, updated_at, "
     "COALESCE(REPLACE(expires_at, ' ', 'T'), '-'), job_id)"
@@ -221,7 +218,7 @@ def _meta(row: tuple[object, ...]) -> JobResultMeta:
     return JobResultMeta(
         id=int(row_id),
         job_id=job_id,
-        status=status,
+        status=cast(JobStatus, status),  # the column is an ENUM of these
         version=int(version),
         created_at=datetime.fromisoformat(f"{created_day} {created_time}"),
         updated_at=datetime.fromisoformat(f"{updated_day} {updated_time}"),
@@ -251,7 +248,7 @@ class NewJobResult(msgspec.Struct, frozen=True):
     """One row for :meth:`JobResultRepository.create_many`: what :meth:`JobResultRepository.create` takes."""
 
     job_id: str
-    status: str
+    status: JobStatus
     result: Document
     labels: Mapping[str, str] | None = None
     expires_at: datetime | None = None
@@ -314,7 +311,7 @@ class JobResultRepository:
     async def create(
         self,
         job_id: str,
-        status: str,
+        status: JobStatus,
         result: Document,
         labels: Mapping[str, str] | None = None,
         *,
@@ -434,7 +431,7 @@ class JobResultRepository:
     async def replace(
         self,
         job_id: str,
-        status: str,
+        status: JobStatus,
         result: Document,
         labels: Mapping[str, str] | None = None,
         *,
@@ -484,7 +481,7 @@ class JobResultRepository:
     async def upsert(
         self,
         job_id: str,
-        status: str,
+        status: JobStatus,
         result: Document,
         labels: Mapping[str, str] | None = None,
         *,

@@ -13,23 +13,12 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal, get_args
+from typing import Any
 
 import msgspec
 
 from repositories.database import Connection
-from repositories.job_results import utcnow
-
-EventType = Literal[
-    "export.succeeded",
-    "export.failed",
-    "export.expired",
-    "job_result.created",
-    "job_result.replaced",
-    "job_result.deleted",
-]
-EVENT_TYPES: tuple[str, ...] = get_args(EventType)
-"""Event types a webhook may subscribe to."""
+from repositories.domain import DeliveryOutcome, EventType, utcnow
 
 
 class WebhookNotFound(Exception):
@@ -43,7 +32,7 @@ class Webhook(msgspec.Struct, frozen=True):
     webhook_id: str
     url: str
     description: str | None
-    events: tuple[str, ...]
+    events: tuple[EventType, ...]
     secret: str
     previous_secret: str | None
     previous_secret_until: datetime | None
@@ -62,7 +51,7 @@ class OutboxMessage(msgspec.Struct, frozen=True):
     id: int
     event_id: str
     endpoint_id: int
-    event_type: str
+    event_type: EventType
     payload: str
     attempts: int
     created_at: datetime
@@ -73,9 +62,9 @@ class Attempt(msgspec.Struct, frozen=True):
 
     id: int
     event_id: str
-    event_type: str
+    event_type: EventType
     attempt: int
-    outcome: str
+    outcome: DeliveryOutcome
     status_code: int | None
     latency_ms: int
     error: str | None
@@ -455,7 +444,7 @@ class WebhookOutbox:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    async def emit(self, event_type: str, data: Mapping[str, Any]) -> str | None:
+    async def emit(self, event_type: EventType, data: Mapping[str, Any]) -> str | None:
         """Queue ``event_type`` with ``data`` for every enabled endpoint subscribed to it.
 
         The body sent is ``{"type", "timestamp", "data"}`` (Standard Webhooks). Costs nothing when the

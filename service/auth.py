@@ -28,15 +28,6 @@ from repositories.database import Database
 from service.problems import ApiError
 from service.rate_limit import RateLimiter, bucket_of, client_ip, peer_address
 
-SCOPES: tuple[str, ...] = (
-    "results:read",
-    "results:write",
-    "exports:read",
-    "exports:write",
-    "metrics:read",
-    "webhooks:read",
-    "webhooks:write",
-)
 TOKEN_PREFIX = "jr_"  # noqa: S105 - a visible prefix, not a secret
 _TOKEN = re.compile(r"jr_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="jobresults"'}

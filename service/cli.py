@@ -7,6 +7,7 @@ import json
 import sys
 
 from config.settings import Settings, SettingsError
+from repositories.domain import COMPRESSIONS, FORMATS, STATUSES
 
 
 def _settings() -> Settings:
@@ -155,9 +156,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from observability.logging import configure_logging
+    from repositories.domain import InvalidParameter
     from service.labels import check_labels
     from service.operator import import_files
-    from service.schemas import InvalidParameter
 
     labels: dict[str, str] = {}
     for label in args.label or ():
@@ -195,11 +196,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from exports.pipeline import ExportCancelled, ExportTooLarge
     from exports.store import StoreError
     from observability.logging import configure_logging
+    from repositories.domain import InvalidParameter, JobResultNotFound, is_valid_job_id, parse_timestamp
     from repositories.exports import ExportParameters, label_terms
-    from repositories.job_results import JobResultNotFound
     from service.labels import build_filter
     from service.operator import export_to_file
-    from service.schemas import InvalidParameter, is_valid_job_id, parse_timestamp
 
     settings = _settings()
     configure_logging("warning")
@@ -270,7 +270,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     from observability.logging import configure_logging
     from repositories.api_keys import ApiKeyNotFound
-    from service.auth import SCOPES
+    from repositories.domain import SCOPES
     from service.operator import create_key, list_keys, revoke_key
 
     settings = _settings()
@@ -316,9 +316,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
     import asyncio
 
     from observability.logging import configure_logging
+    from repositories.domain import format_timestamp
     from service.operator import purge_dry_run, purge_now
     from service.purge import LeaseHeld
-    from service.schemas import format_timestamp
 
     settings = _settings()
     configure_logging("warning")
@@ -357,21 +357,19 @@ def main(argv: list[str] | None = None) -> int:
     importer = sub.add_parser("import", help="store JSON files as job results (one file, one job)")
     importer.add_argument("paths", nargs="+", help="JSON files, or directories searched for *.json")
     importer.add_argument("--job-id", help="job id for a single file (default: the file name without suffix)")
-    importer.add_argument("--status", choices=["succeeded", "failed", "cancelled"], default="succeeded")
+    importer.add_argument("--status", choices=STATUSES, default="succeeded")
     importer.add_argument(
         "--label", action="append", metavar="KEY=VALUE", help="a label for every imported file (repeatable)"
     )
     importer.set_defaults(func=cmd_import)
     exporter = sub.add_parser("export", help="export one job or a time range to a file, with a progress bar")
-    exporter.add_argument("--format", required=True, choices=["json", "ndjson", "csv"])
-    exporter.add_argument("--compression", choices=["none", "gzip"], default="none")
+    exporter.add_argument("--format", required=True, choices=FORMATS)
+    exporter.add_argument("--compression", choices=COMPRESSIONS, default="none")
     which = exporter.add_mutually_exclusive_group(required=True)
     which.add_argument("--job", help="export this job's result")
     which.add_argument("--from", dest="created_from", help="range start, RFC 3339 (inclusive)")
     exporter.add_argument("--to", dest="created_to", help="range end, RFC 3339 (exclusive)")
-    exporter.add_argument(
-        "--status", action="append", choices=["succeeded", "failed", "cancelled"], help="only these (repeatable)"
-    )
+    exporter.add_argument("--status", action="append", choices=STATUSES, help="only these (repeatable)")
     exporter.add_argument(
         "--label",
         action="append",

@@ -27,8 +27,8 @@ from config.settings import Settings
 from exports.store import ExportStore, StoreError, download_name
 from repositories.database import Connection, Database
 from repositories.exports import Export, ExportRepository
+from repositories.webhook_events import emitting, export_expired
 from service.purge import JobResultPurgeTask, PurgeBatch, PurgeTask
-from service.webhook_events import emitting, export_expired
 
 log = structlog.get_logger("jobresults.purge")
 

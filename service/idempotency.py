@@ -39,9 +39,9 @@ from litestar import Request, Response
 
 from observability.metrics import IDEMPOTENT_REPLAYS
 from repositories.database import Connection, Database
+from repositories.domain import utcnow
 from repositories.exports import Export
 from repositories.idempotency import IdempotencyRepository, StoredKey
-from repositories.job_results import utcnow
 from service.problems import PROBLEM_MEDIA_TYPE, ApiError, problem_body
 
 log = structlog.get_logger("jobresults.idempotency")

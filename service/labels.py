@@ -25,8 +25,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from repositories.domain import InvalidParameter
 from repositories.job_results import LabelTerm, ResultFilter
-from service.schemas import InvalidParameter
 
 MAX_LABELS = 32
 """Labels one job result may carry."""

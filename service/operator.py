@@ -21,13 +21,13 @@ from exports.pipeline import ExportService
 from exports.store import open_store
 from repositories.api_keys import ApiKey, ApiKeyRepository
 from repositories.database import Connection, Database
+from repositories.domain import JOB_ID_RULE, Compression, Format, JobStatus, is_valid_job_id, utcnow
 from repositories.exports import Export, ExportParameters
-from repositories.job_results import JobResultMeta, JobResultRepository, utcnow
+from repositories.job_results import JobResultMeta, JobResultRepository
 from service.auth import new_token
 from service.export_purge import purge_tasks
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON, check_document
 from service.purge import PassReport, PurgeBatch, PurgeRunner
-from service.schemas import JOB_ID_RULE, is_valid_job_id
 
 
 class ImportReport(msgspec.Struct):
@@ -46,7 +46,7 @@ def _files(paths: Iterable[Path]) -> Iterator[Path]:
 
 
 def _upsert(
-    job_id: str, status: str, text: str, labels: dict[str, str], default_days: int | None
+    job_id: str, status: JobStatus, text: str, labels: dict[str, str], default_days: int | None
 ) -> Callable[[Connection], Awaitable[tuple[JobResultMeta, bool]]]:
     async def unit(conn: Connection) -> tuple[JobResultMeta, bool]:
         now = utcnow()
@@ -61,7 +61,7 @@ async def import_files(
     paths: list[Path],
     *,
     job_id: str | None,
-    status: str,
+    status: JobStatus,
     labels: dict[str, str] | None = None,
 ) -> ImportReport:
     """Store each JSON file as one job's result; the job id is the file name without its last suffix.
@@ -113,8 +113,8 @@ async def import_files(
 async def export_to_file(
     settings: Settings,
     *,
-    fmt: str,
-    compression: str,
+    fmt: Format,
+    compression: Compression,
     out: Path,
     job_id: str | None = None,
     parameters: ExportParameters | None = None,

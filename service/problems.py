@@ -17,10 +17,11 @@ from litestar.types import ExceptionHandlersMap, Send
 from exports.waits import ClientGone
 from observability.requests import CLIENT_CLOSED_REQUEST, CLIENT_DISCONNECTED
 from repositories.database import CommitOutcomeUnknown, DatabaseUnavailable, SchemaNotMigrated, TooLargeForDatabase
-from repositories.job_results import JobResultExists, JobResultNotFound, PreconditionFailed
+from repositories.domain import JOB_ID_RULE, InvalidParameter, JobResultNotFound
+from repositories.job_results import JobResultExists, PreconditionFailed
 from service.json_fidelity import MalformedJSON, UnfaithfulJSON
 from service.methods import allow_header
-from service.schemas import JOB_ID_RULE, InvalidParameter, Problem
+from service.schemas import Problem
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 log = structlog.get_logger("jobresults.errors")

@@ -35,11 +35,12 @@ from config.settings import Settings
 from exports.pipeline import new_owner
 from observability.metrics import PURGE_BYTES, PURGE_LAG, PURGE_ROWS
 from repositories.database import Connection, Database, DatabaseUnavailable
+from repositories.domain import utcnow
 from repositories.exports import ExportRepository
-from repositories.job_results import JobResultRepository, PurgedResult, utcnow
+from repositories.job_results import JobResultRepository, PurgedResult
 from repositories.leases import LeaseRepository
+from repositories.webhook_events import job_result_expired
 from repositories.webhooks import WebhookOutbox
-from service.webhook_events import job_result_expired
 
 log = structlog.get_logger("jobresults.purge")
 

@@ -28,7 +28,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.spec import OpenAPIFormat
 from litestar.params import KwargDefinition
 
-from service.schemas import InvalidParameter, parse_timestamp
+from repositories.domain import InvalidParameter, parse_timestamp
 
 _DIGITS = re.compile(r"0|[1-9][0-9]{0,17}")
 """A whole number as Litestar takes it: ASCII digits, no sign, no leading zero, no exponent."""

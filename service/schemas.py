@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
 import msgspec
 
+from repositories.domain import JOB_ID_PATTERN, JobStatus, format_timestamp
 from repositories.job_results import JobResultMeta
 
 MAX_RETENTION_DAYS = 3650
 """Longest retention a result or the service default may have (days; 10 years)."""
-JOB_ID_RULE = "job_id must be 1 to 128 characters from A-Z a-z 0-9 . _ : - and start with a letter or digit"
-JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 Timestamp = Annotated[
     str,
@@ -46,28 +44,6 @@ Labels = Annotated[
 ]
 
 
-class InvalidParameter(ValueError):
-    """A request parameter has a value the API does not accept; the message says what is allowed (400)."""
-
-
-def is_valid_job_id(job_id: str) -> bool:
-    """True if ``job_id`` follows :data:`JOB_ID_RULE` (ASCII only, so no case folding questions)."""
-    return JOB_ID_PATTERN.fullmatch(job_id) is not None
-
-
-def format_timestamp(value: datetime) -> str:
-    """RFC 3339 UTC with exactly six fractional digits; naive values are taken as UTC."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    # isoformat is C code, faster than strftime; a list page formats two per row.
-    return value.isoformat(timespec="microseconds") + "Z"
-
-
-def etag_of(meta: JobResultMeta) -> str:
-    """Strong entity tag of a stored job result: changes on every write, and on delete + re-create."""
-    return f'"{meta.id:x}.{meta.version}"'
-
-
 RetentionDays = Annotated[
     int,
     msgspec.Meta(
@@ -87,7 +63,7 @@ class JobResultWrite(msgspec.Struct, forbid_unknown_fields=True):
     ``retention_days`` and ``pinned: true`` exclude each other (400 when both are given).
     """
 
-    status: Literal["succeeded", "failed", "cancelled"]
+    status: JobStatus
     result: AnyJSON
     labels: Labels = msgspec.field(default_factory=dict)
     """Replaces all the job's labels; absent means none (service/labels.py checks the rules)."""
@@ -120,7 +96,7 @@ class JobResult(msgspec.Struct):
     """A stored job result."""
 
     job_id: JobId
-    status: Literal["succeeded", "failed", "cancelled"]
+    status: JobStatus
     result: AnyJSON
     created_at: Timestamp
     updated_at: Timestamp
@@ -133,7 +109,7 @@ class JobResult(msgspec.Struct):
         """From stored metadata, the stored JSON text (passed through, never decoded) and the labels."""
         return cls(
             job_id=meta.job_id,
-            status=meta.status,  # type: ignore[arg-type]
+            status=meta.status,
             result=result if isinstance(result, msgspec.Raw) else msgspec.Raw(result),
             created_at=format_timestamp(meta.created_at),
             updated_at=format_timestamp(meta.updated_at),
@@ -147,7 +123,7 @@ class JobResultSummary(msgspec.Struct, omit_defaults=True):
     """One item of a job result list; ``result`` only with ``include=result``."""
 
     job_id: JobId
-    status: Literal["succeeded", "failed", "cancelled"]
+    status: JobStatus
     created_at: Timestamp
     updated_at: Timestamp
     etag: str
@@ -189,32 +165,6 @@ class Problem(msgspec.Struct, omit_defaults=True):
     one per refused item, with its ``index`` and ``job_id`` too (see ``POST /v1/job-results:batch``)."""
 
 
-def parse_timestamp(value: str | None, name: str) -> datetime | None:
-    """Parse an RFC 3339 timestamp with an offset into naive UTC; None stays None.
-
-    A '+' sent unencoded in a query string arrives as ' ' and is accepted as '+'.
-
-    Raises:
-        InvalidParameter: (400) naming ``name`` and the accepted form.
-    """
-    if value is None:
-        return None
-    text = value.strip()
-    if len(text) > 19 and text[-6] == " ":
-        text = text[:-6] + "+" + text[-5:]
-    try:
-        parsed = datetime.fromisoformat(text)
-        utc = parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo is not None else None
-    except (ValueError, OverflowError):
-        utc = None
-    if utc is None or len(text) < 20 or text[10] not in "Tt ":
-        raise InvalidParameter(
-            f"{name} must be an RFC 3339 timestamp with a UTC offset, e.g. 2026-11-29T00:00:00Z "
-            "or 2026-11-29T01:00:00+01:00, within years 0001-9999 in UTC"
-        )
-    return utc
-
-
 BATCH_MAX_ITEMS = 1000
 """Most items in one ``POST /v1/job-results:batch``."""
 
@@ -247,7 +197,7 @@ class BatchItemResult(msgspec.Struct):
     index: int
     job_id: JobId
     outcome: Literal["created", "replaced"]
-    status: Literal["succeeded", "failed", "cancelled"]
+    status: JobStatus
     version: int
     etag: str
     created_at: Timestamp

@@ -39,7 +39,7 @@ from observability.metrics import (
     WEBHOOK_PENDING,
 )
 from repositories.database import Connection, Database, DatabaseUnavailable
-from repositories.job_results import utcnow
+from repositories.domain import utcnow
 from repositories.webhooks import SUBSCRIPTIONS, OutboxMessage, Webhook, WebhookRepository
 from service.outbound import GuardedBackend, RefusedDestination, check_url_syntax
 

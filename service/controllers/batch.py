@@ -20,6 +20,7 @@ from litestar import Request, post
 from litestar.di import NamedDependency
 
 from repositories.database import Connection, Database
+from repositories.domain import JOB_ID_RULE, STATUS_CHOICES, format_timestamp, is_valid_job_id, utcnow
 from repositories.job_results import (
     Document,
     EscapedText,
@@ -27,9 +28,10 @@ from repositories.job_results import (
     JobResultMeta,
     JobResultRepository,
     NewJobResult,
-    utcnow,
+    etag_of,
 )
 from repositories.job_results import PreconditionFailed as StoredPreconditionFailed
+from repositories.webhook_events import emitting_each, job_result_event
 from service.controllers.job_results import (
     _ESCAPED_BYTES,
     _STATEMENT_SLACK,
@@ -52,17 +54,12 @@ from service.openapi import json_request_body
 from service.problems import ApiError, problem_responses
 from service.schemas import (
     BATCH_MAX_ITEMS,
-    JOB_ID_RULE,
     BatchItem,
     BatchItemResult,
     BatchResult,
     BatchWrite,
     JobResultWrite,
-    etag_of,
-    format_timestamp,
-    is_valid_job_id,
 )
-from service.webhook_events import emitting_each, job_result_event
 
 BATCH_PATH = "/v1/job-results:batch"
 
@@ -87,7 +84,7 @@ _ITEM_GAP = re.compile(rb"[ \t\n\r]*,[ \t\n\r]*")
 _ENVELOPE_TAIL = re.compile(rb"[ \t\n\r]*\][ \t\n\r]*\}[ \t\n\r]*")
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _SHAPE = (
-    'expected {"items": [{"job_id": "...", "status": "succeeded" | "failed" | "cancelled", '
+    f'expected {{"items": [{{"job_id": "...", "status": {STATUS_CHOICES}, '
     f'"result": <any JSON value>}}, ...] with 1 to {BATCH_MAX_ITEMS} items'
 )
 SMALL_ITEM_BYTES = 4096
@@ -318,7 +315,7 @@ def _written(item: CheckedItem, meta: JobResultMeta, created: bool) -> BatchItem
         index=item.index,
         job_id=meta.job_id,
         outcome="created" if created else "replaced",
-        status=meta.status,  # type: ignore[arg-type]
+        status=meta.status,
         version=meta.version,
         etag=etag_of(meta),
         created_at=format_timestamp(meta.created_at),

@@ -28,6 +28,18 @@ from exports.pipeline import STORAGE_FULL_MESSAGE, ExportNotCancellable, ExportS
 from exports.store import ExportStore, ObjectMissing, StoreError
 from exports.waits import PENDING_STATES, ExportWaits, TooManyWaiters
 from repositories.database import Database
+from repositories.domain import (
+    JOB_ID_RULE,
+    Compression,
+    ExportKind,
+    ExportState,
+    Format,
+    JobResultNotFound,
+    JobStatus,
+    format_timestamp,
+    parse_timestamp,
+    utcnow,
+)
 from repositories.exports import (
     Export,
     ExportNotFound,
@@ -36,7 +48,6 @@ from repositories.exports import (
     TooManyPendingExports,
     label_terms,
 )
-from repositories.job_results import JobResultNotFound, utcnow
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
 from service.idempotency import (
     Claim,
@@ -52,13 +63,9 @@ from service.labels import MAX_FILTER_TERMS, build_filter
 from service.methods import is_head
 from service.openapi import file_response
 from service.problems import ApiError, problem_responses
-from service.schemas import JOB_ID_RULE, format_timestamp, parse_timestamp
 
 log = structlog.get_logger("jobresults.exports")
 
-Format = Literal["json", "ndjson", "csv"]
-Compression = Literal["none", "gzip"]
-ExportState = Literal["queued", "running", "succeeded", "failed", "cancelled", "deleted", "expired"]
 EXPORT_ID = re.compile(r"[0-9a-f]{32}")
 MEDIA_TYPES = {
     "json": "application/json",
@@ -118,7 +125,6 @@ class JobExportRequest(msgspec.Struct, forbid_unknown_fields=True):
     columns: Columns | None = None
 
 
-Status = Literal["succeeded", "failed", "cancelled"]
 LabelFilter = Annotated[
     list[str],
     msgspec.Meta(
@@ -143,7 +149,7 @@ class RangeExportRequest(msgspec.Struct, forbid_unknown_fields=True):
     created_from: str
     created_to: str
     compression: Compression = "none"
-    status: Status | list[Status] | None = None
+    status: JobStatus | list[JobStatus] | None = None
     label: LabelFilter | None = None
     job_id_prefix: str | None = None
     columns: Columns | None = None
@@ -153,7 +159,7 @@ class ExportRecord(msgspec.Struct, omit_defaults=True):
     """An export: what it covers, its state and progress, and where to download it once it succeeded."""
 
     export_id: str
-    kind: Literal["job", "range"]
+    kind: ExportKind
     format: Format
     compression: Compression
     state: ExportState
@@ -184,10 +190,10 @@ class ExportRecord(msgspec.Struct, omit_defaults=True):
         state = export.visible_state(now or utcnow())
         return cls(
             export_id=export.export_id,
-            kind=export.kind,  # type: ignore[arg-type]
-            format=export.format,  # type: ignore[arg-type]
-            compression=export.compression,  # type: ignore[arg-type]
-            state=state,  # type: ignore[arg-type]
+            kind=export.kind,
+            format=export.format,
+            compression=export.compression,
+            state=state,
             rows_written=export.rows_written,
             created_at=format_timestamp(export.created_at),
             job_id=params.job_id,

@@ -18,42 +18,41 @@ from litestar.params import HeaderParameter, PathParameter, QueryParameter
 
 from exports.pipeline import ExportService
 from repositories.database import Connection, Database, TooLargeForDatabase
+from repositories.domain import (
+    JOB_ID_RULE,
+    STATUS_CHOICES,
+    InvalidParameter,
+    JobResultNotFound,
+    JobStatus,
+    format_timestamp,
+    is_valid_job_id,
+    parse_timestamp,
+    utcnow,
+)
 from repositories.exports import Export, ExportRepository
 from repositories.job_results import (
     Cursor,
     Document,
     EscapedText,
     JobResultMeta,
-    JobResultNotFound,
     JobResultRepository,
     PreconditionFailed,
+    etag_of,
     read_max_allowed_packet,
-    utcnow,
 )
+from repositories.webhook_events import emitting, job_result_deleted, job_result_event
 from service.json_fidelity import MAX_DEPTH, check_document, check_envelope_streaming
 from service.labels import MAX_FILTER_TERMS, build_filter, check_labels
 from service.openapi import json_request_body
 from service.problems import ApiError, problem_responses
-from service.schemas import (
-    JOB_ID_RULE,
-    InvalidParameter,
-    JobResult,
-    JobResultPage,
-    JobResultSummary,
-    JobResultWrite,
-    etag_of,
-    format_timestamp,
-    is_valid_job_id,
-    parse_timestamp,
-)
-from service.webhook_events import emitting, job_result_deleted, job_result_event
+from service.schemas import JobResult, JobResultPage, JobResultSummary, JobResultWrite
 
 JSON = "application/json"
 _WRITE_DECODER = msgspec.json.Decoder(JobResultWrite)
 _CURSOR_DECODER = msgspec.json.Decoder(Cursor)
 _ENCODER = msgspec.json.Encoder()
 _WRITE_SHAPE = (
-    'expected {"status": "succeeded" | "failed" | "cancelled", "result": <any JSON value>, '
+    f'expected {{"status": {STATUS_CHOICES}, "result": <any JSON value>, '
     '"labels": {<key>: <string>, ...} (optional), optionally "retention_days": 1..3650 or "pinned": true}'
 )
 INLINE_CHECK_BYTES = 64 * 1024
@@ -411,7 +410,7 @@ class JobResultController(Controller):
             QueryParameter(description="Exclusive upper bound, RFC 3339 with offset.", format=OpenAPIFormat.DATE_TIME),
         ] = None,
         status: Annotated[
-            list[Literal["succeeded", "failed", "cancelled"]] | None,
+            list[JobStatus] | None,
             QueryParameter(description="Only these statuses (repeatable, ORed)."),
         ] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=1000, description="Page size, 1..1000.")] = 100,
@@ -476,7 +475,7 @@ class JobResultController(Controller):
         items = [
             JobResultSummary(
                 job_id=row.meta.job_id,
-                status=row.meta.status,  # type: ignore[arg-type]
+                status=row.meta.status,
                 created_at=format_timestamp(row.meta.created_at),
                 updated_at=format_timestamp(row.meta.updated_at),
                 etag=etag_of(row.meta),

@@ -6,7 +6,7 @@ import base64
 import binascii
 import re
 import secrets
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
@@ -15,23 +15,15 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import PathParameter, QueryParameter
 
 from repositories.database import Connection, Database
-from repositories.job_results import utcnow
-from repositories.webhooks import (
-    EVENT_TYPES,
-    SUBSCRIPTIONS,
-    Attempt,
-    EventType,
-    Webhook,
-    WebhookNotFound,
-    WebhookRepository,
-)
+from repositories.domain import EVENT_TYPES, DeliveryOutcome, EventType, format_timestamp, utcnow
+from repositories.webhooks import SUBSCRIPTIONS, Attempt, Webhook, WebhookNotFound, WebhookRepository
 from service.auth import AnyOf
 from service.controllers.exports import requested_by
 from service.controllers.job_results import require_json_body
 from service.openapi import json_request_body
 from service.outbound import MAX_URL_LENGTH, RefusedDestination, check_url
 from service.problems import ApiError, problem_responses
-from service.schemas import Timestamp, format_timestamp
+from service.schemas import Timestamp
 from service.webhook_delivery import PREVIOUS_SECRET_VALID
 
 WEBHOOK_ID = re.compile(r"[0-9a-f]{32}")
@@ -87,7 +79,7 @@ class WebhookRecord(msgspec.Struct, omit_defaults=True):
         return cls(
             id=webhook.webhook_id,
             url=webhook.url,
-            events=list(webhook.events),  # type: ignore[arg-type]
+            events=list(webhook.events),
             enabled=webhook.enabled,
             created_at=format_timestamp(webhook.created_at),
             updated_at=format_timestamp(webhook.updated_at),
@@ -116,7 +108,7 @@ class DeliveryAttempt(msgspec.Struct, omit_defaults=True):
     event_id: str
     event_type: EventType
     attempt: int
-    outcome: Literal["delivered", "http_error", "timeout", "network_error", "refused"]
+    outcome: DeliveryOutcome
     latency_ms: int
     attempted_at: Timestamp
     status_code: int | None = None
@@ -127,9 +119,9 @@ class DeliveryAttempt(msgspec.Struct, omit_defaults=True):
         """From a stored attempt."""
         return cls(
             event_id=attempt.event_id,
-            event_type=attempt.event_type,  # type: ignore[arg-type]
+            event_type=attempt.event_type,
             attempt=attempt.attempt,
-            outcome=attempt.outcome,  # type: ignore[arg-type]
+            outcome=attempt.outcome,
             latency_ms=attempt.latency_ms,
             attempted_at=format_timestamp(attempt.attempted_at),
             status_code=attempt.status_code,

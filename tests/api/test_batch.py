@@ -18,8 +18,8 @@ from litestar.testing import AsyncTestClient
 
 from config.settings import Settings
 from repositories.database import Database
+from repositories.domain import EVENT_TYPES
 from repositories.job_results import JobResultExists, JobResultRepository, NewJobResult
-from repositories.webhooks import EVENT_TYPES
 from service.controllers.batch import MULTI_ROW_FIELDS
 from service.controllers.job_results import store_write
 from service.schemas import JobResultWrite

@@ -14,9 +14,9 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from repositories.database import Connection, Database
+from repositories.domain import EVENT_TYPES
 from repositories.job_results import JobResultRepository
-from repositories.webhooks import EVENT_TYPES
-from service.webhook_events import emitting, job_result_event
+from repositories.webhook_events import emitting, job_result_event
 from tests.conftest import connect, make_token
 
 PUBLIC_URL = "https://1.1.1.1/hook"  # a global address: passes the checks; the session app never calls it

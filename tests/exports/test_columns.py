@@ -28,7 +28,8 @@ from exports.columns import (
     split_cli_list,
     split_path,
 )
-from exports.formats import CsvColumns, ExportRow, Format, _escape_key, csv_columns_of, make_writer
+from exports.formats import CsvColumns, ExportRow, _escape_key, csv_columns_of, make_writer
+from repositories.domain import Format
 from tests.exports.test_formats import REAL_FILES, REALDATA
 
 TS = "2026-11-29T14:05:04.651170Z"

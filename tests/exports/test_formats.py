@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from exports.formats import FORMULA_STARTS, CsvColumns, ExportRow, Format, csv_columns_of, make_writer
+from exports.formats import FORMULA_STARTS, CsvColumns, ExportRow, csv_columns_of, make_writer
+from repositories.domain import Format
 
 TS = "2026-11-29T14:05:04.651170Z"
 HEADER = ["job_id", "status", "created_at"]

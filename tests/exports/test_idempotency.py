@@ -20,8 +20,8 @@ from prometheus_client import REGISTRY
 from config.settings import Settings
 from exports.pipeline import ExportService
 from repositories.database import Database
+from repositories.domain import utcnow
 from repositories.exports import ExportParameters
-from repositories.job_results import utcnow
 from service.app import create_app
 from service.idempotency import Claim, IdempotencyKeys, request_hash
 from service.problems import ApiError

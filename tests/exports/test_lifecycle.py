@@ -21,7 +21,7 @@ from litestar.testing import AsyncTestClient
 from config.settings import Settings, SettingsError
 from exports.store import ExportStore, open_store
 from repositories.database import Database
-from repositories.job_results import utcnow
+from repositories.domain import utcnow
 from service.app import create_app
 from service.export_purge import ExportPurge
 from tests.conftest import connect, fresh_database, make_token

@@ -16,7 +16,7 @@ from obstore.store import S3Store
 from config.settings import Settings
 from exports.store import open_store
 from repositories.database import Database
-from repositories.job_results import utcnow
+from repositories.domain import utcnow
 from service.app import create_app
 from service.export_purge import ExportPurge
 from tests.exports.test_cancellation import seed_rows

@@ -12,8 +12,8 @@ import msgspec
 import pymysql
 
 from config.settings import DatabaseURL, Settings
+from repositories.domain import SCOPES
 from repositories.migrations import apply_migrations
-from service.auth import SCOPES
 from service.operator import create_key
 
 ALL_SCOPES = SCOPES

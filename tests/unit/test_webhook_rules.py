@@ -11,7 +11,7 @@ from standardwebhooks import Webhook as Verifier
 from standardwebhooks import WebhookVerificationError
 
 from config.settings import Settings, SettingsError
-from repositories.job_results import utcnow
+from repositories.domain import utcnow
 from repositories.webhooks import Webhook
 from service.controllers.webhooks import new_secret
 from service.outbound import RefusedDestination, check_url_syntax, refusal

@@ -202,7 +202,7 @@ async def test_loopback_is_refused_at_delivery_when_not_allowed(hook_settings: S
 
 
 def _endpoint(url: str) -> Webhook:
-    from repositories.job_results import utcnow
+    from repositories.domain import utcnow
 
     now = utcnow()
     return Webhook(

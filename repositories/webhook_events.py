@@ -12,13 +12,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from repositories.database import Connection
+from repositories.domain import EventType, ExportState, format_timestamp
 from repositories.exports import Export
-from repositories.job_results import JobResultMeta
+from repositories.job_results import JobResultMeta, etag_of
 from repositories.webhooks import WebhookOutbox
-from service.schemas import etag_of, format_timestamp
 
 T = TypeVar("T")
-Event = tuple[str, Mapping[str, Any]]
+Event = tuple[EventType, Mapping[str, Any]]
 """An event to queue: ``(event type, data)``."""
 
 
@@ -91,7 +91,7 @@ def job_result_expired(job_id: str) -> Event:
 def export_event(
     export: Export,
     *,
-    state: str,
+    state: ExportState,
     error: str | None = None,
     rows_written: int | None = None,
     size: int | None = None,
