@@ -25,6 +25,7 @@ from litestar.handlers.base import BaseRouteHandler
 
 from repositories.api_keys import ApiKey, ApiKeyNotFound, ApiKeyRepository
 from repositories.database import Database
+from repositories.domain import Scope
 from service.problems import ApiError
 from service.rate_limit import RateLimiter, bucket_of, client_ip, peer_address
 
@@ -136,7 +137,7 @@ async def authorize(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     Raises:
         ApiError: 401 (no valid key), 403 (the key lacks the scope), 429 (rate limit).
     """
-    needed: str | tuple[str, ...] | AnyOf | None = handler.opt.get("scope")
+    needed: Scope | tuple[Scope, ...] | AnyOf | None = handler.opt.get("scope")
     path = connection.scope["path"]
     is_options = connection.scope.get("method") == "OPTIONS"
     if needed is None and not (is_options and path.startswith("/v1")):
@@ -187,10 +188,10 @@ class AnyOf:
     E.g. webhook reads are allowed with ``webhooks:read`` or ``webhooks:write``.
     """
 
-    scopes: tuple[str, ...]
+    scopes: tuple[Scope, ...]
 
 
-def required_scopes(needed: str | tuple[str, ...]) -> tuple[str, ...]:
+def required_scopes(needed: Scope | tuple[Scope, ...]) -> tuple[Scope, ...]:
     """The scopes a route's ``opt["scope"]`` asks for: one scope name, or a tuple the key needs all of."""
     return (needed,) if isinstance(needed, str) else tuple(needed)
 

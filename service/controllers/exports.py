@@ -36,6 +36,7 @@ from repositories.domain import (
     Format,
     JobResultNotFound,
     JobStatus,
+    Scope,
     format_timestamp,
     parse_timestamp,
     utcnow,
@@ -72,7 +73,7 @@ MEDIA_TYPES = {
     "ndjson": "application/x-ndjson",
     "csv": "text/csv",
 }  # Litestar appends "; charset=utf-8" to text/*
-EXPORT_WRITE_SCOPES = ("exports:write", "results:read")
+EXPORT_WRITE_SCOPES: tuple[Scope, ...] = ("exports:write", "results:read")
 """Creating an export needs both: an export hands out job results, so it needs the right to read them."""
 WAIT_MAX_S = 60
 """The longest ``wait`` of ``GET /v1/exports/{export_id}`` (seconds)."""
