@@ -7,7 +7,17 @@ import json
 import sys
 
 from config.settings import Settings, SettingsError
-from repositories.domain import COMPRESSIONS, FORMATS, STATUSES
+from repositories.domain import (
+    COMPRESSIONS,
+    FORMATS,
+    SCOPES,
+    STATUSES,
+    InvalidParameter,
+    JobResultNotFound,
+    format_timestamp,
+    is_valid_job_id,
+    parse_timestamp,
+)
 
 
 def _settings() -> Settings:
@@ -156,7 +166,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from observability.logging import configure_logging
-    from repositories.domain import InvalidParameter
     from service.labels import check_labels
     from service.operator import import_files
 
@@ -196,7 +205,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from exports.pipeline import ExportCancelled, ExportTooLarge
     from exports.store import StoreError
     from observability.logging import configure_logging
-    from repositories.domain import InvalidParameter, JobResultNotFound, is_valid_job_id, parse_timestamp
     from repositories.exports import ExportParameters, label_terms
     from service.labels import build_filter
     from service.operator import export_to_file
@@ -270,7 +278,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     from observability.logging import configure_logging
     from repositories.api_keys import ApiKeyNotFound
-    from repositories.domain import SCOPES
     from service.operator import create_key, list_keys, revoke_key
 
     settings = _settings()
@@ -316,7 +323,6 @@ def cmd_purge(args: argparse.Namespace) -> int:
     import asyncio
 
     from observability.logging import configure_logging
-    from repositories.domain import format_timestamp
     from service.operator import purge_dry_run, purge_now
     from service.purge import LeaseHeld
 
