@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT / "perf"))
 from run_perf import DEFAULT_REDIS, DEFAULT_SERVER, RESULTS, Service, database_name  # noqa: E402
 
 from config.settings import DatabaseURL, Settings  # noqa: E402
+from repositories.domain import SCOPES  # noqa: E402
 from repositories.job_results import LabelTerm, ResultFilter, page_query  # noqa: E402
 from repositories.migrations import apply_migrations  # noqa: E402
-from service.auth import SCOPES  # noqa: E402
 from service.operator import create_key  # noqa: E402
 
 START = datetime(2025, 1, 6)

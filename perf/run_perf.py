@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config.settings import DatabaseURL, Settings  # noqa: E402
+from repositories.domain import SCOPES  # noqa: E402
 from repositories.migrations import apply_migrations  # noqa: E402
-from service.auth import SCOPES  # noqa: E402
 from service.operator import create_key  # noqa: E402
 
 BIN = Path(sys.executable).parent
