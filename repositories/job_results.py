@@ -363,18 +363,21 @@ class JobResultRepository:
             await self._insert_labels(meta, labels)
         return meta
 
-    async def create_many(self, rows: Sequence[NewJobResult]) -> builtins.list[JobResultMeta]:
+    async def create_many(
+        self, rows: Sequence[NewJobResult], now: datetime | None = None
+    ) -> builtins.list[JobResultMeta]:
         """Insert new job results with one multi-row ``INSERT`` (and one for all their labels), in order.
 
         The same rows as :meth:`create` would write one by one (version 1, one timestamp for all), in
         three round trips whatever their number: the ``INSERT``, one read of the new rows' ids, and the
-        labels' ``INSERT``. The caller keeps the statement under the server's ``max_allowed_packet``.
+        labels' ``INSERT``. ``now`` (naive UTC; default: the clock now) is the rows' timestamp, the one
+        their ``expires_at`` was computed from. The caller keeps the statement under ``max_allowed_packet``.
 
         Raises:
             JobResultExists: one of the job ids is taken (1062, an expired row not yet purged
                 included); the statement inserted nothing.
         """
-        now = utcnow()
+        now = now or utcnow()
         params: builtins.list[object] = []
         for row in rows:
             params += (row.job_id, row.status, _document(row.result), now, now, row.expires_at, row.pinned)

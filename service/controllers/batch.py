@@ -366,7 +366,8 @@ async def _create_new_rows(
                         pinned=item.write.pinned,
                     )
                     for item in chunk
-                ]
+                ],
+                now,
             )
         except JobResultExists:
             continue

@@ -49,6 +49,7 @@ from repositories.exports import (
     TooManyPendingExports,
     label_terms,
 )
+from repositories.job_results import JobResultRepository
 from service.controllers.job_results import checked_job_id, entity_tags, require_json_body
 from service.idempotency import (
     Claim,
@@ -150,7 +151,7 @@ class RangeExportRequest(msgspec.Struct, forbid_unknown_fields=True):
     created_from: str
     created_to: str
     compression: Compression = "none"
-    status: JobStatus | list[JobStatus] | None = None
+    status: JobStatus | Annotated[list[JobStatus], msgspec.Meta(min_length=1)] | None = None
     label: LabelFilter | None = None
     job_id_prefix: str | None = None
     columns: Columns | None = None
@@ -674,6 +675,12 @@ class ExportController(Controller):
         state = export.visible_state(now)
         if state in GONE_STATES:
             raise _gone(export, state)
+        if export.kind == "job" and state == "succeeded" and not await _source_live(db, export, now):
+            raise ApiError(
+                410,
+                "the job result this export was made from expired or was deleted; its content is no longer served",
+                slug="export-source-gone",
+            )
         if state != "succeeded" or not export.file_name or export.sha256 is None:
             raise ApiError(
                 409,
@@ -739,6 +746,23 @@ class ExportController(Controller):
         return Stream(  # type: ignore[return-value]
             _read(store, key, start, end + 1), status_code=status, media_type=media_type, headers=headers
         )
+
+
+async def _source_live(db: Database, export: Export, now: datetime) -> bool:
+    """Whether a single-job export's job result still stands: not expired, not deleted and created again.
+
+    Expiry hides a result from every reader at once, before the purge deletes it and marks its exports
+    deleted; a download of one of its exports must not outlive it either (nor a result written anew
+    over the expired one, which is another result).
+    """
+    job_id = export.parameters.job_id
+    if job_id is None:
+        return True
+    try:
+        meta = await db.run(lambda conn: JobResultRepository(conn).get_meta(job_id, now), transaction=False)
+    except JobResultNotFound:
+        return False
+    return meta.created_at <= export.created_at
 
 
 def _gone(export: Export, state: str) -> ApiError:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -488,3 +488,20 @@ def test_multi_row_inserts_store_every_field_of_the_put_body() -> None:
         "JobResultWrite has new fields: store them in JobResultRepository.create_many, then list them in "
         "service.controllers.batch.MULTI_ROW_FIELDS (until then batches write row by row)"
     )
+
+
+async def test_batch_items_expire_retention_days_after_their_write(client: Client) -> None:
+    """As a PUT: ``expires_at`` is the write's own time plus ``retention_days``, on the multi-row path too."""
+    new = ids(3)
+    items = [
+        item(new[0])[:-1] + b', "retention_days": 3}',
+        item(new[1])[:-1] + b', "pinned": true}',
+        item(new[2]),
+    ]
+    assert (await post_items(client, items)).status_code == 200
+    first = (await client.get(f"/v1/job-results/{new[0]}")).json()
+    written = datetime.fromisoformat(first["updated_at"].replace("Z", "+00:00"))
+    assert first["expires_at"] == (written + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    pinned = (await client.get(f"/v1/job-results/{new[1]}")).json()
+    assert (pinned["pinned"], pinned["expires_at"]) == (True, None)
+    assert (await client.get(f"/v1/job-results/{new[2]}")).json()["expires_at"] is None

@@ -279,6 +279,7 @@ async def test_range_export_with_label_status_and_prefix_filters(worker_client: 
         ({"label": [f"k{i}" for i in range(9)]}, "at most 8"),
         ({"label": "branch:main"}, "label"),
         ({"status": ["failed", "done"]}, "status"),
+        ({"status": []}, "status"),
         ({"job_id_prefix": "a b"}, "job_id_prefix"),
     ],
 )

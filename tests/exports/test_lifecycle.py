@@ -224,6 +224,24 @@ async def test_deleting_a_job_deletes_its_single_job_exports(client: Client, set
     assert (await client.get((await export_job(client, job_id))["content_url"])).status_code == 200
 
 
+async def test_an_expired_jobs_exports_are_410_at_once_and_after_it_is_written_anew(
+    client: Client, database_url: str, job_id: str
+) -> None:
+    """Expiry hides a result from readers at once: its single-job exports too, before any purge."""
+    await put_job(client, job_id, {"secret": 1})
+    record = await export_job(client, job_id)
+    assert (await client.get(record["content_url"])).status_code == 200
+    with connect(database_url) as conn, conn.cursor() as cur:
+        past = utcnow() - timedelta(seconds=1)
+        cur.execute("UPDATE job_results SET expires_at = %s WHERE job_id = %s", (past, job_id))
+    assert_problem(await client.get(record["content_url"]), 410, "export-source-gone")
+    # A result written anew over the expired one is another result: the old export stays gone.
+    await put_job(client, job_id, {"secret": 2})
+    assert_problem(await client.get(record["content_url"]), 410, "export-source-gone")
+    fresh = await export_job(client, job_id)
+    assert (await client.get(fresh["content_url"])).json()["result"] == {"secret": 2}
+
+
 # --- the purge ----------------------------------------------------------------------------------
 
 
