@@ -77,7 +77,14 @@ JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 class InvalidParameter(ValueError):
-    """A request parameter has a value the API does not accept; the message says what is allowed (400)."""
+    """A request parameter has a value the API does not accept; the message says what is allowed (400).
+
+    ``name``: the parameter (or body field), when known; the problem's ``errors`` then names it.
+    """
+
+    def __init__(self, message: str, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class JobResultNotFound(Exception):
@@ -122,6 +129,7 @@ def parse_timestamp(value: str | None, name: str) -> datetime | None:
     if utc is None or len(text) < 20 or text[10] not in "Tt ":
         raise InvalidParameter(
             f"{name} must be an RFC 3339 timestamp with a UTC offset, e.g. 2026-11-29T00:00:00Z "
-            "or 2026-11-29T01:00:00+01:00, within years 0001-9999 in UTC"
+            "or 2026-11-29T01:00:00+01:00, within years 0001-9999 in UTC",
+            name,
         )
     return utc

@@ -78,20 +78,20 @@ def parse_label_terms(terms: Iterable[str], name: str = "label") -> tuple[LabelT
         key, colon, value = term.partition(":")
         shown = repr(term if len(term) <= 80 else term[:77] + "...")  # a 255-character value is not echoed whole
         if not LABEL_KEY_PATTERN.fullmatch(key):
-            raise InvalidParameter(f"{name} {shown}: expected key:value or key; {LABEL_KEY_RULE}")
+            raise InvalidParameter(f"{name} {shown}: expected key:value or key; {LABEL_KEY_RULE}", name)
         if colon and (problem := label_problem(key, value)) is not None:
-            raise InvalidParameter(f"{name} {shown}: {problem}")
+            raise InvalidParameter(f"{name} {shown}: {problem}", name)
         known = values.get(key, [])
         if key not in values:
             if len(values) == MAX_FILTER_KEYS:
-                raise InvalidParameter(f"{name}: at most {MAX_FILTER_KEYS} different label keys")
+                raise InvalidParameter(f"{name}: at most {MAX_FILTER_KEYS} different label keys", name)
             values[key] = known
         if not colon:
             values[key] = None
         elif known is not None and value not in known:
             known.append(value)
         if sum(1 if vals is None else len(vals) for vals in values.values()) > MAX_FILTER_TERMS:
-            raise InvalidParameter(f"{name}: at most {MAX_FILTER_TERMS} label terms in total")
+            raise InvalidParameter(f"{name}: at most {MAX_FILTER_TERMS} label terms in total", name)
     return tuple(LabelTerm(key, tuple(vals or ())) for key, vals in values.items())
 
 
@@ -104,7 +104,7 @@ def build_filter(
         InvalidParameter: (400) a label term or the prefix breaks its rule, or a bound is passed.
     """
     if job_id_prefix is not None and not _PREFIX_PATTERN.fullmatch(job_id_prefix):
-        raise InvalidParameter(JOB_ID_PREFIX_RULE)
+        raise InvalidParameter(JOB_ID_PREFIX_RULE, "job_id_prefix")
     return ResultFilter(
         statuses=tuple(dict.fromkeys(status or ())),
         labels=parse_label_terms(label or (), name),

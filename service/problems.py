@@ -203,7 +203,11 @@ def _is_job_result_subpath(path: str) -> bool:
 
 
 def _invalid_parameter(request: Request[Any, Any, Any], exc: InvalidParameter) -> Response[bytes]:
-    return problem_response(request, 400, str(exc), slug="invalid-request")
+    if exc.name is None:
+        return problem_response(request, 400, str(exc), slug="invalid-request")
+    source = "query" if exc.name in request.query_params else "body"
+    errors = [{"name": exc.name.removeprefix("--"), "source": source, "message": str(exc)}]
+    return problem_response(request, 400, str(exc), slug="invalid-request", errors=errors)
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

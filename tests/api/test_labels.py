@@ -206,6 +206,10 @@ async def test_bad_filters_are_400_naming_the_rule(client: Client, query: str, f
     response = await client.get(f"/v1/job-results?{query}")
     assert response.status_code == 400, response.text
     assert fragment in response.text
+    # The problem's errors name the parameter, as for every other bad query parameter.
+    (error,) = response.json()["errors"]
+    assert error["name"] == query.split("=", 1)[0]
+    assert error["source"] == "query"
 
 
 async def test_pagination_is_exact_under_interleaved_writes(client: Client, job_id: str) -> None:
